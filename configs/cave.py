@@ -1,0 +1,30 @@
+"""CAVE hyperspectral super-resolution x4 (HISR), the paper's recipe (Table 4).
+
+31 bands in [0, 1], RGB guide, width 64, Adam lr 3e-4 halved every 50 epochs, batch 8, 500 epochs.
+The HDF5 key names are those of the Deng-lab CAVE files (`GT`, `HSI_up`, `LRHSI`, `RGB`), which
+`python -m u2net_jax.data.prepare_cave` also writes.
+
+  python train.py --config=configs/cave.py
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.task = 'hisr'
+  config.model.spectral_bands = 31
+  config.model.guide_bands = 3
+  config.model.width = 64
+  config.data.sensor = 'CAVE'
+  config.data.max_value = 1.0
+  config.data.h5_keys = {'gt': 'GT', 'lms': 'HSI_up', 'ms': 'LRHSI', 'guide': 'RGB'}
+  config.data.root = 'data/cave'
+  config.data.train_file = 'data/cave/train_cave.h5'
+  config.data.valid_file = 'data/cave/valid_cave.h5'
+  config.data.test_files = {'cave_test': 'data/cave/test_cave.h5'}
+  config.optimizer.learning_rate = 3e-4
+  config.optimizer.decay_every_epochs = 50
+  config.train.batch_size = 8
+  config.train.num_epochs = 500
+  return config

@@ -1,0 +1,81 @@
+"""Default configuration: every field is defined here once.
+
+Per-dataset configs (`wv3.py`, `cave.py`, ...) import this file and override only what differs.
+Any field can be overridden on the command line, e.g.::
+
+  python train.py --config=configs/wv3.py --config.optimizer.learning_rate=5e-4
+
+The defaults are the paper's pansharpening recipe on WorldView-3 (the official code's settings).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the base configuration (WV3 pansharpening, the paper's recipe)."""
+  config = ml_collections.ConfigDict()
+  config.task = 'pansharpening'  # 'pansharpening' | 'hisr'
+  config.seed = 1  # The official code seeds everything with 1.
+
+  # Arguments of `models.U2Net`: `models.U2Net(**config.model)`.
+  config.model = ml_collections.ConfigDict()
+  config.model.spectral_bands = 8  # C: 8 (WV3/WV2), 4 (QB/GF-2), 31 (CAVE/Harvard).
+  config.model.guide_bands = 1  # c: 1 (PAN) or 3 (RGB).
+  config.model.width = 32  # S: 32 for pansharpening, 64 for HISR.
+  config.model.head_dim = 16  # S': the S2Block head width.
+  config.model.mlp_ratio = 0.5
+  config.model.resblock_ratio = 0.5
+  config.model.scale = 4
+  # S2Block spatial attention: 'direct' materialises the (HW)x(HW) matrix (the official
+  # computation); 'blockwise' never does (exact, memory-efficient); 'auto' picks by size.
+  config.model.attention = 'auto'
+  config.model.attention_block_size = 512
+
+  config.data = ml_collections.ConfigDict()
+  config.data.sensor = 'WV3'  # WV3 | WV2 | QB | GF2 | IKONOS | GeoEye1 | CAVE | Harvard.
+  config.data.max_value = 2047.0  # Sensor maximum: 2047 (11-bit), 1023 (GF-2), 1.0 (HISR).
+  config.data.source = 'hdf5'  # 'hdf5' | 'tfds' | 'demo'.
+  # Roles used everywhere inside the project -> dataset names inside the HDF5 files.
+  config.data.h5_keys = ml_collections.ConfigDict(
+      {'gt': 'gt', 'lms': 'lms', 'ms': 'ms', 'guide': 'pan'})
+  config.data.root = 'data/pancollection'
+  config.data.train_file = 'data/pancollection/training_wv3/train_wv3.h5'
+  config.data.valid_file = 'data/pancollection/training_wv3/valid_wv3.h5'
+  # Test sets: name -> HDF5 file (reduced resolution with `gt`, full resolution without).
+  config.data.test_files = ml_collections.ConfigDict({
+      'wv3_reduced': 'data/pancollection/test_data/WV3/test_wv3_multiExm1.h5',
+      'wv3_full': 'data/pancollection/test_data/WV3/test_wv3_OrigScale_multiExm1.h5',
+  })
+  config.data.tfds_name = ''  # e.g. 'pan_collection/wv3' when source == 'tfds'.
+  config.data.tfds_data_dir = ''  # '' -> TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR).
+  config.data.augment = False  # Flips and 90-degree rotations; the official code does not augment.
+  config.data.worker_count = 0  # grain worker processes (0: in the main process).
+  config.data.prefetch = 2  # Batches placed on the devices ahead of the step.
+
+  # Adam with a staircase decay: lr * decay_factor ** floor(epoch / decay_every_epochs).
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.decay_factor = 0.5
+  config.optimizer.decay_every_epochs = 100
+  config.optimizer.b1 = 0.9  # PyTorch Adam defaults, as the official code uses.
+  config.optimizer.b2 = 0.999
+  config.optimizer.eps = 1e-8
+
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 16  # Global batch, split over all devices.
+  # The paper trains 360 epochs on WV3; the official code's default is 500.
+  config.train.num_epochs = 360
+  config.train.log_every_steps = 50
+  config.train.eval_every_epochs = 10
+  config.train.checkpoint_every_epochs = 50
+  config.train.keep_checkpoints = 3
+  config.init_from = ''  # A workdir whose weights start training (fine-tuning).
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.mode = 'tiled'  # 'tiled' (official test.py procedure) | 'whole'.
+  config.eval.tile_size = 64  # PAN tile size of the official test.py.
+  config.eval.tile_pad = 4  # Reflect margin of each PAN tile.
+  config.eval.tile_batch = 16  # Tiles per jitted call.
+  config.eval.crop = 21  # Reduced-resolution border crop of the tables.
+  config.eval.block = 32  # Block size of Q2n, Q_avg and the QNR family.
+  return config
