@@ -37,15 +37,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.source = 'hdf5'  # 'hdf5' | 'tfds' | 'demo'.
   # Roles used everywhere inside the project -> dataset names inside the HDF5 files.
   config.data.h5_keys = ml_collections.ConfigDict(
-      {'gt': 'gt', 'lms': 'lms', 'ms': 'ms', 'guide': 'pan'})
+    {'gt': 'gt', 'lms': 'lms', 'ms': 'ms', 'guide': 'pan'}
+  )
   config.data.root = 'data/pancollection'
   config.data.train_file = 'data/pancollection/training_wv3/train_wv3.h5'
   config.data.valid_file = 'data/pancollection/training_wv3/valid_wv3.h5'
   # Test sets: name -> HDF5 file (reduced resolution with `gt`, full resolution without).
-  config.data.test_files = ml_collections.ConfigDict({
+  config.data.test_files = ml_collections.ConfigDict(
+    {
       'wv3_reduced': 'data/pancollection/test_data/WV3/test_wv3_multiExm1.h5',
       'wv3_full': 'data/pancollection/test_data/WV3/test_wv3_OrigScale_multiExm1.h5',
-  })
+    }
+  )
   config.data.tfds_name = ''  # e.g. 'pan_collection/wv3' when source == 'tfds'.
   config.data.tfds_data_dir = ''  # '' -> TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR).
   config.data.augment = False  # Flips and 90-degree rotations; the official code does not augment.

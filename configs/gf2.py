@@ -11,7 +11,7 @@ def get_config():
   config.data.train_file = 'data/pancollection/training_gf2/train_gf2.h5'
   config.data.valid_file = 'data/pancollection/training_gf2/valid_gf2.h5'
   config.data.test_files = {
-      'gf2_reduced': 'data/pancollection/test_data/GF2/test_gf2_multiExm1.h5',
-      'gf2_full': 'data/pancollection/test_data/GF2/test_gf2_OrigScale_multiExm1.h5',
+    'gf2_reduced': 'data/pancollection/test_data/GF2/test_gf2_multiExm1.h5',
+    'gf2_full': 'data/pancollection/test_data/GF2/test_gf2_OrigScale_multiExm1.h5',
   }
   return config

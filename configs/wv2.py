@@ -9,7 +9,7 @@ def get_config():
   config.data.train_file = 'data/pancollection/training_wv2/train_wv2.h5'
   config.data.valid_file = 'data/pancollection/training_wv2/valid_wv2.h5'
   config.data.test_files = {
-      'wv2_reduced': 'data/pancollection/test_data/WV2/test_wv2_multiExm1.h5',
-      'wv2_full': 'data/pancollection/test_data/WV2/test_wv2_OrigScale_multiExm1.h5',
+    'wv2_reduced': 'data/pancollection/test_data/WV2/test_wv2_multiExm1.h5',
+    'wv2_full': 'data/pancollection/test_data/WV2/test_wv2_OrigScale_multiExm1.h5',
   }
   return config

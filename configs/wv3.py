@@ -1,6 +1,6 @@
 """WorldView-3 pansharpening (PanCollection), the paper's recipe (Table 1).
 
-  python train.py --config=configs/wv3.py
+python train.py --config=configs/wv3.py
 """
 
 from configs import default
