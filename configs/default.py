@@ -54,6 +54,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.augment = False  # Flips and 90-degree rotations; the official code does not augment.
   config.data.worker_count = 0  # grain worker processes (0: in the main process).
   config.data.prefetch = 2  # Batches placed on the devices ahead of the step.
+  config.data.read_threads = 4  # grain threads reading examples in each process.
+  # Value checks when an HDF5 file is opened: 'full' scans every value (finite, on the scale of
+  # max_value), 'sample' only the first and last slabs (huge files), 'off' skips them.
+  config.data.check_values = 'full'
+  # SYNTHETIC demo data (source == 'demo'), generated in-process: gt side, examples per split.
+  config.data.demo_size = 64
+  config.data.demo_test_size = 128
+  config.data.demo_num_train = 512
+  config.data.demo_num_valid = 64
+  config.data.demo_num_test = 4
 
   # Adam with a staircase decay: lr * decay_factor ** floor(epoch / decay_every_epochs).
   config.optimizer = ml_collections.ConfigDict()
@@ -81,4 +91,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.tile_batch = 16  # Tiles per jitted call.
   config.eval.crop = 21  # Reduced-resolution border crop of the tables.
   config.eval.block = 32  # Block size of Q2n, Q_avg and the QNR family.
+  # evaluate.py: write every fused image (`output_mulExm_{k}.mat`, as the official test.py) and
+  # PNG previews; the error maps span 0..error_max of the sensor maximum (mean |fused - gt|).
+  config.eval.save_images = True
+  config.eval.error_max = 0.1
   return config

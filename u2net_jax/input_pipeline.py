@@ -1,0 +1,453 @@
+"""Input pipeline: sources for every split, and global batches placed on the device mesh.
+
+Sources (`get_source`): `config.data.source` picks HDF5 files (`data.pancollection.H5Source`),
+TFDS ArrayRecord datasets (`data.tfds_builders`) or the SYNTHETIC demo data generated in-process
+(`data.demo`). All are random-access: `len(source)` and `source[i]` -> {'gt', 'lms', 'ms',
+'guide'} as (H, W, C) float32 divided by `config.data.max_value` ('gt' absent in full-resolution
+test sets).
+
+Order (`train_batches`). The training stream is a pure function of the step, built on grain's
+`MapDataset`: the order of epoch e is `grain.MapDataset.range(n).shuffle(seed)` read at
+positions [e * n, (e + 1) * n), i.e. grain's index shuffle seeded by (config.seed + e), so the same
+(seed, epoch) always gives the same permutation without materialising it. Each epoch contributes
+its first `steps_per_epoch * B` positions (the last partial batch is dropped, as the official
+loader does) and global batch `s` is positions [s * B, (s + 1) * B) of the stream. A resumed run
+only needs the step it stopped at: `train_batches(..., start_step=step)` continues the exact
+sequence, with no iterator state to checkpoint.
+
+Hosts. Of every global batch of B examples, process p of P reads only rows
+[p * B/P, (p + 1) * B/P) (disjoint shares that cover the batch) and
+`jax.make_array_from_process_local_data` assembles the global `jax.Array`, sharded over the
+mesh axis 'data'. Reading runs in grain threads (`config.data.read_threads`) or worker processes
+(`config.data.worker_count`), and `config.data.prefetch` batches are put on the devices ahead of
+the step (transfers are asynchronous, so the step never waits for them).
+
+Augmentation (`config.data.augment`, off by default as in the official code): one of the eight
+flips / 90-degree rotations per example, drawn from (seed, global stream position), i.e. a
+deterministic function of (seed, step).
+
+Evaluation (`eval_batches`): every example once, in file order; the last batch is padded with
+copies of the last example and carries 'mask' (True for real examples) and 'index' (the example's
+position, -1 for padding), so nothing is dropped or doubled.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import zlib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from absl import flags
+from jax.sharding import NamedSharding, PartitionSpec
+
+from u2net_jax.data import DataError, pancollection
+
+BATCH_AXIS = 'data'
+# Stream length used for the "infinite" training MapDataset (in steps); never reached.
+_MAX_STEPS = 1 << 40
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources.
+
+
+def _prepare_hint(config, path: str) -> str:
+  """How to make a missing HDF5 file, for the error message."""
+  out = str(Path(path).parent)
+  if config.task == 'hisr':
+    tool = 'prepare_cave --format harvard' if config.data.sensor == 'Harvard' else 'prepare_cave'
+    return (
+      f'prepare it with `python -m u2net_jax.data.{tool} --src SCENES_DIR --srf SRF --out {out}`'
+      ' (SRF: the 31x3 Nikon D700 response, .mat/.npy/.csv), or use --config.data.source=demo'
+    )
+  return (
+    'download PanCollection (https://github.com/liangjiandeng/PanCollection) and set '
+    f'--config.data.*_file, or make it from your own full-resolution PAN/MS pair with '
+    f'`python -m u2net_jax.data.prepare_pansharpening --pan P --ms M --sensor '
+    f'{config.data.sensor} --out {out}`; or build the TFDS dataset (`python -m '
+    'u2net_jax.data.tfds_builders --name pan_collection/wv3 --manual_dir DIR`) and use '
+    '--config.data.source=tfds; or use --config.data.source=demo'
+  )
+
+
+def _split_path(config, split: str) -> str:
+  if split == 'train':
+    return config.data.train_file
+  if split == 'valid':
+    return config.data.valid_file
+  if split in config.data.test_files:
+    return config.data.test_files[split]
+  raise DataError(
+    f"unknown split {split!r}: expected 'train', 'valid' or a test set of "
+    f'config.data.test_files {sorted(config.data.test_files.keys())}'
+  )
+
+
+def get_source(config, split: str):
+  """A random-access source for one split.
+
+  Args:
+    config: the experiment config (`config.data`, `config.model`, `config.task`).
+    split: 'train', 'valid', or a test-set name (a key of `config.data.test_files`).
+
+  Returns:
+    An object with `len()` and `[i]` -> role -> (H, W, C) float32 divided by the sensor maximum.
+
+  Raises:
+    DataError: the data are missing (the message says how to prepare them) or invalid.
+  """
+  kind = config.data.source
+  if kind == 'demo':
+    return _demo_source(config, split)
+  if kind == 'tfds':
+    from u2net_jax.data import tfds_builders  # Imports tensorflow_datasets only when needed.
+
+    if split not in ('train', 'valid') and split not in config.data.test_files:
+      _split_path(config, split)  # Raises the unknown-split error.
+    return tfds_builders.tfds_source(config, split)
+  if kind != 'hdf5':
+    raise DataError(f"config.data.source = {kind!r}; expected 'hdf5', 'tfds' or 'demo'")
+  path = _split_path(config, split)
+  if not path or not Path(path).exists():
+    raise DataError(
+      f'{path or "(empty path)"}: file not found for split {split!r}; '
+      + _prepare_hint(config, path or config.data.root + '/x')
+    )
+  return pancollection.H5Source(
+    path,
+    keys=dict(config.data.h5_keys),
+    max_value=config.data.max_value,
+    spectral_bands=config.model.spectral_bands,
+    guide_bands=config.model.guide_bands,
+    scale=config.model.scale,
+    # Full-resolution test sets have no reference; training and validation must have one.
+    require_gt=split in ('train', 'valid'),
+    check_values=config.data.check_values,
+  )
+
+
+@functools.lru_cache(maxsize=8)
+def _demo_arrays(task, split, num, size, seed, bands):
+  from u2net_jax.data import demo
+
+  return demo.make_split(task, split, num, size, seed, spectral_bands=bands)
+
+
+def _demo_source(config, split: str) -> pancollection.ArraySource:
+  """The SYNTHETIC demo split, generated in-process (cached per arguments)."""
+  from u2net_jax.data import demo
+
+  scale = demo.DEMO_MAX_VALUE[config.task]
+  if config.data.max_value != scale:
+    raise DataError(
+      f'demo data ({config.task}) are on a 0..{scale:g} scale but config.data.max_value = '
+      f'{config.data.max_value:g} (wrong sensor maximum)'
+    )
+  if config.model.guide_bands != demo.GUIDE_BANDS[config.task]:
+    raise DataError(
+      f'demo data ({config.task}) have {demo.GUIDE_BANDS[config.task]} guide bands; '
+      f'config.model.guide_bands = {config.model.guide_bands}'
+    )
+  if split == 'train':
+    num, size, seed = config.data.demo_num_train, config.data.demo_size, config.seed
+  elif split == 'valid':
+    num, size, seed = config.data.demo_num_valid, config.data.demo_size, config.seed + 1
+  else:
+    _split_path(config, split)  # Only configured test sets exist.
+    num, size = config.data.demo_num_test, config.data.demo_test_size
+    seed = config.seed + 2 + zlib.crc32(split.encode()) % 1000
+  split_kind = split if split in ('train', 'valid') else 'test'
+  arrays = _demo_arrays(config.task, split_kind, num, size, seed, config.model.spectral_bands)
+  return pancollection.ArraySource(arrays)
+
+
+# ----------------------------------------------------------------------------------------------
+# Index arithmetic (pure functions of the step; also used by the tests).
+
+
+def steps_per_epoch(config, source) -> int:
+  """Training steps per epoch: len(source) // global batch (the last partial batch dropped)."""
+  n = len(source)
+  b = config.train.batch_size
+  if n < b:
+    raise DataError(f'{n} training examples is fewer than one global batch ({b})')
+  return n // b
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+  """The permutation of epoch `epoch`: grain's index shuffle seeded by (seed + epoch).
+
+  Args:
+    n: the number of examples.
+    seed: `config.seed` (0 <= seed < 2**32).
+    epoch: the epoch.
+
+  Returns:
+    (n,) int64, a permutation of range(n).
+  """
+  order = grain.MapDataset.range(n).shuffle(seed=seed)
+  return np.array([order[epoch * n + i] % n for i in range(n)], np.int64)
+
+
+class _TrainIndex:
+  """Stream position -> example index (picklable, for grain worker processes)."""
+
+  def __init__(self, n: int, batch_size: int, seed: int):
+    self.n = n
+    self.used = (n // batch_size) * batch_size  # Positions per epoch after the drop.
+    self.order = grain.MapDataset.range(n).shuffle(seed=seed)
+
+  def __call__(self, position: int) -> int:
+    epoch, pos = divmod(int(position), self.used)
+    # ShuffleMapDataset reads index epoch * n + pos with the per-epoch seed (seed + epoch).
+    return int(self.order[epoch * self.n + pos]) % self.n
+
+
+def host_positions(step: int, batch_size: int, process_index: int, process_count: int) -> range:
+  """Stream positions of global batch `step` that process `process_index` reads.
+
+  Args:
+    step: the global step.
+    batch_size: the global batch B (divisible by process_count).
+    process_index, process_count: this host and the number of hosts.
+
+  Returns:
+    B / process_count consecutive positions: its share of [step * B, (step + 1) * B).
+  """
+  local = _local_batch(batch_size, process_count)
+  start = step * batch_size + process_index * local
+  return range(start, start + local)
+
+
+def train_indices(
+  config, n: int, step: int, *, process_index: int = 0, process_count: int = 1
+) -> np.ndarray:
+  """Example indices that a host reads for global batch `step`.
+
+  Args:
+    config: the config (`seed`, `train.batch_size`).
+    n: the number of training examples.
+    step: the global step.
+    process_index, process_count: the host and the number of hosts.
+
+  Returns:
+    (B / process_count,) int64 example indices.
+  """
+  index = _TrainIndex(n, config.train.batch_size, config.seed)
+  pos = host_positions(step, config.train.batch_size, process_index, process_count)
+  return np.array([index(p) for p in pos], np.int64)
+
+
+def _local_batch(batch_size: int, process_count: int) -> int:
+  if batch_size % process_count:
+    raise ValueError(f'global batch {batch_size} does not divide over {process_count} processes')
+  return batch_size // process_count
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-side datasets (numpy), one share per process.
+
+_DIHEDRAL = 8
+
+
+def _augment(example: Mapping[str, np.ndarray], seed: int, position: int) -> dict:
+  """One of the 8 flips / rotations, the same for every role, drawn from (seed, position)."""
+  k = int(np.random.default_rng([seed, position]).integers(_DIHEDRAL))
+  out = {}
+  for role, x in example.items():
+    y = np.rot90(x, k % 4, axes=(0, 1))
+    if k >= 4:
+      y = y[:, ::-1]
+    out[role] = np.ascontiguousarray(y)
+  return out
+
+
+class _TrainElement:
+  """Local stream element -> example dict (picklable)."""
+
+  def __init__(self, source, config, process_index: int, process_count: int):
+    self.source = source
+    self.batch_size = config.train.batch_size
+    self.local = _local_batch(self.batch_size, process_count)
+    self.process_index = process_index
+    self.index = _TrainIndex(len(source), self.batch_size, config.seed)
+    self.seed = config.seed
+    self.augment = bool(config.data.augment)
+
+  def __call__(self, k: int) -> dict:
+    step, j = divmod(int(k), self.local)
+    position = step * self.batch_size + self.process_index * self.local + j
+    example = self.source[self.index(position)]
+    if self.augment:
+      example = _augment(example, self.seed, position)
+    return example
+
+
+class _EvalElement:
+  """Local eval element -> example dict with 'mask' and 'index' (picklable)."""
+
+  def __init__(self, source, batch_size: int, process_index: int, process_count: int):
+    self.source = source
+    self.n = len(source)
+    self.batch_size = batch_size
+    self.local = _local_batch(batch_size, process_count)
+    self.process_index = process_index
+
+  def __call__(self, k: int) -> dict:
+    b, j = divmod(int(k), self.local)
+    position = b * self.batch_size + self.process_index * self.local + j
+    real = position < self.n
+    example = dict(self.source[min(position, self.n - 1)])
+    example['mask'] = np.asarray(real)
+    example['index'] = np.asarray(position if real else -1, np.int32)
+    return example
+
+
+def _read_options(config) -> grain.ReadOptions:
+  threads = int(config.data.read_threads)
+  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2, 2 * threads))
+
+
+def _finish(ds: grain.MapDataset, config) -> grain.IterDataset:
+  it = ds.to_iter_dataset(_read_options(config))
+  if config.data.worker_count > 0:
+    # grain's workers read absl flags; outside an absl app (tests, Colab) nothing parsed them.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(config.data.worker_count)))
+  return it
+
+
+def host_train_dataset(
+  config, source, *, start_step: int = 0, process_index: int = 0, process_count: int = 1
+) -> grain.IterDataset:
+  """This host's share of every global training batch, from `start_step` on, as numpy.
+
+  Args:
+    config: the config.
+    source: the training source.
+    start_step: the first global step to produce.
+    process_index, process_count: the host and the number of hosts.
+
+  Returns:
+    An infinite grain `IterDataset` of role -> (B / process_count, H, W, C) float32.
+  """
+  steps_per_epoch(config, source)  # Fails early on a source smaller than a batch.
+  local = _local_batch(config.train.batch_size, process_count)
+  ds = grain.MapDataset.range(start_step * local, _MAX_STEPS * local)
+  ds = ds.map(_TrainElement(source, config, process_index, process_count))
+  return _finish(ds.batch(local, drop_remainder=True), config)
+
+
+def host_eval_dataset(
+  config, source, *, batch_size: int, process_index: int = 0, process_count: int = 1
+) -> grain.IterDataset:
+  """This host's share of every evaluation batch (padded, with 'mask' and 'index').
+
+  Args:
+    config: the config.
+    source: the source.
+    batch_size: the global evaluation batch.
+    process_index, process_count: the host and the number of hosts.
+
+  Returns:
+    A finite grain `IterDataset` of ceil(n / batch_size) batches: roles -> (b, H, W, C)
+    float32, 'mask' (b,) bool, 'index' (b,) int32, b = batch_size / process_count.
+  """
+  n = len(source)
+  local = _local_batch(batch_size, process_count)
+  num_batches = -(-n // batch_size)
+  ds = grain.MapDataset.range(num_batches * local)
+  ds = ds.map(_EvalElement(source, batch_size, process_index, process_count))
+  return _finish(ds.batch(local, drop_remainder=True), config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Device placement.
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """Leading (batch) axis split over the mesh axis 'data', the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
+
+
+def _to_global(local: Mapping[str, np.ndarray], sharding, batch_size: int) -> dict[str, jax.Array]:
+  return {
+    k: jax.make_array_from_process_local_data(sharding, v, (batch_size,) + v.shape[1:])
+    for k, v in local.items()
+  }
+
+
+def _prefetch_to_device(
+  host_iter, sharding, batch_size: int, size: int
+) -> Iterator[dict[str, Any]]:
+  """Keeps `size` batches in flight on the devices (transfers are asynchronous)."""
+  queue = collections.deque()
+  for local in host_iter:
+    queue.append(_to_global(local, sharding, batch_size))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
+def _check_mesh(mesh, batch_size: int):
+  devices = mesh.shape[BATCH_AXIS]
+  if batch_size % devices:
+    raise ValueError(f'batch {batch_size} does not divide over {devices} devices on axis "data"')
+
+
+def train_batches(config, source, *, mesh, start_step: int) -> Iterator[dict[str, jax.Array]]:
+  """Infinite global training batches, starting at `start_step`.
+
+  Args:
+    config: the config (`seed`, `train.batch_size`, `data.*`).
+    source: the training source (`get_source(config, 'train')`).
+    mesh: a mesh with a batch axis named 'data'. Make it with `axis_types=(AxisType.Auto,)`:
+      `jax.make_mesh` defaults to explicit axes, whose sharding-typed batches the model's
+      reshapes (pixel shuffle) reject.
+    start_step: the global step of the first batch (0, or the restored step on resume).
+
+  Returns:
+    An iterator of role -> jax.Array (B, H, W, C) sharded over 'data'.
+  """
+  b = config.train.batch_size
+  _check_mesh(mesh, b)
+  host = host_train_dataset(
+    config,
+    source,
+    start_step=start_step,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  return _prefetch_to_device(iter(host), batch_sharding(mesh), b, config.data.prefetch)
+
+
+def eval_batches(config, source, *, mesh, batch_size: int) -> Iterator[dict[str, jax.Array]]:
+  """Every example of `source` once, in order, in padded global batches.
+
+  Args:
+    config: the config (`data.*`).
+    source: a source.
+    mesh: a mesh with a batch axis named 'data'.
+    batch_size: the global evaluation batch (divisible by the devices on 'data').
+
+  Returns:
+    An iterator of ceil(n / batch_size) batches: roles -> (batch_size, H, W, C) float32,
+    'mask' (batch_size,) bool (False for padding), 'index' (batch_size,) int32 (-1 for padding).
+  """
+  _check_mesh(mesh, batch_size)
+  host = host_eval_dataset(
+    config,
+    source,
+    batch_size=batch_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  return _prefetch_to_device(iter(host), batch_sharding(mesh), batch_size, config.data.prefetch)
