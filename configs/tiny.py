@@ -1,0 +1,40 @@
+"""A tiny configuration for tests: SYNTHETIC demo data, a narrow U2Net, seconds per run.
+
+python train.py --config=configs/tiny.py --workdir=/tmp/tiny
+python train.py --config=configs/tiny.py:hisr --workdir=/tmp/tiny_hisr
+"""
+
+from configs import default
+
+
+def get_config(task: str = 'pansharpening'):
+  config = default.get_config()
+  config.data.source = 'demo'
+  if task == 'hisr':
+    config.task = 'hisr'
+    config.data.sensor = 'CAVE'
+    config.data.max_value = 1.0
+    config.model.spectral_bands = 31
+    config.model.guide_bands = 3
+  else:
+    config.model.spectral_bands = 4
+    config.data.sensor = 'QB'
+  config.model.width = 16
+  config.model.head_dim = 8
+  config.data.test_files = {'tiny_test': 'demo'}
+  config.data.demo_size = 16
+  config.data.demo_test_size = 64
+  config.data.demo_num_train = 16
+  config.data.demo_num_valid = 4
+  config.data.demo_num_test = 2
+  config.data.prefetch = 1
+  config.data.read_threads = 1
+  config.optimizer.decay_every_epochs = 2
+  config.train.batch_size = 4
+  config.train.num_epochs = 4
+  config.train.log_every_steps = 1
+  config.train.eval_every_epochs = 2
+  config.train.checkpoint_every_epochs = 1
+  config.train.keep_checkpoints = 2
+  config.eval.tile_batch = 4
+  return config

@@ -1,0 +1,228 @@
+"""Tests of training: the recipe, resumption after a kill, data parallelism, official gradients."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REPO, shared_path
+
+from u2net_jax import checkpointing, config_utils, convert, train_lib
+
+
+def _config(name='tiny', **overrides):
+  config = config_utils.load_config_file(REPO / 'configs' / f'{name}.py')
+  config.unlock()
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  config.lock()
+  return config
+
+
+def _run_train(workdir, *flags, env_extra=None, cache_dir=None, wait=True):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', **(env_extra or {}))
+  if cache_dir:  # Share compiled programs between the subprocesses of one test.
+    env.update(
+      JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+    )
+  cmd = [sys.executable, 'train.py', '--config=configs/tiny.py', f'--workdir={workdir}', *flags]
+  if not wait:
+    return subprocess.Popen(
+      cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _final_params(workdir):
+  config = config_utils.load_config(workdir)
+  params, step, _ = checkpointing.restore_params(workdir, config.model, which='latest')
+  return params, step
+
+
+def _jsonl(workdir):
+  return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+
+
+def test_learning_rate_halves_at_epoch_boundaries():
+  config = _config('wv3')
+  lr = train_lib.create_learning_rate_fn(config, steps_per_epoch=7)
+  assert float(lr(0)) == pytest.approx(1e-3)
+  assert float(lr(100 * 7 - 1)) == pytest.approx(1e-3)
+  assert float(lr(100 * 7)) == pytest.approx(5e-4)
+  assert float(lr(200 * 7 - 1)) == pytest.approx(5e-4)
+  assert float(lr(200 * 7)) == pytest.approx(2.5e-4)
+  cave = train_lib.create_learning_rate_fn(_config('cave'), steps_per_epoch=3)
+  assert float(cave(50 * 3 - 1)) == pytest.approx(3e-4)
+  assert float(cave(50 * 3)) == pytest.approx(1.5e-4)
+
+
+def test_paper_recipes_in_configs():
+  wv3, cave = _config('wv3'), _config('cave')
+  assert (wv3.train.batch_size, wv3.train.num_epochs, wv3.optimizer.learning_rate) == (
+    16,
+    360,
+    1e-3,
+  )
+  assert (wv3.train.eval_every_epochs, wv3.train.checkpoint_every_epochs) == (10, 50)
+  assert (cave.train.batch_size, cave.train.num_epochs, cave.model.width) == (8, 500, 64)
+  assert cave.optimizer.learning_rate == 3e-4
+
+
+def test_training_fidelity_official_loss_and_gradients():
+  """At the released weights, loss and gradients equal the official code's on real WV2 tiles."""
+  ref = np.load(shared_path('official', 'official_grad_wv3.npz'))
+  state_dict = convert.load_torch_state_dict(shared_path('official', 'u2net_wv3_200000_iter.pth'))
+  config = _config('wv3')
+  params = convert.torch_to_flax(state_dict, config.model)
+  batch = {k: jnp.asarray(ref[k].transpose(0, 2, 3, 1)) for k in ('ms', 'pan', 'gt')}
+  batch['guide'] = batch.pop('pan')
+  model = train_lib.create_model(config)
+  loss, grads = jax.jit(jax.value_and_grad(train_lib.l1_loss), static_argnums=1)(
+    params, model.apply, batch
+  )
+  assert abs(float(loss) - float(ref['loss'])) <= 1e-6
+  official = {k[len('grad/') :]: ref[k] for k in ref.files if k.startswith('grad/')}
+  expected = convert.torch_to_flax(official, config.model)
+  flat_ours = convert._flatten(jax.device_get(grads))
+  flat_ref = convert._flatten(expected)
+  assert flat_ours.keys() == flat_ref.keys()
+  worst = max(
+    np.linalg.norm(flat_ours[k] - flat_ref[k]) / max(np.linalg.norm(flat_ref[k]), 1e-30)
+    for k in flat_ref
+  )
+  assert worst <= 2e-4, worst
+
+
+def test_train_end_to_end_writes_everything(tmp_path):
+  workdir = tmp_path / 'run'
+  summary = train_lib.train_and_evaluate(_config(), workdir)
+  assert summary['step'] == 16  # 4 epochs x (16 examples // 4).
+  assert (workdir / 'config.json').is_file()
+  assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
+  rows = _jsonl(workdir)
+  assert [r['step'] for r in rows if 'train_loss' in r] == list(range(1, 17))
+  assert [r['step'] for r in rows if 'valid_loss' in r] == [8, 16]
+  for key in ('valid_psnr', 'valid_sam', 'valid_ergas'):
+    assert np.isfinite(rows[-1][key])
+  lrs = [r['learning_rate'] for r in rows if 'learning_rate' in r]
+  assert lrs[7] == pytest.approx(1e-3) and lrs[8] == pytest.approx(5e-4)  # Halved at epoch 2.
+  steps = checkpointing.create_manager(workdir, read_only=True).all_steps()
+  assert 16 in steps and len(steps) <= 3  # The last 2 and the best.
+  assert checkpointing.select_step(workdir) in (8, 16)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+  cache = tmp_path / 'jax_cache'
+  flags = ['--config.train.num_epochs=8']
+  full = _run_train(tmp_path / 'full', *flags, cache_dir=cache)
+  assert full.returncode == 0, full.stdout + full.stderr
+
+  killed_dir = tmp_path / 'killed'
+  proc = _run_train(killed_dir, *flags, cache_dir=cache, wait=False)
+  ckpt = killed_dir / 'checkpoints'
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if (ckpt / '12' / 'commit_success.txt').exists() or (ckpt / '12' / 'params').exists():
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, 'the run ended before it could be killed'
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  interrupted_step = checkpointing.create_manager(killed_dir, read_only=True).latest_step()
+  assert interrupted_step is not None and interrupted_step < 32
+
+  resumed = _run_train(killed_dir, *flags, cache_dir=cache)
+  assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+  assert 'Resumed from' in resumed.stdout + resumed.stderr
+  (a, step_a), (b, step_b) = _final_params(tmp_path / 'full'), _final_params(killed_dir)
+  assert step_a == step_b == 32
+  diff = jax.tree_util.tree_map(lambda x, y: float(np.abs(x - y).max()), a, b)
+  assert max(jax.tree_util.tree_leaves(diff)) <= 1e-6
+
+
+def test_four_devices_and_one_give_the_same_loss_curve(tmp_path):
+  losses = {}
+  for n in (1, 4):
+    flags = os.environ.get('XLA_FLAGS', '')
+    env = {'XLA_FLAGS': f'{flags} --xla_force_host_platform_device_count={n}'}
+    run = _run_train(tmp_path / f'dev{n}', '--config.train.num_epochs=2', env_extra=env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f'{n} devices' in run.stderr
+    losses[n] = [r['train_loss'] for r in _jsonl(tmp_path / f'dev{n}') if 'train_loss' in r]
+  assert len(losses[1]) == 8
+  np.testing.assert_allclose(losses[4], losses[1], atol=1e-5, rtol=0)
+
+
+def test_fine_tuning_starts_from_converted_weights(tmp_path):
+  pth = shared_path('official', 'u2net_wv3_200000_iter.pth')
+  official = tmp_path / 'official'
+  wv3 = _config('wv3')
+  params = convert.convert_to_workdir(pth, wv3, official)
+  config = _config(
+    'tiny',
+    **{
+      'model.spectral_bands': 8,
+      'model.width': 32,
+      'model.head_dim': 16,
+      'data.sensor': 'WV3',
+      'train.num_epochs': 1,
+      'train.eval_every_epochs': 1,
+      'init_from': str(official),
+    },
+  )
+  workdir = tmp_path / 'finetune'
+  train_lib.train_and_evaluate(config, workdir)
+  from u2net_jax import input_pipeline
+
+  source = input_pipeline.get_source(config, 'train')
+  mesh = train_lib.create_mesh()
+  first = next(input_pipeline.train_batches(config, source, mesh=mesh, start_step=0))
+  model = train_lib.create_model(config)
+  expected = float(train_lib.l1_loss(params, model.apply, first))
+  assert _jsonl(workdir)[0]['train_loss'] == pytest.approx(expected, abs=1e-6)
+
+
+def test_config_typo_is_an_error(tmp_path):
+  run = _run_train(tmp_path / 'typo', '--config.train.num_epoch=3')
+  assert run.returncode != 0
+  assert 'num_epoch' in run.stderr
+
+
+def test_unwritable_workdir_fails_before_training(tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('not a directory')
+  with pytest.raises(PermissionError, match='not writable'):
+    train_lib.train_and_evaluate(_config(), blocker / 'run')
+
+
+def test_missing_data_says_how_to_prepare_it(tmp_path):
+  config = _config('wv3', **{'data.train_file': str(tmp_path / 'nope.h5')})
+  run_dir = tmp_path / 'run'
+  with pytest.raises(Exception, match='prepare_pansharpening') as info:
+    train_lib.train_and_evaluate(config, run_dir)
+  assert str(tmp_path / 'nope.h5') in str(info.value)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  workdir = tmp_path / 'run'
+  train_lib.train_and_evaluate(_config(**{'train.num_epochs': 1}), workdir)
+  good, good_step = _final_params(workdir)
+  config = _config(**{'train.num_epochs': 3, 'optimizer.learning_rate': 1e30})
+  with pytest.raises(FloatingPointError, match='last good checkpoint'):
+    train_lib.train_and_evaluate(config, workdir)
+  after, after_step = _final_params(workdir)
+  assert after_step == good_step
+  same = jax.tree_util.tree_map(lambda x, y: bool(np.array_equal(x, y)), good, after)
+  assert all(jax.tree_util.tree_leaves(same))
