@@ -5,6 +5,7 @@ same command resumes from the latest checkpoint in the workdir. Any config field
 overridden, e.g. `--config.optimizer.learning_rate=5e-4`; an unknown field is an error.
 """
 
+import logging as logging_std
 import sys
 from pathlib import Path
 
@@ -21,9 +22,17 @@ flags.DEFINE_string('workdir', None, 'Run directory (default: workdirs/<config n
 flags.mark_flags_as_required(['config'])
 
 
+class _QuietLibraries(logging_std.Filter):
+  """Drops the INFO chatter of orbax's checkpointing internals from the console."""
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or '/orbax/' not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   train_lib.initialize_distributed()
   config_path = FLAGS['config'].config_filename
   workdir = FLAGS.workdir or str(Path('workdirs') / Path(config_path.split(':')[0]).stem)
