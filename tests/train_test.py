@@ -247,3 +247,9 @@ def test_demo_main_job_beats_the_lms_baseline(tmp_path):
     [metrics.psnr(valid[i]['gt'], valid[i]['lms'], data_range=1.0) for i in range(len(valid))]
   )
   assert final['valid_psnr'] >= baseline + 1.0, (final['valid_psnr'], baseline)
+
+
+def test_global_batch_must_divide_over_devices():
+  with pytest.raises(ValueError, match=r'batch_size=6 does not divide over the 4 devices'):
+    train_lib.check_batch_divides(6, 4)
+  train_lib.check_batch_divides(8, 4)
