@@ -1,0 +1,64 @@
+r"""Evaluates a workdir's checkpoint with the paper's protocols: tables, files and pictures.
+
+  python evaluate.py --workdir=workdirs/demo
+  python -m u2net_jax.convert --checkpoint u2net_wv3_200000_iter.pth --config configs/wv3.py \
+      --workdir workdirs/official_wv3
+  python evaluate.py --workdir=workdirs/official_wv3 \
+      --test_files=wv2_reduced=test_wv2_multiExm1.h5,wv2_full=test_wv2_OrigScale_multiExm1.h5 \
+      --sensor=WV2
+
+Results go to `WORKDIR/eval/<test set>/` (see `u2net_jax/eval_lib.py`). The logic lives in
+`u2net_jax.eval_lib.evaluate`, callable from a notebook.
+"""
+
+import sys
+
+import jax
+from absl import app, flags, logging
+
+from u2net_jax import eval_lib
+from u2net_jax.data import DataError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Workdir of a training run or of converted official weights.')
+flags.DEFINE_integer('step', None, 'Checkpoint step (default: the best one, else the latest).')
+flags.DEFINE_enum('which', 'best', ['best', 'latest'], 'Checkpoint to use when --step is unset.')
+flags.DEFINE_list(
+  'test_files',
+  None,
+  'Test sets: name=path.h5 (HDF5 files) or names of the config test sets / TFDS splits. '
+  'Default: every test set of the config.',
+)
+flags.DEFINE_string(
+  'sensor', None, 'Evaluate as data of this sensor (HQNR MTF gains), e.g. WV2 through a WV3 model.'
+)
+flags.DEFINE_enum('mode', None, list(eval_lib.MODES), 'Inference (default: config.eval.mode).')
+flags.DEFINE_integer('tile_batch', None, 'Tiles per jitted call (default: config.eval.tile_batch).')
+flags.DEFINE_string('output_dir', None, 'Where the results go (default: WORKDIR/eval).')
+flags.DEFINE_bool('save_images', None, 'Write the .mat and PNG files (default: config.eval).')
+flags.mark_flag_as_required('workdir')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.info('JAX devices: %s', jax.devices())
+  try:
+    eval_lib.evaluate(
+      None,
+      FLAGS.workdir,
+      step=FLAGS.step,
+      which=FLAGS.which,
+      test_files=FLAGS.test_files,
+      sensor=FLAGS.sensor,
+      mode=FLAGS.mode,
+      tile_batch=FLAGS.tile_batch,
+      output_dir=FLAGS.output_dir,
+      save_images=FLAGS.save_images,
+    )
+  except (FileNotFoundError, DataError, eval_lib.OutputError) as e:
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main)
