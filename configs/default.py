@@ -27,9 +27,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.resblock_ratio = 0.5
   config.model.scale = 4
   # S2Block spatial attention: 'direct' materialises the (HW)x(HW) matrix (the official
-  # computation); 'blockwise' never does (exact, memory-efficient); 'auto' picks by size.
+  # computation); 'blockwise' never does (exact, memory-efficient flash attention); 'cudnn' is
+  # jax.nn.dot_product_attention's fused GPU kernel (needs dtype='bfloat16'); 'auto' picks
+  # 'direct' for tiny inputs and 'blockwise' otherwise. See benchmarks/README.md.
   config.model.attention = 'auto'
-  config.model.attention_block_size = 512
+  config.model.attention_block_size = 128  # Queries per blockwise tile (fastest on CPU).
+  # Compute dtype: 'float32' (exact) or 'bfloat16' (TPU/GPU speed; params and outputs stay
+  # float32; its effect on the metrics is in benchmarks/README.md).
+  config.model.dtype = 'float32'
 
   config.data = ml_collections.ConfigDict()
   config.data.sensor = 'WV3'  # WV3 | WV2 | QB | GF2 | IKONOS | GeoEye1 | CAVE | Harvard.
