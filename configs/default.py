@@ -35,6 +35,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Compute dtype: 'float32' (exact) or 'bfloat16' (TPU/GPU speed; params and outputs stay
   # float32; its effect on the metrics is in benchmarks/README.md).
   config.model.dtype = 'float32'
+  # The paper's ablations and lightweight model (`models.VARIANTS`, configs/ablation.py); 'u2net'
+  # is the official network. The three switches give the alternative reading of V1, V2, V3/V4.
+  config.model.variant = 'u2net'
+  config.model.single_branch_resblock = True
+  config.model.concat_residual = False
+  config.model.value_projection = False
 
   config.data = ml_collections.ConfigDict()
   config.data.sensor = 'WV3'  # WV3 | WV2 | QB | GF2 | IKONOS | GeoEye1 | CAVE | Harvard.

@@ -466,6 +466,12 @@ class S2Attention(nn.Module):
     The extra 1/(N/head_dim) is the official code's scaling, not the paper's Eq. 2; the released
     weights need it, and it makes the function depend on the input size (tiled != whole image).
   Output: to_out(merge((C_spa x1) * (y1 C_spe))).
+
+  Ablations (paper Sec. 4.5, Table 3), `mode`:
+    'spatial_only' (V3): only C_spa, combined with the spectral feature map: to_out(C_spa x). No
+      spectral projections (se1, se2); with `value_projection` the value is se1(x) instead of x.
+    'spectral_only' (V4): only C_spe (from se1, se2), merged with the spatial feature map:
+      to_out(y C_spe). No spatial projections (sa1, sa2); with `value_projection`, sa1(y).
   """
 
   heads: int
@@ -473,25 +479,43 @@ class S2Attention(nn.Module):
   attention: str = 'auto'
   block_size: int = 128
   dtype: str = 'float32'
+  mode: str = 'full'  # 'full' | 'spatial_only' | 'spectral_only'.
+  value_projection: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
     b, n, dim = x.shape
     inner = self.heads * self.head_dim
     proj = functools.partial(dense, inner, dim, use_bias=False, dtype=self.dtype)
-    y1, y2 = (_split_heads(proj(name=nm)(y), self.head_dim) for nm in ('sa1', 'sa2'))
-    x1, x2 = (_split_heads(proj(name=nm)(x), self.head_dim) for nm in ('se1', 'se2'))
-
-    spatial = self._spatial(y1, y2, x1, n)  # (B, heads, N, hd): C_spa x1
-
-    f32 = jnp.float32
-    spectral_logits = jnp.einsum('bhnd,bhne->bhde', x1, x2, preferred_element_type=f32)
-    spectral_logits = spectral_logits / math.sqrt(self.head_dim) / (n / self.head_dim)
-    spectral_p = jax.nn.softmax(spectral_logits, axis=-1).astype(y1.dtype)
-    spectral = jnp.einsum('bhnd,bhde->bhne', y1, spectral_p)
-
-    out = (spatial * spectral).transpose(0, 2, 1, 3).reshape(b, n, inner)
+    heads = functools.partial(_split_heads, head_dim=self.head_dim)
+    mode = self.mode
+    if mode not in ('full', 'spatial_only', 'spectral_only'):
+      raise ValueError(
+        f"S2Attention mode {mode!r}; expected 'full', 'spatial_only' or 'spectral_only'"
+      )
+    if mode == 'spatial_only':
+      y1, y2 = heads(proj(name='sa1')(y)), heads(proj(name='sa2')(y))
+      value = heads(proj(name='se1')(x) if self.value_projection else x)
+      out = self._spatial(y1, y2, value, n)
+    elif mode == 'spectral_only':
+      x1, x2 = heads(proj(name='se1')(x)), heads(proj(name='se2')(x))
+      value = heads(proj(name='sa1')(y) if self.value_projection else y)
+      out = self._spectral(x1, x2, value, n)
+    else:
+      y1, y2 = heads(proj(name='sa1')(y)), heads(proj(name='sa2')(y))
+      x1, x2 = heads(proj(name='se1')(x)), heads(proj(name='se2')(x))
+      # (B, heads, N, hd): (C_spa x1) * (y1 C_spe).
+      out = self._spatial(y1, y2, x1, n) * self._spectral(x1, x2, y1, n)
+    out = out.transpose(0, 2, 1, 3).reshape(b, n, inner)
     return dense(dim, inner, dtype=self.dtype, name='to_out')(out)
+
+  def _spectral(self, x1, x2, value, n):
+    """value C_spe, C_spe = softmax(x1^T x2 / sqrt(hd) / (N / hd)) (the official scaling)."""
+    f32 = jnp.float32
+    logits = jnp.einsum('bhnd,bhne->bhde', x1, x2, preferred_element_type=f32)
+    logits = logits / math.sqrt(self.head_dim) / (n / self.head_dim)
+    p = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    return jnp.einsum('bhnd,bhde->bhne', value, p)
 
   def _spatial(self, q, k, v, n):
     """C_spa v for q, k, v (B, heads, N, hd) in the form `attention` selects."""
@@ -532,6 +556,8 @@ class S2Block(nn.Module):
   attention: str = 'auto'
   block_size: int = 128
   dtype: str = 'float32'
+  mode: str = 'full'  # S2Attention's mode (ablations V3/V4).
+  value_projection: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -547,6 +573,8 @@ class S2Block(nn.Module):
       attention=self.attention,
       block_size=self.block_size,
       dtype=self.dtype,
+      mode=self.mode,
+      value_projection=self.value_projection,
       name='attention',
     )(norm(xt), norm(yt))
     mlp = MLP(int(dim * self.mlp_ratio), dtype=self.dtype, name='mlp')
@@ -554,8 +582,51 @@ class S2Block(nn.Module):
     return xt.reshape(b, hh, ww, dim)
 
 
+class ConcatFusion(nn.Module):
+  """Ablation V2's replacement of the S2Block: concatenate x and y, project back to d channels.
+
+  x <- W [x, y] + b (a 1x1 convolution 2d -> d); with `residual`, x <- x + W [x, y] + b.
+  """
+
+  residual: bool = False
+  dtype: str = 'float32'
+
+  @nn.compact
+  def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+    dim = x.shape[-1]
+    fused = dense(dim, 2 * dim, dtype=self.dtype, name='proj')(jnp.concatenate([x, y], -1))
+    return x + fused if self.residual else fused
+
+
+VARIANTS = (
+  'u2net',
+  'v1_single_branch',
+  'v2_concat',
+  'v3_spatial_only',
+  'v4_spectral_only',
+  'u2net_l',
+)
+
+
 class U2Net(nn.Module):
-  """The double U-Net (paper Fig. 3) exactly as the official `U2Net`.
+  """The double U-Net (paper Fig. 3) exactly as the official `U2Net`, and the paper's variants.
+
+  `variant` (paper Sec. 4.4-4.5; where the text leaves a choice open, the reading below is ours
+  and the alternative is one attribute away):
+    'u2net': the official network (bit-compatible with the released weights).
+    'v1_single_branch' (V1): ONE U-shaped branch: the learned upsampled MS and the guide are
+      concatenated and enter one 3x3 conv; every level keeps the S2Block structure, applied to the
+      branch with itself (S2Block(z, z)), followed at levels 0-3 by the ResBlock
+      (`single_branch_resblock=False` drops it); shared Down/Up and skips as in the official net.
+    'v2_concat' (V2): the double U-Net with each S2Block replaced by `ConcatFusion` (concatenate,
+      1x1 projection back to the level's width; `concat_residual=True` adds x back).
+    'v3_spatial_only' (V3) / 'v4_spectral_only' (V4): S2Blocks whose attention forms only the
+      spatial (resp. spectral) self-correlation matrices, merged with the spectral (resp. spatial)
+      feature map without projecting it (`value_projection=True` projects it).
+    'u2net_l': the official structure at a lightweight width; `configs/ablation.py:u2net_l` sets
+      width 12 and head width 6 (heads 2/4/8 as the official model's): 85,658 parameters for 8
+      bands, under the paper's 1e5 class boundary. The paper's exact widths are in its
+      supplement, which is not public: this is our reconstruction.
 
   Attributes:
     spectral_bands: C, bands of the MS/HS input and of the output.
@@ -571,6 +642,9 @@ class U2Net(nn.Module):
     dtype: compute dtype, 'float32' (default, exact) or 'bfloat16' (for TPU/GPU: convolutions,
       projections and attention products in bfloat16 with float32 softmax and LayerNorm
       statistics). Parameters stay float32 and the output is float32 in either mode.
+    variant: one of `VARIANTS` (above).
+    single_branch_resblock, concat_residual, value_projection: the alternative readings of the
+      V1, V2 and V3/V4 ablations (above).
   """
 
   spectral_bands: int = 8
@@ -583,6 +657,10 @@ class U2Net(nn.Module):
   attention: str = 'auto'
   attention_block_size: int = 128
   dtype: str = 'float32'
+  variant: str = 'u2net'
+  single_branch_resblock: bool = True
+  concat_residual: bool = False
+  value_projection: bool = False
 
   def _check_inputs(self, ms: jax.Array, guide: jax.Array) -> None:
     if ms.ndim != 4 or guide.ndim != 4:
@@ -604,31 +682,56 @@ class U2Net(nn.Module):
         f'size {(h, w)} with guide_bands={self.guide_bands}'
       )
 
-  @nn.compact
-  def __call__(self, ms: jax.Array, guide: jax.Array) -> jax.Array:
-    """Fuses `ms` (B, h, w, C) with `guide` (B, 4h, 4w, c) into (B, 4h, 4w, C)."""
-    self._check_inputs(ms, guide)
-    s, dt = self.width, self.dtype
-    ms, guide = ms.astype(compute_dtype(dt)), guide.astype(compute_dtype(dt))
-    dims = (s, 2 * s, 4 * s, 2 * s, s)
-    s2 = [
+  def _fusion_blocks(self) -> list[nn.Module]:
+    """The five level fusions: S2Blocks (official, V1, V3, V4) or `ConcatFusion` (V2)."""
+    if self.variant == 'v2_concat':
+      return [
+        ConcatFusion(self.concat_residual, dtype=self.dtype, name=f's2block{i}') for i in range(5)
+      ]
+    mode = {'v3_spatial_only': 'spatial_only', 'v4_spectral_only': 'spectral_only'}
+    return [
       S2Block(
         self.head_dim,
         self.mlp_ratio,
         self.attention,
         self.attention_block_size,
-        dtype=dt,
+        dtype=self.dtype,
+        mode=mode.get(self.variant, 'full'),
+        value_projection=self.value_projection,
         name=f's2block{i}',
       )
       for i in range(5)
     ]
+
+  @nn.compact
+  def __call__(self, ms: jax.Array, guide: jax.Array) -> jax.Array:
+    """Fuses `ms` (B, h, w, C) with `guide` (B, 4h, 4w, c) into (B, 4h, 4w, C)."""
+    if self.variant not in VARIANTS:
+      raise ValueError(f'variant {self.variant!r}; expected one of {VARIANTS}')
+    self._check_inputs(ms, guide)
+    s, dt = self.width, self.dtype
+    ms, guide = ms.astype(compute_dtype(dt)), guide.astype(compute_dtype(dt))
+    dims = (s, 2 * s, 4 * s, 2 * s, s)
+    s2 = self._fusion_blocks()
     res = [ResBlock(self.resblock_ratio, dtype=dt, name=f'resblock{i}') for i in range(4)]
     down0, down1 = Down(dims[1], dtype=dt, name='down0'), Down(dims[2], dtype=dt, name='down1')
     up0, up1 = Up(dims[3], dtype=dt, name='up0'), Up(dims[4], dtype=dt, name='up1')
 
     x = Upsample(self.scale, dtype=dt, name='upsample')(ms)
     skip_out = x  # The learned upsampled MS is the global skip.
-    x = leaky_relu(conv(s, self.spectral_bands, dtype=dt, name='raise_ms_dim')(x))
+    if self.variant == 'v1_single_branch':
+      x = self._single_branch(x, guide, s2, res, (down0, down1), (up0, up1))
+    else:
+      x = self._double_branch(x, guide, s2, res, (down0, down1), (up0, up1))
+    x = leaky_relu(conv(s, s, dtype=dt, name='to_hrms0')(x))
+    out = conv(self.spectral_bands, s, dtype=dt, name='to_hrms1')(x)
+    return out.astype(jnp.float32) + skip_out.astype(jnp.float32)
+
+  def _double_branch(self, up_ms, guide, s2, res, downs, ups):
+    """The official double U-Net: spectral branch x, spatial branch y, fused by the S2Blocks."""
+    s, dt = self.width, self.dtype
+    (down0, down1), (up0, up1) = downs, ups
+    x = leaky_relu(conv(s, self.spectral_bands, dtype=dt, name='raise_ms_dim')(up_ms))
     y = leaky_relu(conv(s, self.guide_bands, dtype=dt, name='raise_guide_dim')(guide))
 
     # Levels 0 and 1: the SAME Down module (one set of weights) serves both branches.
@@ -653,10 +756,24 @@ class U2Net(nn.Module):
     x = up1(s2[3](x, y), skip_x0)
     y = up1(res[3](y), skip_y0)
 
-    x = s2[4](x, y)  # Level 4 has no ResBlock; y is not used further.
-    x = leaky_relu(conv(s, s, dtype=dt, name='to_hrms0')(x))
-    out = conv(self.spectral_bands, s, dtype=dt, name='to_hrms1')(x)
-    return out.astype(jnp.float32) + skip_out.astype(jnp.float32)
+    return s2[4](x, y)  # Level 4 has no ResBlock; y is not used further.
+
+  def _single_branch(self, up_ms, guide, s2, res, downs, ups):
+    """Ablation V1: one U-shaped branch z over the concatenated inputs, S2Block(z, z) per level."""
+    s, dt = self.width, self.dtype
+    (down0, down1), (up0, up1) = downs, ups
+    z = jnp.concatenate([up_ms, guide], axis=-1)
+    z = leaky_relu(conv(s, self.spectral_bands + self.guide_bands, dtype=dt, name='raise_dim')(z))
+
+    def level(i, z):
+      z = s2[i](z, z)
+      return res[i](z) if self.single_branch_resblock else z
+
+    skip0 = level(0, z)
+    skip1 = level(1, down0(skip0))
+    z = up0(level(2, down1(skip1)), skip1)
+    z = up1(level(3, z), skip0)
+    return s2[4](z, z)
 
 
 def count_params(params) -> int:
