@@ -224,41 +224,39 @@ def _check_workdir_writable(workdir: Path) -> None:
     ) from e
 
 
-def _abstract_state(state: TrainState, sharding) -> TrainState:
-  return jax.tree_util.tree_map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state
-  )
-
-
 def _restore_or_init(config, workdir: Path, manager, steps_per_epoch: int, replicated):
   """The latest checkpoint of this run, else `config.init_from`'s weights, else a fresh init.
 
   Returns:
     (state, meta) with `state` placed (replicated) on the mesh.
   """
-  state = create_train_state(config, jax.random.key(config.seed), steps_per_epoch)
-  state = jax.device_put(state, replicated)
+  new_state = functools.partial(
+    create_train_state, config, jax.random.key(config.seed), steps_per_epoch
+  )
   latest = manager.latest_step()
   if latest is not None and checkpointing.has_opt_state(manager, latest):
-    abstract = _abstract_state(state, replicated)
+    # Restore into the state's shapes without computing an initialisation.
+    abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      jax.eval_shape(new_state),
+    )
     restored = checkpointing.restore(
       manager, latest, abstract_params=abstract.params, abstract_opt_state=abstract.opt_state
     )
     meta = restored['meta']
-    state = state.replace(
-      step=jnp.asarray(meta['step'], jnp.int32),
+    state = abstract.replace(
+      step=jax.device_put(jnp.asarray(meta['step'], jnp.int32), replicated),
       params=restored['params'],
       opt_state=restored['opt_state'],
     )
     logging.info('Resumed from %s step %d (epoch %.2f).', workdir, meta['step'], meta['epoch'])
     return state, meta
   source_dir = config.init_from or (workdir if latest is not None else '')
+  params = None
   if source_dir:
     params, step, _ = checkpointing.restore_params(source_dir, config.model)
-    state = create_train_state(config, jax.random.key(config.seed), steps_per_epoch, params=params)
-    state = jax.device_put(state, replicated)
     logging.info('Initialised the weights from %s (checkpoint step %d).', source_dir, step)
-  return state, {}
+  return jax.device_put(new_state(params=params), replicated), {}
 
 
 def _evaluate(p_eval, params, config, source, mesh) -> dict[str, float]:
