@@ -182,7 +182,7 @@ class MetricWriter:
     self.enabled = enabled
     self._tb = None
     if enabled:
-      self._jsonl = open(workdir / 'metrics.jsonl', 'a')  # noqa: SIM115 (closed in close()).
+      self._jsonl = open(workdir / 'metrics.jsonl', 'a')  # Closed in close().
       from tensorboardX import SummaryWriter
 
       self._tb = SummaryWriter(str(workdir / 'tensorboard'))
