@@ -776,6 +776,16 @@ class U2Net(nn.Module):
     return s2[4](z, z)
 
 
+def create_model(model_config) -> U2Net:
+  """The U2Net a config's `model` section describes (`U2Net(**config.model)`)."""
+  return U2Net(**dict(model_config))
+
+
+def abstract_params(model: U2Net) -> dict:
+  """The parameter tree's shapes and dtypes (`jax.ShapeDtypeStruct`s), computing nothing."""
+  return jax.eval_shape(lambda: init_params(model, jax.random.key(0), ms_size=4))
+
+
 def count_params(params) -> int:
   """Number of scalars in a parameter tree."""
   return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
