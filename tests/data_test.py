@@ -9,7 +9,7 @@ import pytest
 
 from configs import cave as cave_config
 from configs import default, gf2
-from u2net_jax import input_pipeline, metrics
+from u2net_jax import input_pipeline, toolbox
 from u2net_jax.data import DataError, demo, pancollection, prepare_pansharpening, wald
 
 SHARED = Path(__file__).resolve().parents[1].parent / 'shared'
@@ -182,7 +182,7 @@ def _check_prepared(written, bands):
       for i in range(f['ms'].shape[0]):
         ms = f['ms'][i].transpose(1, 2, 0)
         lms = f['lms'][i].transpose(1, 2, 0)
-        np.testing.assert_allclose(lms, metrics.interp23tap(ms, ratio=4), rtol=0, atol=1e-9)
+        np.testing.assert_allclose(lms, toolbox.interp23tap(ms, ratio=4), rtol=0, atol=1e-9)
 
 
 def test_prepare_pansharpening_wv3(tmp_path):
@@ -243,7 +243,7 @@ def test_decimation_matches_the_interpolator_grid():
   # exactly those pixels, so decimating an interpolated image gives the samples back.
   rng = np.random.default_rng(0)
   ms = rng.uniform(size=(8, 8, 2))
-  np.testing.assert_allclose(wald.decimate(metrics.interp23tap(ms, ratio=4)), ms, atol=1e-9)
+  np.testing.assert_allclose(wald.decimate(toolbox.interp23tap(ms, ratio=4)), ms, atol=1e-9)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,7 +260,7 @@ def test_demo_split_is_deterministic_and_consistent(task):
   assert a['gt'].shape == (5, 32, 32, c) and a['ms'].shape == (5, 8, 8, c)
   assert a['guide'].shape == (5, 32, 32, g) and a['lms'].shape == (5, 32, 32, c)
   assert a['gt'].min() >= 0 and a['gt'].max() <= 1
-  np.testing.assert_allclose(a['lms'][2], metrics.interp23tap(a['ms'][2], ratio=4), atol=1e-5)
+  np.testing.assert_allclose(a['lms'][2], toolbox.interp23tap(a['ms'][2], ratio=4), atol=1e-5)
   # The guide is the spectral response of gt, so it carries the bands' high frequencies.
   srf = demo.spectral_response(task, demo.wavelengths(task, c))
   np.testing.assert_allclose(a['guide'], a['gt'] @ srf, atol=1e-5)
@@ -312,7 +312,7 @@ def test_prepare_cave_shapes_ranges_split_and_rgb(tmp_path):
     np.testing.assert_allclose(tr['RGB'][:].transpose(0, 2, 3, 1), gt @ srf, atol=1e-6)
     lr = tr['LRHSI'][3].transpose(1, 2, 0)
     np.testing.assert_allclose(
-      tr['HSI_up'][3].transpose(1, 2, 0), metrics.interp23tap(lr, ratio=4), atol=1e-6
+      tr['HSI_up'][3].transpose(1, 2, 0), toolbox.interp23tap(lr, ratio=4), atol=1e-6
     )
     # Every patch is a crop of a training scene (the grid is centred: offsets 8 and 24).
     crops = [

@@ -150,13 +150,6 @@ def test_hisr_protocol_matches_vectors():
     assert got[key] == pytest.approx(exp[ref_key], rel=RTOL), key
 
 
-@needs_shared
-def test_interp23tap_reproduces_the_shared_lms():
-  # The vectors' `lms` is the toolbox's interp23tap of the 32x32 WV3 MS.
-  lms = metrics.interp23tap(ARRAYS_['fr_wv3_ms'], ratio=4)
-  np.testing.assert_allclose(lms, ARRAYS_['fr_wv3_lms'], rtol=0, atol=1e-9)
-
-
 # ---------------------------------------------------------------------------------------------
 # Invariants.
 
@@ -387,82 +380,6 @@ def test_q_index_matches_literal_img_qi_with_flat_windows():
 
 
 # ---------------------------------------------------------------------------------------------
-# Resampling and MTF helpers.
-
-
-def test_interp23tap_shapes_and_constant():
-  x = np.full((8, 6, 3), 123.0)
-  y = metrics.interp23tap(x, ratio=4)
-  assert y.shape == (32, 24, 3)
-  # The CDF23 coefficients are printed to 12 decimals: the odd taps sum to 1 - 4e-10, so a
-  # constant comes back to ~1e-9 (as in MATLAB).
-  np.testing.assert_allclose(y, 123.0, rtol=1e-8)
-  assert metrics.interp23tap(x[:, :, 0], ratio=2).shape == (16, 12)
-
-
-def test_interp23tap_keeps_the_samples_at_the_toolbox_phase():
-  # The 23-tap kernel interpolates (its even taps are 0 but the centre's 1): the samples come
-  # back where MATLAB puts them, I(2:2:end) at x2 (0-based 1, 3, ...), then I(1:2:end) at x4,
-  # so rows and columns 2 mod 4.
-  x = _image(16, 16, 2, seed=12)
-  y = metrics.interp23tap(x, ratio=4)
-  np.testing.assert_allclose(y[2::4, 2::4], x, rtol=1e-13)
-
-
-def test_imresize_matches_matlab_geometry():
-  # MATLAB's antialiased bicubic reproduces a linear ramp away from the borders, at the output
-  # sample positions u = x / scale + (1 - 1/scale) / 2 (1-based).
-  ramp = np.arange(1, 65, dtype=float)[:, None] * np.ones((1, 40))
-  y = metrics.imresize(ramp, 0.25)
-  assert y.shape == (16, 10)
-  u = np.arange(1, 17) / 0.25 + 0.5 * (1 - 4)
-  np.testing.assert_allclose(y[3:-3, 5], u[3:-3], rtol=1e-12)
-  np.testing.assert_allclose(metrics.imresize(np.full((9, 7, 2), 5.0), 0.5), 5.0, rtol=1e-12)
-
-
-def test_mtf_kernel_construction():
-  h = metrics.mtf_kernel(0.3, ratio=4)
-  assert h.shape == (41, 41)
-  np.testing.assert_allclose(h, h.T, atol=1e-15)
-  np.testing.assert_allclose(h, h[::-1, ::-1], atol=1e-15)
-  # fwind1 leaves the sum slightly under 1, as in the toolbox.
-  assert 0.998 < h.sum() < 0.999
-  assert metrics.mtf_kernel(0.3, normalize=True).sum() == pytest.approx(1, abs=1e-14)
-  # Frequency response near the MS Nyquist frequency (1/8 cycle/pixel) close to the gain.
-  m = np.arange(41) - 20
-  response = np.sum(h.sum(axis=0) * np.cos(2 * np.pi * m / 8))
-  assert response == pytest.approx(0.3, abs=0.025)
-  # Lower gain, narrower passband.
-  assert np.sum(metrics.mtf_kernel(0.15).sum(0) * np.cos(2 * np.pi * m / 8)) < response
-
-
-def test_mtf_filter_band_handling():
-  x = _image(48, 40, 4, seed=13)
-  gains = metrics.get_sensor('QB')['ms_gnyq']
-  y = metrics.mtf_filter(x, gains)
-  assert y.shape == x.shape
-  for k in range(4):
-    np.testing.assert_allclose(metrics.mtf_filter(x[:, :, k], gains[k]), y[:, :, k], rtol=1e-12)
-  # Replicate borders: a constant image stays constant (times the kernel's sum).
-  flat = metrics.mtf_filter(np.full((30, 30), 10.0), 0.3)
-  np.testing.assert_allclose(flat, 10.0 * metrics.mtf_kernel(0.3).sum(), rtol=1e-12)
-
-
-def test_sensors_and_aliases():
-  assert set(metrics.SENSORS) == {'WV3', 'WV2', 'QB', 'GF2', 'IKONOS', 'GeoEye1'}
-  for name, s in metrics.SENSORS.items():
-    assert set(s) >= {'ms_gnyq', 'pan_gnyq', 'max_value'}, name
-  assert metrics.SENSORS['WV3']['ms_gnyq'][0] == 0.325
-  assert metrics.SENSORS['GF2']['max_value'] == 1023
-  assert metrics.get_sensor('ge1') is metrics.SENSORS['GeoEye1']
-  assert metrics.get_sensor('GeoEye-1') is metrics.SENSORS['GeoEye1']
-  assert metrics.get_sensor('gf-2') is metrics.SENSORS['GF2']
-  assert metrics.get_sensor('wv3') is metrics.SENSORS['WV3']
-  with pytest.raises(ValueError, match='valid names'):
-    metrics.get_sensor('Landsat')
-
-
-# ---------------------------------------------------------------------------------------------
 # Bad input.
 
 
@@ -492,10 +409,10 @@ def test_bad_input_raises_clear_errors():
     metrics.q_index(x[:20], x[:20], block=32)
   with pytest.raises(ValueError, match='pan: shape'):
     metrics.d_s(x, x, x[:32, :, 0])
-  with pytest.raises(ValueError, match='ratio: must be a power of two'):
-    metrics.interp23tap(x, ratio=3)
   with pytest.raises(ValueError, match='4 bands but sensor'):
     metrics.d_lambda_k(x, x, 'WV3')
+  with pytest.raises(ValueError, match='CAVE is a hisr dataset without MTF gains'):
+    metrics.d_lambda_k(x, x, 'CAVE')
   with pytest.raises(ValueError, match='ref: .*expects data in \\[0, 1\\]'):
     metrics.hisr_metrics(x, x)
   with pytest.raises(ValueError, match='expected an H x W x C'):

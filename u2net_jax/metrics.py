@@ -26,114 +26,22 @@ sensor-scale metric) raises a ValueError that names the argument and the problem
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
-from scipy import ndimage, signal
+from scipy import ndimage
 
-# MATLAB's `eps` (2^-52): the toolbox replaces a zero block std by it in Q2n.
-_MATLAB_EPS = float(np.finfo(np.float64).eps)
-
-# Nyquist gains of the MTF of each sensor, from the toolbox's `genMTF.m` (MS) and `MTF_PAN.m` (PAN).
-# GF-2 has no case in either file: `genMTF.m` falls through to its default 0.3 per band, and
-# `MTF_PAN.m` has no default for an unknown sensor, so we take its 'none' value 0.15.
-SENSORS: dict[str, dict] = {
-  'WV3': {
-    'name': 'WV3',
-    'ms_gnyq': [0.325, 0.355, 0.360, 0.350, 0.365, 0.360, 0.335, 0.315],
-    'pan_gnyq': 0.14,
-    'max_value': 2047,
-  },
-  'WV2': {
-    'name': 'WV2',
-    'ms_gnyq': [0.35] * 7 + [0.27],
-    'pan_gnyq': 0.11,
-    'max_value': 2047,
-  },
-  'QB': {
-    'name': 'QB',
-    'ms_gnyq': [0.34, 0.32, 0.30, 0.22],
-    'pan_gnyq': 0.15,
-    'max_value': 2047,
-  },
-  'GF2': {
-    'name': 'GF2',
-    'ms_gnyq': [0.3] * 4,
-    'pan_gnyq': 0.15,
-    'max_value': 1023,
-  },
-  'IKONOS': {
-    'name': 'IKONOS',
-    'ms_gnyq': [0.26, 0.28, 0.29, 0.28],
-    'pan_gnyq': 0.17,
-    'max_value': 2047,
-  },
-  'GeoEye1': {
-    'name': 'GeoEye1',
-    'ms_gnyq': [0.23] * 4,
-    'pan_gnyq': 0.16,
-    'max_value': 2047,
-  },
-}
-
-# Spellings accepted by `get_sensor`, after upper-casing and dropping '-', '_' and spaces.
-_SENSOR_ALIASES = {
-  'WV3': 'WV3',
-  'WORLDVIEW3': 'WV3',
-  'WV2': 'WV2',
-  'WORLDVIEW2': 'WV2',
-  'QB': 'QB',
-  'QUICKBIRD': 'QB',
-  'GF2': 'GF2',
-  'GAOFEN2': 'GF2',
-  'IKONOS': 'IKONOS',
-  'GE1': 'GeoEye1',
-  'GEOEYE1': 'GeoEye1',
-  'GEOEYE': 'GeoEye1',
-}
-
-
-def get_sensor(name: str) -> dict:
-  """Returns the `SENSORS` entry of a sensor, accepting case and spelling variants.
-
-  Args:
-    name: 'WV3', 'WV2', 'QB', 'GF2', 'IKONOS', 'GeoEye1' or a variant ('wv3', 'GF-2', 'GE1',
-      'GeoEye-1', 'QuickBird', ...).
-
-  Returns:
-    The dict with 'name', 'ms_gnyq' (per-band Nyquist gains), 'pan_gnyq' and 'max_value'.
-  """
-  key = str(name).upper().replace('-', '').replace('_', '').replace(' ', '')
-  if key not in _SENSOR_ALIASES:
-    raise ValueError(f'sensor: unknown sensor {name!r}; valid names are {sorted(SENSORS)}')
-  return SENSORS[_SENSOR_ALIASES[key]]
-
+from u2net_jax import toolbox
 
 # ---------------------------------------------------------------------------------------------
 # Input checks.
 
 
-def _as_image(x, name: str) -> np.ndarray:
-  """`x` as a float64 H x W x C array (H x W becomes one band); rejects NaN/Inf and empty input."""
-  a = np.asarray(x, dtype=np.float64)
-  if a.ndim == 2:
-    a = a[:, :, None]
-  if a.ndim != 3:
-    raise ValueError(f'{name}: expected an H x W x C (or H x W) image, got shape {a.shape}')
-  if a.size == 0:
-    raise ValueError(f'{name}: empty image of shape {a.shape}')
-  bad = ~np.isfinite(a)
-  if bad.any():
-    raise ValueError(f'{name}: contains {int(bad.sum())} NaN/Inf values')
-  return a
-
-
 def _as_pair(ref, out, names=('ref', 'out')) -> tuple[np.ndarray, np.ndarray]:
-  a = _as_image(ref, names[0])
-  b = _as_image(out, names[1])
+  a = toolbox.as_image(ref, names[0])
+  b = toolbox.as_image(out, names[1])
   if a.shape != b.shape:
     raise ValueError(f'{names[1]}: shape {b.shape} does not match {names[0]} shape {a.shape}')
   return a, b
@@ -156,13 +64,6 @@ def _check_blocks(shape, block: int, name: str) -> None:
   h, w = shape[:2]
   if h % block or w % block:
     raise ValueError(f'{name}: size {h}x{w} is not a multiple of the block size {block}')
-
-
-def _check_ratio(ratio) -> int:
-  r = int(ratio)
-  if r != ratio or r < 1 or r & (r - 1):
-    raise ValueError(f'ratio: must be a power of two (the toolbox interpolator), got {ratio}')
-  return r
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,7 +256,7 @@ def _onions_quality(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
   # a zero-mean reference band shifts the estimate by 1 without scaling (the `s == 0` branch).
   s = np.mean(ref, axis=-2, keepdims=True)
   t = np.std(ref, axis=-2, ddof=1, keepdims=True)
-  t = np.where(t == 0, _MATLAB_EPS, t)
+  t = np.where(t == 0, toolbox.MATLAB_EPS, t)
   x = (ref - s) / t + 1.0
   y = np.where(s == 0, out - s + 1.0, (out - s) / t + 1.0)
   y = _conj(y)
@@ -501,211 +402,6 @@ def ssim(ref, out, data_range: float = 1.0) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Resampling and filtering helpers of the toolbox.
-
-# Half of the toolbox's 23-tap polynomial interpolator (`interp23tap.m`, CDF23), centre first.
-_CDF23_HALF = 2.0 * np.array(
-  [
-    0.5,
-    0.305334091185,
-    0.0,
-    -0.072698593239,
-    0.0,
-    0.021809577942,
-    0.0,
-    -0.005192756653,
-    0.0,
-    0.000807762146,
-    0.0,
-    -0.000060081482,
-  ]
-)
-_CDF23 = np.concatenate([_CDF23_HALF[:0:-1], _CDF23_HALF])
-
-
-def interp23tap(image, ratio: int = 4) -> np.ndarray:
-  """The toolbox's 23-tap polynomial interpolator (`interp23tap.m`).
-
-  log2(ratio) steps of x2: zero insertion (the first step puts the samples at odd positions, as
-  MATLAB's `I(2:2:end, 2:2:end)`; later steps at even ones), then the symmetric 23-tap CDF filter
-  along rows and columns with circular borders (`imfilter(..., 'circular')`). MATLAB's loop runs
-  `ratio/2` times, which equals log2(ratio) for the ratios 2 and 4 it is used with; for 8 it would
-  give x16, so this function does log2(ratio) steps.
-
-  Args:
-    image: H x W x C or H x W array.
-    ratio: power-of-two scale factor.
-
-  Returns:
-    (ratio H) x (ratio W) x C (or x W) float64 array.
-  """
-  ratio = _check_ratio(ratio)
-  a = np.asarray(image, dtype=np.float64)
-  if a.ndim not in (2, 3):
-    raise ValueError(f'image: expected H x W x C or H x W, got shape {a.shape}')
-  first = True
-  for _ in range(ratio.bit_length() - 1):
-    up = np.zeros((2 * a.shape[0], 2 * a.shape[1]) + a.shape[2:])
-    if first:
-      up[1::2, 1::2] = a
-      first = False
-    else:
-      up[0::2, 0::2] = a
-    up = ndimage.correlate1d(up, _CDF23, axis=0, mode='wrap')
-    a = ndimage.correlate1d(up, _CDF23, axis=1, mode='wrap')
-  return a
-
-
-def _cubic(x: np.ndarray) -> np.ndarray:
-  """MATLAB's bicubic kernel (a = -0.5)."""
-  ax = np.abs(x)
-  ax2, ax3 = ax * ax, ax * ax * ax
-  return (1.5 * ax3 - 2.5 * ax2 + 1) * (ax <= 1) + (-0.5 * ax3 + 2.5 * ax2 - 4 * ax + 2) * (
-    (ax > 1) & (ax <= 2)
-  )
-
-
-def _resize_matrix(in_len: int, scale: float) -> np.ndarray:
-  """(out_len, in_len) matrix of MATLAB `imresize` bicubic weights along one axis.
-
-  The `contributions` function of MATLAB's imresize: antialiasing widens the kernel by 1/scale
-  when shrinking, weights are normalised per output sample, and out-of-range taps are mirrored
-  (symmetric, edge sample repeated).
-  """
-  out_len = int(math.ceil(in_len * scale))
-  kernel, width = _cubic, 4.0
-  if scale < 1:
-    kernel = lambda x: scale * _cubic(scale * x)
-    width = 4.0 / scale
-  x = np.arange(1, out_len + 1, dtype=np.float64)
-  u = x / scale + 0.5 * (1 - 1 / scale)
-  left = np.floor(u - width / 2)
-  taps = int(math.ceil(width)) + 2
-  idx = left[:, None] + np.arange(taps)[None, :]
-  weights = kernel(u[:, None] - idx)
-  weights = weights / np.sum(weights, axis=1, keepdims=True)
-  aux = np.concatenate([np.arange(in_len), np.arange(in_len)[::-1]])
-  idx = aux[np.mod(idx.astype(np.int64) - 1, 2 * in_len)]
-  m = np.zeros((out_len, in_len))
-  np.add.at(m, (np.repeat(np.arange(out_len), taps), idx.ravel()), weights.ravel())
-  return m
-
-
-def imresize(image, scale: float) -> np.ndarray:
-  """MATLAB `imresize(image, scale)` with the default bicubic kernel and antialiasing.
-
-  Args:
-    image: H x W x C or H x W array.
-    scale: resize factor for both axes (e.g. 1/4); the output is ceil(scale H) x ceil(scale W).
-
-  Returns:
-    The resized float64 array (no rounding or clipping, as MATLAB does for double input).
-  """
-  a = np.asarray(image, dtype=np.float64)
-  if a.ndim not in (2, 3):
-    raise ValueError(f'image: expected H x W x C or H x W, got shape {a.shape}')
-  if not scale > 0:
-    raise ValueError(f'scale: must be positive, got {scale}')
-  # MATLAB resizes the dimension with the smaller scale first; with equal scales, rows first.
-  a = np.tensordot(_resize_matrix(a.shape[0], scale), a, axes=(1, 0))
-  a = np.moveaxis(np.tensordot(_resize_matrix(a.shape[1], scale), a, axes=(1, 1)), 0, 1)
-  return a
-
-
-@functools.lru_cache(maxsize=64)
-def _mtf_kernel_cached(gnyq: float, ratio: int, size: int) -> np.ndarray:
-  # fspecial('gaussian', N, alpha): sampled Gaussian, entries below eps * max zeroed, unit sum.
-  # Read as a frequency response on fsamp2's grid, its value at the MS Nyquist frequency
-  # (N - 1) / (2 ratio) samples from the centre is gnyq (`genMTF.m`'s alpha).
-  alpha = math.sqrt(((size - 1) * (1 / ratio) / 2) ** 2 / (-2 * math.log(gnyq)))
-  r = np.arange(size) - (size - 1) / 2
-  gauss = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * alpha * alpha))
-  gauss[gauss < _MATLAB_EPS * gauss.max()] = 0
-  gauss /= gauss.sum()
-  hd = gauss / gauss.max()
-  # fwind1(Hd, kaiser(N)) with one 1-D window = Huang's method: fsamp2(Hd) (the inverse DFT of
-  # the frequency samples, centred) times the rotated 1-D Kaiser window (MATLAB's default
-  # beta 0.5), linearly interpolated at radius sqrt(t1^2 + t2^2) on t = linspace(-1, 1, N), 0
-  # outside the unit circle.
-  h = np.real(np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(hd))))[::-1, ::-1]
-  t = np.linspace(-1.0, 1.0, size)
-  radius = np.hypot(t[:, None], t[None, :])
-  window = np.interp(radius, t, np.kaiser(size, 0.5))
-  window[radius > 1] = 0
-  h = h * window
-  h.setflags(write=False)
-  return h
-
-
-def mtf_kernel(gnyq: float, ratio: int = 4, size: int = 41, normalize: bool = False) -> np.ndarray:
-  """The toolbox's MTF-matched low-pass kernel for one band (`genMTF.m` / `MTF_PAN.m`).
-
-  Construction, step by step:
-    1. alpha = sqrt(((size - 1) / (2 ratio))^2 / (-2 ln gnyq)) (`genMTF.m`; the older `MTF.m`
-       had `size` instead of `size - 1`);
-    2. H = fspecial('gaussian', size, alpha): exp(-(x^2 + y^2) / (2 alpha^2)) on the integer grid
-       centred at 0, entries < eps * max set to 0, normalised to unit sum; Hd = H / max(H) is read
-       as the desired frequency response, so Hd = gnyq at (size - 1) / (2 ratio) grid steps from
-       the centre, i.e. at (size - 1) / size of the MS Nyquist frequency on fsamp2's grid of
-       step 2 / size;
-    3. fwind1(Hd, kaiser(size)) (Huang's method, as in MATLAB's fwind1.m): h = fsamp2(Hd) =
-       rot180(fftshift(ifft2(ifftshift(Hd)))), real part, times the circular window
-       w(t1, t2) = interp1(t, kaiser(size, 0.5), sqrt(t1^2 + t2^2)), t = linspace(-1, 1, size),
-       w = 0 outside radius 1.
-  fwind1 does not renormalise, and neither does the toolbox, so the kernel sums to ~0.9988 for
-  the sensors' gains (the window, below 1 away from the centre, scales the spatial tails down);
-  `normalize=True` divides by the sum. The resulting response at the MS Nyquist frequency is a
-  little under `gnyq` (0.282 for 0.3): that is the toolbox's filter, kept as is. This
-  construction reproduces the shared test vectors' `d_lambda_k` to ~1e-14, but has not been run
-  against MATLAB's own `fwind1` (Octave has none).
-
-  Args:
-    gnyq: MTF gain at the Nyquist frequency, in (0, 1).
-    ratio: resolution ratio.
-    size: kernel side (41 in the toolbox).
-    normalize: rescale to unit sum (departs from the toolbox by ~1e-3).
-
-  Returns:
-    size x size float64 kernel, symmetric.
-  """
-  if not 0 < gnyq < 1:
-    raise ValueError(f'gnyq: must lie in (0, 1), got {gnyq}')
-  if int(size) != size or size < 3 or size % 2 == 0:
-    raise ValueError(f'size: must be an odd integer >= 3, got {size}')
-  h = _mtf_kernel_cached(float(gnyq), int(ratio), int(size))
-  return h / h.sum() if normalize else h.copy()
-
-
-def mtf_filter(image, gnyq, ratio: int = 4) -> np.ndarray:
-  """Low-passes each band with its MTF-matched kernel (`MTF.m`), same size, replicate borders.
-
-  The kernels are the toolbox's (`mtf_kernel`, not renormalised), so a flat image comes back
-  scaled by ~0.9988, exactly as MATLAB's `MTF.m` does.
-
-  Args:
-    image: H x W x C array with a sequence of C gains, or H x W with a scalar gain.
-    gnyq: the Nyquist gain(s) (e.g. `get_sensor('WV3')['ms_gnyq']`).
-    ratio: resolution ratio.
-
-  Returns:
-    Filtered float64 array of the input's shape (not decimated).
-  """
-  a = _as_image(image, 'image')
-  squeeze = np.ndim(image) == 2
-  gains = np.atleast_1d(np.asarray(gnyq, dtype=np.float64))
-  if gains.ndim != 1 or gains.size not in (1, a.shape[2]):
-    raise ValueError(f'gnyq: {gains.size} gains for an image with {a.shape[2]} bands')
-  gains = np.broadcast_to(gains, (a.shape[2],))
-  kernels = np.stack([_mtf_kernel_cached(float(g), int(ratio), 41) for g in gains], axis=-1)
-  half = kernels.shape[0] // 2
-  # imfilter(..., 'replicate') is a correlation; the kernels are symmetric, so an FFT convolution
-  # of the edge-padded image ('valid' part) is the same filter (41 x 41 is not separable).
-  padded = np.pad(a, ((half, half), (half, half), (0, 0)), mode='edge')
-  filtered = signal.fftconvolve(padded, kernels, mode='valid', axes=(0, 1))
-  return filtered[:, :, 0] if squeeze else filtered
-
-
-# ---------------------------------------------------------------------------------------------
 # Full-resolution (no-reference) metrics.
 
 
@@ -763,7 +459,7 @@ def d_lambda(fused, lms, block: int = 32) -> float:
 
 def _as_pan(pan, shape) -> np.ndarray:
   """The PAN as H x W float64, checked against the fused image's size."""
-  p = _as_image(pan, 'pan')
+  p = toolbox.as_image(pan, 'pan')
   if p.shape[2] != 1 or p.shape[:2] != tuple(shape[:2]):
     raise ValueError(f'pan: shape {np.shape(pan)} does not match the fused size {shape[:2]}')
   return p[:, :, 0]
@@ -789,10 +485,10 @@ def d_s(fused, lms, pan, ratio: int = 4, block: int = 32) -> float:
   fused, lms = _as_pair(fused, lms, ('fused', 'lms'))
   p = _as_pan(pan, fused.shape)
   _check_blocks(fused.shape, block, 'fused')
-  ratio = _check_ratio(ratio)
+  ratio = toolbox.check_ratio(ratio)
   if fused.shape[0] % ratio or fused.shape[1] % ratio:
     raise ValueError(f'pan: size {p.shape} is not a multiple of the ratio {ratio}')
-  p_low = interp23tap(imresize(p, 1.0 / ratio), ratio)
+  p_low = toolbox.interp23tap(toolbox.imresize(p, 1.0 / ratio), ratio)
   # (blocks, pixels, 1) moments of the PAN broadcast against the bands.
   q_high = _block_q(*_block_moments(fused, block), *_block_moments(p[:, :, None], block))
   q_low = _block_q(*_block_moments(lms, block), *_block_moments(p_low[:, :, None], block))
@@ -833,14 +529,17 @@ def d_lambda_k(fused, lms, sensor: str, ratio: int = 4, block: int = 32) -> floa
   """
   fused, lms = _as_pair(fused, lms, ('fused', 'lms'))
   _check_blocks(fused.shape, block, 'fused')
-  gains = get_sensor(sensor)['ms_gnyq']
+  info = toolbox.get_sensor(sensor)
+  gains = info['ms_gnyq']
+  if gains is None:
+    raise ValueError(f'sensor: {info["name"]} is a {info["task"]} dataset without MTF gains')
   if len(gains) != fused.shape[2]:
     raise ValueError(
       f'fused: {fused.shape[2]} bands but sensor {sensor!r} has {len(gains)} MTF gains'
     )
   _check_sensor_scale(fused, 'fused', 'd_lambda_k (Q2n)')
   _check_sensor_scale(lms, 'lms', 'd_lambda_k (Q2n)')
-  return 1 - q2n(lms, mtf_filter(fused, gains, ratio), block, block)
+  return 1 - q2n(lms, toolbox.mtf_filter(fused, gains, ratio), block, block)
 
 
 def hqnr(fused, lms, pan, sensor: str, ratio: int = 4, block: int = 32) -> float:
@@ -1080,3 +779,13 @@ def ergas_jax(ref, out, ratio: float = 4) -> jnp.ndarray:
   mse = jnp.mean((ref - out) ** 2, axis=(1, 2))
   mu = jnp.mean(ref, axis=(1, 2))
   return 100.0 / ratio * jnp.sqrt(jnp.mean(mse / mu**2, axis=-1))
+
+
+# Transitional (issue 11): the sensor table and the resampling moved to `u2net_jax.toolbox`; these
+# names go as soon as no caller reads them from here.
+SENSORS = toolbox.SENSORS
+get_sensor = toolbox.get_sensor
+interp23tap = toolbox.interp23tap
+imresize = toolbox.imresize
+mtf_kernel = toolbox.mtf_kernel
+mtf_filter = toolbox.mtf_filter

@@ -17,7 +17,7 @@ How a scene is made (deterministic from the seed):
 4. Wald's protocol on the whole canvas: Gaussian blur (pansharpening: the Gaussian whose gain at
    the low-resolution Nyquist frequency is 0.3, as the MTF gains of real MS sensors; HISR: the
    3 x 3, sigma 0.5 kernel of `prepare_cave`), decimation by 4 (`wald.decimate`), then the canvas
-   is cut into non-overlapping patches and `lms` = `metrics.interp23tap(ms)` per patch.
+   is cut into non-overlapping patches and `lms` = `toolbox.interp23tap(ms)` per patch.
 
 The guide carries the high-frequency content of every band (same edges and shading, band gains
 set by the local spectra), so a fusion network can learn to beat the `lms` baseline quickly.
@@ -33,6 +33,7 @@ import zlib
 import numpy as np
 import scipy.ndimage
 
+from u2net_jax import toolbox
 from u2net_jax.data import wald
 
 RATIO = 4
@@ -168,8 +169,6 @@ def make_split(
     Role -> (num, size, size, C) float32 in [0, 1] (divided by `DEMO_MAX_VALUE[task]`):
     'gt', 'lms' (C bands), 'ms' (num, size/4, size/4, C), 'guide' (1 band for PAN, 3 for RGB).
   """
-  from u2net_jax import metrics  # The shared 23-tap interpolator.
-
   if task not in DEMO_MAX_VALUE:
     raise ValueError(f"task {task!r}; expected 'pansharpening' or 'hisr'")
   if size % RATIO:
@@ -203,7 +202,7 @@ def make_split(
     # interpolated in one call with their bands side by side (the same result, much faster).
     patches = out['ms'][done : done + take].astype(np.float64)
     side_by_side = patches.transpose(1, 2, 0, 3).reshape(small, small, take * bands)
-    up = np.asarray(metrics.interp23tap(side_by_side, ratio=RATIO))
+    up = np.asarray(toolbox.interp23tap(side_by_side, ratio=RATIO))
     out['lms'][done : done + take] = up.reshape(size, size, take, bands).transpose(2, 0, 1, 3)
     done += take
   return out

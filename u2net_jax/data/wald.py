@@ -2,17 +2,17 @@
 
 Pansharpening (the benchmark toolbox's `resize_images`, Vivone et al. 2015): every MS band and
 the PAN are low-passed by a Gaussian matched to the sensor's MTF (gain at Nyquist per band,
-`metrics.mtf_filter`), then decimated by the ratio keeping one pixel in `ratio`, starting at
+`toolbox.mtf_filter`), then decimated by the ratio keeping one pixel in `ratio`, starting at
 `ratio // 2` (what MATLAB's `imresize(x, 1/ratio, 'nearest')` keeps); the original MS becomes
 the reference `gt`, and `lms` is the decimated MS re-interpolated by the 23-tap polynomial
-interpolator (`metrics.interp23tap`, the toolbox's `interp23tap`).
+interpolator (`toolbox.interp23tap`, the benchmark toolbox's `interp23tap`).
 
 HISR (CAVE, Harvard): a Gaussian blur (kernel size and sigma configurable; default 3 x 3,
 sigma 0.5 after HSRnet, Hu et al. 2021, whose CAVE files the paper uses -- the original kernel
 could not be checked here), decimation by 4 as above, and the RGB guide simulated from the
 high-resolution cube with a 31 x 3 camera spectral response: RGB = HSI @ SRF.
 
-The filters and the interpolator are `u2net_jax.metrics`' own, so data and metrics share them.
+The filters and the interpolator are `u2net_jax.toolbox`'s, which the metrics use too.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.ndimage
 
-from u2net_jax import metrics
+from u2net_jax import toolbox
 
 
 def decimate(image: np.ndarray, ratio: int = 4) -> np.ndarray:
@@ -50,13 +50,13 @@ def mtf_reduce(image: np.ndarray, gnyq, ratio: int = 4) -> np.ndarray:
   Returns:
     (H/ratio, W/ratio[, C]) float64.
   """
-  low = np.asarray(metrics.mtf_filter(np.asarray(image, np.float64), gnyq, ratio=ratio))
+  low = np.asarray(toolbox.mtf_filter(np.asarray(image, np.float64), gnyq, ratio=ratio))
   return decimate(low, ratio)
 
 
 def interp23tap(image: np.ndarray, ratio: int = 4) -> np.ndarray:
-  """The toolbox's 23-tap interpolator (`metrics.interp23tap`), as float64 numpy."""
-  return np.asarray(metrics.interp23tap(np.asarray(image, np.float64), ratio=ratio), np.float64)
+  """The toolbox's 23-tap interpolator (`toolbox.interp23tap`), as float64 numpy."""
+  return np.asarray(toolbox.interp23tap(np.asarray(image, np.float64), ratio=ratio), np.float64)
 
 
 def reduce_pansharpening(
@@ -67,14 +67,16 @@ def reduce_pansharpening(
   Args:
     pan: (H, W) PAN on the sensor scale.
     ms: (H/ratio, W/ratio, C) MS on the sensor scale.
-    sensor: a name `metrics.get_sensor` knows (its MTF gains are used).
+    sensor: a pansharpening sensor `toolbox.get_sensor` knows (its MTF gains are used).
     ratio: the resolution ratio.
 
   Returns:
     Role -> float64 array: 'gt' (h, w, C) = the original MS, 'ms' (h/ratio, w/ratio, C),
     'lms' (h, w, C), 'guide' (h, w, 1) = the reduced PAN.
   """
-  info = metrics.get_sensor(sensor)
+  info = toolbox.get_sensor(sensor)
+  if info['task'] != 'pansharpening':
+    raise ValueError(f'sensor {info["name"]} is a {info["task"]} dataset, not a pansharpening one')
   gains = list(info['ms_gnyq'])
   if len(gains) != ms.shape[-1]:
     raise ValueError(f'sensor {sensor} has {len(gains)} MS gains; the MS has {ms.shape[-1]} bands')
@@ -100,13 +102,6 @@ def full_resolution(pan: np.ndarray, ms: np.ndarray, ratio: int = 4) -> dict[str
   """
   ms = np.asarray(ms, np.float64)
   return {'ms': ms, 'lms': interp23tap(ms, ratio), 'guide': np.asarray(pan, np.float64)[..., None]}
-
-
-def gaussian_kernel(size: int, sigma: float) -> np.ndarray:
-  """A normalised size x size Gaussian kernel (MATLAB `fspecial('gaussian', size, sigma)`)."""
-  r = (np.arange(size) - (size - 1) / 2.0) ** 2
-  k = np.exp(-(r[:, None] + r[None, :]) / (2.0 * sigma**2))
-  return k / k.sum()
 
 
 def gaussian_reduce(
