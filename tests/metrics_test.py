@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from u2net_jax import metrics
+from u2net_jax.metrics import reference
 
 SHARED = Path(__file__).resolve().parents[1].parent / 'shared'
 VECTORS = SHARED / 'metrics' / 'metric_vectors.json'
@@ -347,7 +348,7 @@ def test_q2n_identical_images_with_padding(bands):
 
 def test_uint16_cast_rounds_half_away_from_zero_and_saturates():
   x = np.array([0.5, 1.5, 2.5, 2.4999999999999996, -0.5, -3.0, 65534.5, 70000.0])
-  np.testing.assert_array_equal(metrics._to_uint16_matlab(x), [1, 2, 3, 2, 0, 0, 65535, 65535])
+  np.testing.assert_array_equal(reference.to_uint16_matlab(x), [1, 2, 3, 2, 0, 0, 65535, 65535])
 
 
 def _img_qi_loop(a, b, block):
