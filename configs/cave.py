@@ -12,14 +12,9 @@ from configs import default
 
 def get_config():
   config = default.get_config()
-  config.task = 'hisr'
-  config.model.spectral_bands = 31
-  config.model.guide_bands = 3
+  config.data.sensor = 'CAVE'  # Task 'hisr', 31 bands, RGB guide, data in [0, 1].
   config.model.width = 64
-  config.data.sensor = 'CAVE'
-  config.data.max_value = 1.0
   config.data.h5_keys = {'gt': 'GT', 'lms': 'HSI_up', 'ms': 'LRHSI', 'guide': 'RGB'}
-  config.data.root = 'data/cave'
   config.data.train_file = 'data/cave/train_cave.h5'
   config.data.valid_file = 'data/cave/valid_cave.h5'
   config.data.test_files = {'cave_test': 'data/cave/test_cave.h5'}

@@ -14,13 +14,18 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   """Returns the base configuration (WV3 pansharpening, the paper's recipe)."""
   config = ml_collections.ConfigDict()
-  config.task = 'pansharpening'  # 'pansharpening' | 'hisr'
+  # The sensor (`config.data.sensor`) is the single source of the task, the band counts and the
+  # data scale: `task`, `model.spectral_bands`, `model.guide_bands` and `data.max_value` are
+  # unset (None) here and derived from it by `config_utils.finalize`; a value set anywhere else
+  # must agree with the sensor's (`toolbox.SENSORS`).
+  config.task = ml_collections.config_dict.placeholder(str)  # 'pansharpening' | 'hisr'.
   config.seed = 1  # The official code seeds everything with 1.
 
   # Arguments of `models.U2Net`: `models.U2Net(**config.model)`.
   config.model = ml_collections.ConfigDict()
-  config.model.spectral_bands = 8  # C: 8 (WV3/WV2), 4 (QB/GF-2), 31 (CAVE/Harvard).
-  config.model.guide_bands = 1  # c: 1 (PAN) or 3 (RGB).
+  unset = ml_collections.config_dict.placeholder  # None, but typed for command-line overrides.
+  config.model.spectral_bands = unset(int)  # C, from the sensor: 8 (WV3/WV2), 4, 31 (HISR).
+  config.model.guide_bands = unset(int)  # c, from the sensor: 1 (PAN) or 3 (RGB).
   config.model.width = 32  # S: 32 for pansharpening, 64 for HISR.
   config.model.head_dim = 16  # S': the S2Block head width.
   config.model.mlp_ratio = 0.5
@@ -44,13 +49,13 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict()
   config.data.sensor = 'WV3'  # WV3 | WV2 | QB | GF2 | IKONOS | GeoEye1 | CAVE | Harvard.
-  config.data.max_value = 2047.0  # Sensor maximum: 2047 (11-bit), 1023 (GF-2), 1.0 (HISR).
+  # Sensor maximum, from the sensor: 2047 (11-bit), 1023 (GF-2), 1.0 (HISR).
+  config.data.max_value = unset(float)
   config.data.source = 'hdf5'  # 'hdf5' | 'tfds' | 'demo'.
   # Roles used everywhere inside the project -> dataset names inside the HDF5 files.
   config.data.h5_keys = ml_collections.ConfigDict(
     {'gt': 'gt', 'lms': 'lms', 'ms': 'ms', 'guide': 'pan'}
   )
-  config.data.root = 'data/pancollection'
   config.data.train_file = 'data/pancollection/training_wv3/train_wv3.h5'
   config.data.valid_file = 'data/pancollection/training_wv3/valid_wv3.h5'
   # Test sets: name -> HDF5 file (reduced resolution with `gt`, full resolution without).
@@ -66,9 +71,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.worker_count = 0  # grain worker processes (0: in the main process).
   config.data.prefetch = 2  # Batches placed on the devices ahead of the step.
   config.data.read_threads = 4  # grain threads reading examples in each process.
-  # Value checks when an HDF5 file is opened: 'full' scans every value (finite, on the scale of
-  # max_value), 'sample' only the first and last slabs (huge files), 'off' skips them.
-  config.data.check_values = 'full'
+  # Value checks (finite, on the scale of max_value) when an HDF5 file is opened: 'sample' reads
+  # a deterministic spread of examples, 'full' every value once (the result cached per file),
+  # 'off' none (`data.pancollection.CHECK_VALUES`).
+  config.data.check_values = 'sample'
   # SYNTHETIC demo data (source == 'demo'), generated in-process: gt side, examples per split.
   config.data.demo_size = 64
   config.data.demo_test_size = 128

@@ -5,9 +5,7 @@ from configs import default
 
 def get_config():
   config = default.get_config()
-  config.model.spectral_bands = 4
   config.data.sensor = 'GF2'
-  config.data.max_value = 1023.0
   config.data.train_file = 'data/pancollection/training_gf2/train_gf2.h5'
   config.data.valid_file = 'data/pancollection/training_gf2/valid_gf2.h5'
   config.data.test_files = {

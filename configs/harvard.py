@@ -6,7 +6,6 @@ from configs import cave
 def get_config():
   config = cave.get_config()
   config.data.sensor = 'Harvard'
-  config.data.root = 'data/harvard'
   config.data.train_file = 'data/harvard/train_harvard.h5'
   config.data.valid_file = 'data/harvard/valid_harvard.h5'
   config.data.test_files = {'harvard_test': 'data/harvard/test_harvard.h5'}

@@ -5,7 +5,6 @@ from configs import default
 
 def get_config():
   config = default.get_config()
-  config.model.spectral_bands = 4
   config.data.sensor = 'QB'
   config.data.train_file = 'data/pancollection/training_qb/train_qb.h5'
   config.data.valid_file = 'data/pancollection/training_qb/valid_qb.h5'

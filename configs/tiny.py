@@ -10,15 +10,8 @@ from configs import default
 def get_config(task: str = 'pansharpening'):
   config = default.get_config()
   config.data.source = 'demo'
-  if task == 'hisr':
-    config.task = 'hisr'
-    config.data.sensor = 'CAVE'
-    config.data.max_value = 1.0
-    config.model.spectral_bands = 31
-    config.model.guide_bands = 3
-  else:
-    config.model.spectral_bands = 4
-    config.data.sensor = 'QB'
+  # The sensor sets the task, the bands and the scale (`config_utils.finalize`).
+  config.data.sensor = 'CAVE' if task == 'hisr' else 'QB'
   config.model.width = 16
   config.model.head_dim = 8
   config.data.test_files = {'tiny_test': 'demo'}

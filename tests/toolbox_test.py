@@ -5,6 +5,8 @@ absent); the other tests check the MATLAB conventions (sample phase, imresize ge
 kernel's construction and band handling) and the sensor table's consistency.
 """
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +164,16 @@ def test_bad_input_raises_clear_errors():
   nan[3, 3, 1] = np.nan
   with pytest.raises(ValueError, match='image: contains 1 NaN/Inf'):
     toolbox.mtf_filter(nan, 0.3)
+
+
+def test_the_data_package_degrades_images_without_the_metrics():
+  # Wald's protocol and the demo data use the toolbox directly: importing them must not bring in
+  # the metrics (nor jax).
+  code = (
+    'import sys, u2net_jax.data.wald, u2net_jax.data.demo; '
+    "print(sorted(m for m in sys.modules if m.startswith('u2net_jax.metrics') or m == 'jax'))"
+  )
+  repo = Path(__file__).resolve().parents[1]
+  out = subprocess.run([sys.executable, '-c', code], cwd=repo, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == '[]'

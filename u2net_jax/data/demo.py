@@ -22,8 +22,11 @@ How a scene is made (deterministic from the seed):
 The guide carries the high-frequency content of every band (same edges and shading, band gains
 set by the local spectra), so a fusion network can learn to beat the `lms` baseline quickly.
 
-Scale: pansharpening demo data stand for an 11-bit sensor (maximum 2047, like WV3); HISR data are
-in [0, 1]. `make_split` returns them already divided by that maximum.
+The sensor (`toolbox.SENSORS`, `config.data.sensor`) sets what the data stand for: its task
+(PAN or RGB guide, the blur above), its band count and its maximum value, so any sensor of the
+table has demo data (e.g. `--config.data.sensor=GF2` on configs/demo.py). The task names
+'pansharpening' and 'hisr' stand for `DEMO_SENSORS`' WV3 and CAVE. `make_split` returns the data
+in [0, 1], i.e. already divided by the sensor's maximum (`metadata(sensor)['max_value']`).
 """
 
 from __future__ import annotations
@@ -37,9 +40,8 @@ from u2net_jax import toolbox
 from u2net_jax.data import wald
 
 RATIO = 4
-DEMO_MAX_VALUE = {'pansharpening': 2047.0, 'hisr': 1.0}
-GUIDE_BANDS = {'pansharpening': 1, 'hisr': 3}
-DEFAULT_BANDS = {'pansharpening': 8, 'hisr': 31}
+# The sensor a task name stands for (the TFDS demo builder's configs are named by task).
+DEMO_SENSORS = {'pansharpening': 'WV3', 'hisr': 'CAVE'}
 # Band centres (nm): WorldView-3's eight MS bands, the four of QuickBird/GF-2, CAVE's 400..700.
 _WV3_CENTRES = [425, 480, 545, 605, 660, 725, 832, 950]
 _FOUR_CENTRES = [485, 560, 660, 830]
@@ -152,28 +154,50 @@ def _degrade(task: str, gt: np.ndarray) -> np.ndarray:
   return wald.decimate(blur, RATIO)
 
 
-def make_split(
-  task: str, split: str, num: int, size: int, seed: int, *, spectral_bands: int | None = None
-) -> dict[str, np.ndarray]:
-  """Makes one SYNTHETIC split.
+def get_demo_sensor(sensor: str) -> dict:
+  """The `toolbox.SENSORS` entry demo data stand for.
 
   Args:
-    task: 'pansharpening' or 'hisr'.
+    sensor: a sensor name (`toolbox.get_sensor`), or 'pansharpening' / 'hisr' for WV3 / CAVE.
+
+  Returns:
+    The sensor's table entry.
+  """
+  return toolbox.get_sensor(DEMO_SENSORS.get(sensor, sensor))
+
+
+def make_split(
+  sensor: str,
+  split: str,
+  num: int,
+  size: int,
+  seed: int,
+  *,
+  spectral_bands: int | None = None,
+) -> dict[str, np.ndarray]:
+  """Makes one SYNTHETIC split for a sensor.
+
+  Args:
+    sensor: the sensor the data stand for (its task, bands and guide), e.g. `config.data.sensor`;
+      'pansharpening' and 'hisr' stand for WV3 and CAVE.
     split: a name mixed into the seed ('train', 'valid', 'test', ...).
     num: the number of examples.
     size: the high-resolution side (a multiple of 4).
     seed: the seed; (task, split, num, size, seed, bands) fully determine the result.
-    spectral_bands: C; default 8 (pansharpening) or 31 (HISR).
+    spectral_bands: transitional (issue 11), for callers that still pass a task and a band
+      count: C instead of the sensor's. Goes once input_pipeline.py and tfds_builders.py pass
+      the sensor.
 
   Returns:
-    Role -> (num, size, size, C) float32 in [0, 1] (divided by `DEMO_MAX_VALUE[task]`):
-    'gt', 'lms' (C bands), 'ms' (num, size/4, size/4, C), 'guide' (1 band for PAN, 3 for RGB).
+    Role -> (num, size, size, C) float32 in [0, 1] (divided by the sensor's maximum):
+    'gt', 'lms' (C bands), 'ms' (num, size/4, size/4, C), 'guide' (the sensor's guide bands:
+    1 for a PAN, 3 for RGB).
   """
-  if task not in DEMO_MAX_VALUE:
-    raise ValueError(f"task {task!r}; expected 'pansharpening' or 'hisr'")
+  info = get_demo_sensor(sensor)
+  task = info['task']
   if size % RATIO:
     raise ValueError(f'size {size} is not a multiple of {RATIO}')
-  bands = spectral_bands or DEFAULT_BANDS[task]
+  bands = spectral_bands or info['bands']
   lam = wavelengths(task, bands)
   srf = spectral_response(task, lam)
   rng = np.random.default_rng([seed, zlib.crc32(f'{task}/{split}'.encode())])
@@ -208,11 +232,26 @@ def make_split(
   return out
 
 
-def metadata(task: str) -> dict:
-  """Provenance recorded with exported demo data (TFDS, HDF5)."""
+def metadata(sensor: str) -> dict:
+  """Provenance recorded with exported demo data (TFDS, HDF5).
+
+  Args:
+    sensor: as for `make_split`.
+
+  Returns:
+    {'synthetic': True, 'description', 'task', 'max_value'} of the sensor.
+  """
+  info = get_demo_sensor(sensor)
   return {
     'synthetic': True,
     'description': 'SYNTHETIC u2net-jax demo data (not real imagery)',
-    'task': task,
-    'max_value': DEMO_MAX_VALUE[task],
+    'task': info['task'],
+    'max_value': float(info['max_value']),
   }
+
+
+# Transitional (issue 11): input_pipeline.py and tfds_builders.py still read these per-task
+# values; they go once both take everything from the sensor (`get_demo_sensor`).
+DEMO_MAX_VALUE = {t: float(get_demo_sensor(t)['max_value']) for t in DEMO_SENSORS}
+GUIDE_BANDS = {t: get_demo_sensor(t)['guide_bands'] for t in DEMO_SENSORS}
+DEFAULT_BANDS = {t: get_demo_sensor(t)['bands'] for t in DEMO_SENSORS}

@@ -61,14 +61,3 @@ __all__ = [
   'scc',
   'ssim',
 ]
-
-# Transitional (issue 11): the sensor table and the resampling moved to `u2net_jax.toolbox`; these
-# names go as soon as no caller reads them from here.
-from u2net_jax import toolbox as _toolbox  # noqa: E402
-
-SENSORS = _toolbox.SENSORS
-get_sensor = _toolbox.get_sensor
-interp23tap = _toolbox.interp23tap
-imresize = _toolbox.imresize
-mtf_kernel = _toolbox.mtf_kernel
-mtf_filter = _toolbox.mtf_filter
