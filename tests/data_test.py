@@ -1,25 +1,28 @@
-"""Tests of `u2net_jax.data`: readers and their validation, Wald's protocol, the preparers,
-the SYNTHETIC demo data and the TFDS builders."""
+"""Tests of `u2net_jax.data`: readers and their validation (sampled, full and cached value
+checks), the one HDF5 writer, Wald's protocol, the preparers and their command lines, the
+SYNTHETIC demo data and the TFDS builders."""
 
+import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from conftest import REPO, load_config, shared_path
 
-from configs import cave as cave_config
-from configs import default, gf2
 from u2net_jax import input_pipeline, toolbox
 from u2net_jax.data import DataError, demo, pancollection, prepare_pansharpening, wald
 
-SHARED = Path(__file__).resolve().parents[1].parent / 'shared'
 
-
-def _shared(*parts: str) -> Path:
-  path = SHARED.joinpath(*parts)
-  if not path.exists():
-    pytest.skip(f'{path} is absent: reference files from ../shared are not available here')
-  return path
+@pytest.fixture(autouse=True)
+def private_value_cache(monkeypatch, tmp_path_factory) -> Path:
+  """Full value checks cache their results here, never in the user's ~/.cache."""
+  root = tmp_path_factory.mktemp('xdg-cache')
+  monkeypatch.setenv('XDG_CACHE_HOME', str(root))
+  return root
 
 
 def _arrays(n=2, c=8, h=4, scale=2047.0, seed=0):
@@ -40,8 +43,8 @@ def _write(path, arrays):
   return path
 
 
-def _source(path, config=None, require_gt=True):
-  config = config or default.get_config()
+def _source(path, config=None, require_gt=True, check_values='sample'):
+  config = config or load_config('default')
   return pancollection.H5Source(
     path,
     keys=dict(config.data.h5_keys),
@@ -49,6 +52,7 @@ def _source(path, config=None, require_gt=True):
     spectral_bands=config.model.spectral_bands,
     guide_bands=config.model.guide_bands,
     require_gt=require_gt,
+    check_values=check_values,
   )
 
 
@@ -58,8 +62,8 @@ def _source(path, config=None, require_gt=True):
 
 @pytest.mark.parametrize('name', ['wv2_rr_sample.h5', 'wv2_fr_sample.h5'])
 def test_reads_the_official_wv2_samples(name):
-  path = _shared('official', name)
-  config = default.get_config()
+  path = shared_path('official', name)
+  config = load_config('default')
   config.data.test_files = {'sample': str(path)}
   source = input_pipeline.get_source(config, 'sample')
   assert len(source) == 2
@@ -77,8 +81,8 @@ def test_reads_the_official_wv2_samples(name):
 
 
 def test_training_split_requires_gt():
-  path = _shared('official', 'wv2_fr_sample.h5')
-  config = default.get_config()
+  path = shared_path('official', 'wv2_fr_sample.h5')
+  config = load_config('default')
   config.data.train_file = str(path)
   with pytest.raises(DataError, match="key 'gt' \\(role 'gt'\\) is missing"):
     input_pipeline.get_source(config, 'train')
@@ -146,14 +150,14 @@ def test_wrong_sensor_maximum(tmp_path):
   # 11-bit data given to a GF-2 config (maximum 1023).
   path = _write(tmp_path / 'elevenbit.h5', _arrays(c=4))
   with pytest.raises(DataError, match=r"key 'gt' has values up to 20\d\d.*max_value = 1023"):
-    _source(path, gf2.get_config())
+    _source(path, load_config('gf2'))
   # Data already divided to [0, 1] given to a 2047 config.
   path = _write(tmp_path / 'unit.h5', _arrays(scale=1.0))
   with pytest.raises(DataError, match='already divided to \\[0, 1\\]'):
     _source(path)
   # 11-bit data given to the CAVE config (maximum 1).
   path = _write(tmp_path / 'cave.h5', _arrays(c=31, scale=2047.0))
-  cfg = cave_config.get_config()
+  cfg = load_config('cave')
   cfg.data.h5_keys = {'gt': 'gt', 'lms': 'lms', 'ms': 'ms', 'guide': 'pan'}
   cfg.model.guide_bands = 1
   with pytest.raises(DataError, match='max_value = 1 '):
@@ -168,11 +172,113 @@ def test_write_h5_is_atomic(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# Value checks: a sample by default, every value on demand (cached).
+
+
+def test_sample_indices_spread_over_the_file():
+  assert pancollection.sample_indices(1, 10).tolist() == [0]
+  rows = pancollection.sample_indices(1000, 100)
+  assert len(rows) == pancollection.SAMPLE_EXAMPLES and rows[0] == 0 and rows[-1] == 999
+  gaps = np.diff(rows)
+  assert gaps.min() >= 66 and gaps.max() <= 67  # Evenly spread.
+  np.testing.assert_array_equal(rows, pancollection.sample_indices(1000, 100))
+  # Examples as big as the whole sample budget: only the first and the last.
+  assert pancollection.sample_indices(1000, pancollection.SAMPLE_ELEMENTS).tolist() == [0, 999]
+
+
+def test_sampled_check_by_default_full_check_on_demand(tmp_path, private_value_cache):
+  a = _arrays(n=40)
+  a['gt'][7, 0, 1, 2] = np.nan
+  assert 7 not in pancollection.sample_indices(40, a['gt'][0].size)  # Not sampled.
+  path = _write(tmp_path / 'nan7.h5', a)
+  assert len(_source(path)) == 40
+  assert len(_source(path, check_values='off')) == 40
+  with pytest.raises(
+    DataError, match=r"nan7\.h5: key 'gt' holds non-finite values .*\(7, 0, 1, 2\)"
+  ):
+    _source(path, check_values='full')
+  assert pancollection.value_check_cache_path().parent.parent == private_value_cache
+  assert pancollection.value_check_cache_path().exists()
+  # A sampled check uses the cached full result of the unchanged file.
+  with pytest.raises(DataError, match=r'\(7, 0, 1, 2\)'):
+    _source(path)
+  with pytest.raises(DataError, match=r"check_values = 'fast'"):
+    _source(path, check_values='fast')
+
+
+def test_full_check_is_cached_by_path_size_and_mtime(tmp_path):
+  path = _write(tmp_path / 'clean.h5', _arrays(n=6))
+  _source(path, check_values='full')
+  st = path.stat()
+  with h5py.File(path, 'r+') as f:
+    f['ms'][3, 0, 0, 0] = np.inf
+  os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # Same path, size and mtime_ns.
+  assert path.stat().st_size == st.st_size
+  _source(path, check_values='full')  # The cached result: the file is not read again.
+  os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+  with pytest.raises(DataError, match=r"key 'ms' holds non-finite values .*\(3, 0, 0, 0\)"):
+    _source(path, check_values='full')
+
+
+def test_full_check_without_a_writable_cache_and_with_progress(tmp_path, monkeypatch, caplog):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('')
+  monkeypatch.setenv('XDG_CACHE_HOME', str(blocker))  # The cache folder cannot be made.
+  monkeypatch.setattr(pancollection, 'PROGRESS_SECONDS', 0.0)
+  path = _write(tmp_path / 'ok.h5', _arrays(n=3))
+  with caplog.at_level(logging.INFO):
+    assert len(_source(path, check_values='full')) == 3
+  assert blocker.read_text() == ''
+  assert 'checking the values of' in caplog.text and 'cache not written' in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------
+# The one HDF5 writer.
+
+
+def test_h5_writer_streams_rows_and_renames_when_complete(tmp_path):
+  path = tmp_path / 'out.h5'
+  shapes = {'gt': (3, 2, 4, 4), 'ms': (3, 2, 1, 1)}
+  with pancollection.H5Writer(path, shapes, np.float32, attrs={'sensor': 'WV3'}) as w:
+    for i in (2, 0, 1):  # Rows in any order.
+      w.put(i, {'gt': np.full((2, 4, 4), i, np.float64), 'ms': np.full((2, 1, 1), i)})
+    assert not path.exists() and len(list(tmp_path.iterdir())) == 1  # Only the temporary.
+  assert [p.name for p in tmp_path.iterdir()] == ['out.h5']
+  with h5py.File(path, 'r') as f:
+    assert f['gt'].dtype == np.float32 and f['gt'].chunks == (1, 2, 4, 4)
+    assert f['gt'][:, 1, 3, 3].tolist() == [0, 1, 2] and f['ms'][:, 0, 0, 0].tolist() == [0, 1, 2]
+    assert f.attrs['sensor'] == 'WV3'
+  with pancollection.H5Writer(path, {'gt': (3, 1, 2, 2)}, np.float64) as w:
+    w.append({'gt': np.zeros((2, 1, 2, 2))})
+    w.append({'gt': np.ones((1, 1, 2, 2))})
+  with h5py.File(path, 'r') as f:
+    assert f['gt'][:, 0, 0, 0].tolist() == [0, 0, 1]
+
+
+def test_h5_writer_leaves_nothing_on_failure_or_missing_rows(tmp_path):
+  path = tmp_path / 'out.h5'
+  shapes = {'gt': (2, 1, 2, 2)}
+  with pytest.raises(RuntimeError, match='interrupted'):
+    with pancollection.H5Writer(path, shapes) as w:
+      w.put(0, {'gt': np.ones((1, 2, 2))})
+      raise RuntimeError('interrupted')
+  assert not list(tmp_path.iterdir())
+  with pytest.raises(ValueError, match=r"1 of 2 rows of dataset 'gt' were never written"):
+    with pancollection.H5Writer(path, shapes) as w:
+      w.put(0, {'gt': np.ones((1, 2, 2))})
+  assert not list(tmp_path.iterdir())
+  with pytest.raises(ValueError, match=r"dataset 'gt' row has shape \(2, 2\)"):
+    with pancollection.H5Writer(path, shapes) as w:
+      w.put(0, {'gt': np.ones((2, 2))})
+  assert not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------------------------
 # Wald's protocol for users' scenes.
 
 
 def _check_prepared(written, bands):
-  config = default.get_config()
+  config = load_config('default')
   config.model.spectral_bands = bands
   for kind, path in written.items():
     source = _source(path, config, require_gt=kind != 'full')
@@ -186,7 +292,7 @@ def _check_prepared(written, bands):
 
 
 def test_prepare_pansharpening_wv3(tmp_path):
-  mat = str(_shared('data', 'zpnn-wv3', 'WV3_example.mat'))
+  mat = str(shared_path('data', 'zpnn-wv3', 'WV3_example.mat'))
   written = prepare_pansharpening.prepare(
     [mat], [mat], 'WV3', str(tmp_path), patch=16, stride=8, valid_fraction=0.2
   )
@@ -201,10 +307,19 @@ def test_prepare_pansharpening_wv3(tmp_path):
     np.testing.assert_array_equal(f['gt'][0].transpose(1, 2, 0), orig)  # gt = the original MS.
   with h5py.File(written['train'], 'r') as f, h5py.File(written['valid'], 'r') as g:
     assert f['gt'].shape[0] + g['gt'].shape[0] == 9  # 3 x 3 patches of 16 at stride 8 in 32.
+    # The documented split: patches in scene, row-major order, shuffled by default_rng(seed), the
+    # first 80% to training, the rest to validation, in that order.
+    order = np.random.default_rng(0).permutation(9)
+    rows = np.concatenate([f['gt'][:], g['gt'][:]]).transpose(0, 2, 3, 1)
+    for row, k in zip(rows, order, strict=True):
+      y, x = divmod(int(k), 3)
+      np.testing.assert_array_equal(row, orig[8 * y : 8 * y + 16, 8 * x : 8 * x + 16])
+    assert g['gt'].shape[0] == 2
 
 
+@pytest.mark.slow
 def test_prepare_pansharpening_wv2_cli(tmp_path):
-  mat = str(_shared('data', 'pnn-wv2-ikonos-geoeye1', 'imgWV2.mat'))
+  mat = str(shared_path('data', 'pnn-wv2-ikonos-geoeye1', 'imgWV2.mat'))
   args = ['--pan', mat, '--ms', mat, '--sensor', 'WV2', '--out', str(tmp_path)]
   assert prepare_pansharpening.main(args + ['--patch', '64', '--stride', '64']) == 0
   written = {
@@ -219,7 +334,7 @@ def test_prepare_pansharpening_wv2_cli(tmp_path):
 
 
 def test_prepare_pansharpening_refuses_a_wrong_ratio(tmp_path):
-  wv3 = str(_shared('data', 'zpnn-wv3', 'WV3_example.mat'))
+  wv3 = str(shared_path('data', 'zpnn-wv3', 'WV3_example.mat'))
   pan = np.zeros((100, 128)) + 500.0
   np.save(tmp_path / 'pan.npy', pan)
   out = tmp_path / 'out'
@@ -236,6 +351,71 @@ def test_prepare_pansharpening_refuses_a_wrong_ratio(tmp_path):
   with pytest.raises(DataError):
     prepare_pansharpening.prepare([wv3], [wv3], 'GF2', str(out))
   assert not out.exists()
+
+
+def test_prepare_pansharpening_streams_several_pairs(tmp_path):
+  mat = str(shared_path('data', 'zpnn-wv3', 'WV3_example.mat'))
+  out = tmp_path / 'two'
+  pairs = ['--pan', mat, '--pan', mat, '--ms', mat, '--ms', mat]
+  args = pairs + ['--sensor', 'WV3', '--out', str(out), '--patch', '16', '--stride', '8']
+  assert prepare_pansharpening.main(args + ['--valid-fraction', '0.1']) == 0
+  one = prepare_pansharpening.prepare([mat], [mat], 'WV3', str(tmp_path / 'one'), outputs=['test'])
+  files = {k: out / f'{k}_wv3.h5' for k in ('train', 'valid')}
+  with h5py.File(files['train'], 'r') as tr, h5py.File(files['valid'], 'r') as va:
+    assert (tr['gt'].shape[0], va['gt'].shape[0]) == (16, 2)  # 2 x 9 patches, 10% validation.
+  with h5py.File(out / 'test_wv3_multiExm1.h5', 'r') as te, h5py.File(one['test'], 'r') as ref:
+    assert te['gt'].shape[0] == 2
+    for key in ref:
+      for i in (0, 1):
+        np.testing.assert_array_equal(te[key][i], ref[key][0])
+
+
+def test_prepare_pansharpening_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
+  mat = str(shared_path('data', 'zpnn-wv3', 'WV3_example.mat'))
+  reduce = wald.reduce_pansharpening
+  calls = []
+
+  def fail_on_the_second_pair(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+      raise RuntimeError('disk on fire')
+    return reduce(*args, **kwargs)
+
+  monkeypatch.setattr(wald, 'reduce_pansharpening', fail_on_the_second_pair)
+  out = tmp_path / 'out'
+  with pytest.raises(RuntimeError, match='disk on fire'):
+    prepare_pansharpening.prepare([mat, mat], [mat, mat], 'WV3', str(out), patch=16, stride=8)
+  assert calls == [1, 1] and not out.exists()  # Nor any temporary file in it.
+  (tmp_path / 'kept').mkdir()
+  calls.clear()
+  with pytest.raises(RuntimeError, match='disk on fire'):
+    prepare_pansharpening.prepare(
+      [mat, mat], [mat, mat], 'WV3', str(tmp_path / 'kept'), outputs=['test']
+    )
+  assert not list((tmp_path / 'kept').iterdir())
+  with pytest.raises(DataError, match='hyperspectral'):
+    prepare_pansharpening.prepare([mat], [mat], 'CAVE', str(out))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  'module, flag',
+  [
+    ('prepare_cave', '--test_scenes'),
+    ('prepare_pansharpening', '--pan'),
+    ('tfds_builders', '--manual_dir'),
+  ],
+)
+def test_command_lines_have_absl_help(module, flag):
+  proc = subprocess.run(
+    [sys.executable, '-m', f'u2net_jax.data.{module}', '--help'],
+    cwd=REPO,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert flag in proc.stdout and f'u2net_jax/data/{module}.py' in proc.stdout, proc.stderr[-2000:]
 
 
 def test_decimation_matches_the_interpolator_grid():
@@ -277,7 +457,7 @@ def _cave_folder(root: Path) -> tuple[Path, dict]:
   import scipy.io
   from PIL import Image
 
-  cube = scipy.io.loadmat(_shared('data', 'hysure-paris-eo1', 'paris_data_hs_ms.mat'))['HSim']
+  cube = scipy.io.loadmat(shared_path('data', 'hysure-paris-eo1', 'paris_data_hs_ms.mat'))['HSim']
   cube = cube[..., :31] / cube[..., :31].max()
   scenes = {}
   for i, name in enumerate(['alpha', 'bravo', 'charlie', 'delta']):
@@ -296,7 +476,7 @@ def _cave_folder(root: Path) -> tuple[Path, dict]:
 def test_prepare_cave_shapes_ranges_split_and_rgb(tmp_path):
   from u2net_jax.data import prepare_cave
 
-  srf_path = _shared('data', 'mhfnet-nikon-d700-srf', 'response_coefficient.mat')
+  srf_path = shared_path('data', 'mhfnet-nikon-d700-srf', 'response_coefficient.mat')
   src, scenes = _cave_folder(tmp_path / 'raw')
   out = tmp_path / 'cave'
   args = ['--src', str(src), '--srf', str(srf_path), '--out', str(out), '--test-scenes', 'delta']
@@ -333,7 +513,7 @@ def test_prepare_cave_shapes_ranges_split_and_rgb(tmp_path):
     expected = wald.gaussian_reduce(scenes['delta'], 4, kernel_size=3, sigma=0.5)
     np.testing.assert_allclose(te['LRHSI'][0].transpose(1, 2, 0), expected, atol=1e-6)
   # The reader accepts them with the CAVE config.
-  config = cave_config.get_config()
+  config = load_config('cave')
   config.data.train_file = str(files['train'])
   config.data.test_files = {'cave_test': str(files['test'])}
   assert input_pipeline.get_source(config, 'train')[0]['guide'].shape == (32, 32, 3)
@@ -343,7 +523,7 @@ def test_prepare_cave_shapes_ranges_split_and_rgb(tmp_path):
 def test_prepare_cave_refuses_bad_input(tmp_path):
   from u2net_jax.data import prepare_cave
 
-  srf_path = _shared('data', 'mhfnet-nikon-d700-srf', 'response_coefficient.mat')
+  srf_path = shared_path('data', 'mhfnet-nikon-d700-srf', 'response_coefficient.mat')
   src, _ = _cave_folder(tmp_path / 'raw')
   next((src / 'bravo_ms' / 'bravo_ms').glob('*_07.png')).unlink()
   out = tmp_path / 'out'
@@ -363,8 +543,8 @@ def test_prepare_cave_refuses_bad_input(tmp_path):
 # TFDS builders (ArrayRecord), built in temporary folders and read back by index.
 
 
-def _tfds_config(name, data_dir, base=None):
-  config = (base or default).get_config()
+def _tfds_config(name, data_dir, base='default'):
+  config = load_config(base)
   config.data.source = 'tfds'
   config.data.tfds_name = name
   config.data.tfds_data_dir = str(data_dir)
@@ -400,7 +580,7 @@ def test_tfds_demo_builds_and_reads_back(tmp_path):
 def test_tfds_pan_collection_from_prepared_files(tmp_path):
   from u2net_jax.data import tfds_builders
 
-  mat = str(_shared('data', 'zpnn-wv3', 'WV3_example.mat'))
+  mat = str(shared_path('data', 'zpnn-wv3', 'WV3_example.mat'))
   manual = tmp_path / 'manual' / 'nested'
   written = prepare_pansharpening.prepare([mat], [mat], 'WV3', str(manual), patch=16, stride=8)
   builder = tfds_builders.PanCollection(
@@ -425,7 +605,7 @@ def test_tfds_cave_from_raw_scenes(tmp_path):
 
   from u2net_jax.data import tfds_builders
 
-  srf = _shared('data', 'mhfnet-nikon-d700-srf', 'response_coefficient.mat')
+  srf = shared_path('data', 'mhfnet-nikon-d700-srf', 'response_coefficient.mat')
   manual, scenes = _cave_folder(tmp_path / 'manual')
   shutil.copy(srf, manual / 'response_coefficient.mat')  # Into the temporary manual_dir only.
   cfg = tfds_builders.CaveConfig(name='ci', patch=32, stride=16, grid=2, test_scenes=('delta',))
@@ -435,7 +615,7 @@ def test_tfds_cave_from_raw_scenes(tmp_path):
   builder.download_and_prepare(
     download_config=tfds_builders.tfds.download.DownloadConfig(manual_dir=str(manual))
   )
-  config = _tfds_config('cave/ci', tmp_path / 'tfds', base=cave_config)
+  config = _tfds_config('cave/ci', tmp_path / 'tfds', base='cave')
   assert len(input_pipeline.get_source(config, 'train')) == 10
   assert len(input_pipeline.get_source(config, 'valid')) == 2
   test = input_pipeline.get_source(config, 'cave_test')[0]
@@ -446,7 +626,7 @@ def test_tfds_cave_from_raw_scenes(tmp_path):
 def test_prepare_pansharpening_reads_npy_and_matlab_v73(tmp_path):
   import scipy.io
 
-  data = scipy.io.loadmat(_shared('data', 'zpnn-wv3', 'WV3_example.mat'))
+  data = scipy.io.loadmat(shared_path('data', 'zpnn-wv3', 'WV3_example.mat'))
   np.save(tmp_path / 'ms.npy', data['I_MS_LR'])
   with h5py.File(tmp_path / 'pan.mat', 'w') as f:  # v7.3 files are HDF5, stored column-major.
     f.create_dataset('I_PAN', data=data['I_PAN'].T)
@@ -467,12 +647,12 @@ def test_prepare_harvard(tmp_path):
 
   from u2net_jax.data import prepare_cave
 
-  cube = scipy.io.loadmat(_shared('data', 'hysure-paris-eo1', 'paris_data_hs_ms.mat'))['HSim']
+  cube = scipy.io.loadmat(shared_path('data', 'hysure-paris-eo1', 'paris_data_hs_ms.mat'))['HSim']
   src = tmp_path / 'harvard'
   src.mkdir()
   for i, name in enumerate(['imga1', 'imgb2', 'imgc3']):
     scipy.io.savemat(src / f'{name}.mat', {'ref': cube[i : i + 70, :70, 40:71] * 3.0})
-  srf = _shared('data', 'mhfnet-nikon-d700-srf', 'response_coefficient.mat')
+  srf = shared_path('data', 'mhfnet-nikon-d700-srf', 'response_coefficient.mat')
   paths = prepare_cave.prepare(
     str(src),
     str(srf),

@@ -5,27 +5,19 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from conftest import REPO, load_config
 
-from configs import default
-from u2net_jax import input_pipeline
+from u2net_jax import input_pipeline, sharding
 from u2net_jax.data import DataError, pancollection
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _config(**data):
-  config = default.get_config()
-  config.train.batch_size = 4
-  config.data.read_threads = 2
-  config.data.prefetch = 1
-  for k, v in data.items():
-    config.data[k] = v
-  return config
+  overrides = {'train.batch_size': 4, 'data.read_threads': 2, 'data.prefetch': 1}
+  return load_config('default', **overrides, **{f'data.{k}': v for k, v in data.items()})
 
 
 class _IdSource:
@@ -50,12 +42,47 @@ def _ids(batch) -> list[int]:
   return [int(x) for x in np.asarray(batch['gt'])[:, 0, 0, 0]]
 
 
+def _documented_order(n: int, seed: int, epoch: int) -> list[int]:
+  """The order of the module docstring, written independently of the library."""
+  keys = np.random.PCG64(np.random.SeedSequence([seed, epoch])).random_raw(n)
+  return np.argsort(keys, kind='stable').tolist()
+
+
 def test_epoch_order_is_a_seeded_permutation():
   a = input_pipeline.epoch_order(10, seed=1, epoch=0)
   assert sorted(a.tolist()) == list(range(10))
   np.testing.assert_array_equal(a, input_pipeline.epoch_order(10, seed=1, epoch=0))
   assert not np.array_equal(a, input_pipeline.epoch_order(10, seed=1, epoch=1))
   assert not np.array_equal(a, input_pipeline.epoch_order(10, seed=2, epoch=0))
+  for n, seed, epoch in ((10, 1, 0), (37, 0, 5), (1000, 123, 2)):
+    assert input_pipeline.epoch_order(n, seed, epoch).tolist() == _documented_order(n, seed, epoch)
+  with pytest.raises(ValueError, match='>= 0'):
+    input_pipeline.epoch_order(10, seed=-1, epoch=0)
+
+
+def test_golden_training_order():
+  # Pinned indices: a change of the order (numpy, the scheme, the drop rule) fails here.
+  assert input_pipeline.epoch_order(10, seed=0, epoch=0).tolist() == [3, 2, 1, 8, 6, 0, 7, 4, 5, 9]
+  assert input_pipeline.epoch_order(10, seed=0, epoch=1).tolist() == [7, 4, 5, 1, 9, 8, 6, 2, 0, 3]
+  assert input_pipeline.epoch_order(10, seed=1, epoch=0).tolist() == [9, 2, 4, 7, 5, 0, 8, 6, 3, 1]
+  config = _config()  # seed 1, batch 4; 11 examples: 2 steps per epoch, 3 dropped per epoch.
+  assert config.seed == 1
+  steps = [input_pipeline.train_indices(config, 11, s).tolist() for s in range(6)]
+  assert steps == [
+    [9, 2, 4, 7],
+    [5, 0, 8, 10],  # Epoch 0 ends: 6, 3 and 1 are dropped.
+    [5, 6, 3, 10],
+    [0, 7, 2, 1],
+    [5, 6, 9, 3],
+    [2, 1, 0, 10],
+  ]
+  second = [
+    input_pipeline.train_indices(config, 11, s, process_index=1, process_count=2).tolist()
+    for s in range(3)
+  ]
+  assert second == [[4, 7], [8, 10], [3, 10]]
+  stream = iter(input_pipeline.host_train_dataset(config, _IdSource(11), start_step=0))
+  assert [_ids(next(stream)) for _ in range(6)] == steps
 
 
 def test_steps_per_epoch_drops_the_last_partial_batch():
@@ -145,7 +172,7 @@ def test_eval_dataset_pads_and_masks():
 def test_single_device_batches_and_eval():
   config = _config()
   source = _IdSource(9)
-  mesh = jax.make_mesh((jax.device_count(),), ('data',))
+  mesh = sharding.create_mesh()
   it = input_pipeline.train_batches(config, source, mesh=mesh, start_step=2)
   batch = next(it)
   assert isinstance(batch['gt'], jax.Array) and batch['gt'].shape == (4, 8, 8, 2)
@@ -181,8 +208,20 @@ def test_missing_files_say_how_to_prepare_them():
   config = _config(train_file='/nonexistent/train_wv3.h5')
   with pytest.raises(DataError, match='prepare_pansharpening --pan P --ms M --sensor WV3'):
     input_pipeline.get_source(config, 'train')
+  with pytest.raises(DataError, match=r'--sensor WV3 --out /nonexistent`'):
+    input_pipeline.get_source(config, 'train')  # The file name is the default one: no --name.
+  config.data.test_files = {'mine': '/data/x/test_mine_OrigScale_multiExm1.h5'}
+  with pytest.raises(DataError, match=r'--sensor WV3 --out /data/x --name mine`'):
+    input_pipeline.get_source(config, 'mine')
+  config.data.valid_file = ''
+  with pytest.raises(DataError, match=r'\(empty path\).*--out DIR`'):
+    input_pipeline.get_source(config, 'valid')
   config.task = 'hisr'
   with pytest.raises(DataError, match='prepare_cave --src'):
+    input_pipeline.get_source(config, 'train')
+  config.data.sensor = 'Harvard'
+  config.data.train_file = '/d/train_harvard.h5'
+  with pytest.raises(DataError, match=r'--out /d --format harvard`'):
     input_pipeline.get_source(config, 'train')
 
 
@@ -192,11 +231,11 @@ _TWO_DEVICES = textwrap.dedent(
   import jax
   import numpy as np
   from configs import default
-  from u2net_jax import input_pipeline
+  from u2net_jax import config_utils, input_pipeline, sharding
   from u2net_jax.data import pancollection
 
   assert jax.device_count() == 2, jax.devices()
-  config = default.get_config()
+  config = config_utils.finalize(default.get_config())
   config.train.batch_size = 4
   config.data.read_threads = 1
   n = 10
@@ -204,7 +243,7 @@ _TWO_DEVICES = textwrap.dedent(
     'gt': np.arange(n, dtype=np.float32)[:, None, None, None] * np.ones((1, 8, 8, 3), np.float32),
     'ms': np.zeros((n, 2, 2, 3), np.float32),
   })
-  mesh = jax.make_mesh((2,), ('data',))
+  mesh = sharding.create_mesh()
   out = {'train': [], 'shards': [], 'eval': [], 'mask': []}
   it = input_pipeline.train_batches(config, source, mesh=mesh, start_step=1)
   for _ in range(3):
@@ -223,6 +262,7 @@ _TWO_DEVICES = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_two_forced_cpu_devices_shard_global_batches():
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
   env['PYTHONPATH'] = str(REPO) + os.pathsep + env.get('PYTHONPATH', '')

@@ -6,21 +6,29 @@ TFDS ArrayRecord datasets (`data.tfds_builders`) or the SYNTHETIC demo data gene
 'guide'} as (H, W, C) float32 divided by `config.data.max_value` ('gt' absent in full-resolution
 test sets).
 
-Order (`train_batches`). The training stream is a pure function of the step, built on grain's
-`MapDataset`: the order of epoch e is `grain.MapDataset.range(n).shuffle(seed)` read at
-positions [e * n, (e + 1) * n), i.e. grain's index shuffle seeded by (config.seed + e), so the same
-(seed, epoch) always gives the same permutation without materialising it. Each epoch contributes
-its first `steps_per_epoch * B` positions (the last partial batch is dropped, as the official
-loader does) and global batch `s` is positions [s * B, (s + 1) * B) of the stream. A resumed run
-only needs the step it stopped at: `train_batches(..., start_step=step)` continues the exact
-sequence, with no iterator state to checkpoint.
+Order (`train_batches`). The training stream is a pure function of the step. Epoch e visits the
+n examples in the order `epoch_order(n, seed, e)`, the stable argsort of n raw 64-bit draws of
+numpy's PCG64 seeded by `SeedSequence([seed, e])`:
+
+  np.argsort(np.random.PCG64(np.random.SeedSequence([seed, e])).random_raw(n), kind='stable')
+
+numpy guarantees the streams of `SeedSequence` and of a seeded bit generator across versions (it
+does not for `Generator.permutation`), so the order is the same on every machine; a test pins it
+with literal indices. Each epoch contributes the first `steps_per_epoch * B` examples of its
+order (the last partial batch is dropped, as the official loader does), laid end to end: stream
+position p is example `epoch_order(n, seed, e)[r]` with (e, r) = divmod(p, steps_per_epoch * B),
+and global batch s is positions [s * B, (s + 1) * B). Each process computes an epoch's
+permutation once (O(n) memory) and caches it. A resumed run only needs the step it stopped at:
+`train_batches(..., start_step=step)` continues the exact sequence, with no iterator state to
+checkpoint.
 
 Hosts. Of every global batch of B examples, process p of P reads only rows
 [p * B/P, (p + 1) * B/P) (disjoint shares that cover the batch) and
 `jax.make_array_from_process_local_data` assembles the global `jax.Array`, sharded over the
-mesh axis 'data'. Reading runs in grain threads (`config.data.read_threads`) or worker processes
-(`config.data.worker_count`), and `config.data.prefetch` batches are put on the devices ahead of
-the step (transfers are asynchronous, so the step never waits for them).
+mesh axis 'data' (`sharding.batch_sharding`). Reading runs in grain threads
+(`config.data.read_threads`) or worker processes (`config.data.worker_count`), and
+`config.data.prefetch` batches are put on the devices ahead of the step (transfers are
+asynchronous, so the step never waits for them).
 
 Augmentation (`config.data.augment`, off by default as in the official code): one of the eight
 flips / 90-degree rotations per example, drawn from (seed, global stream position), i.e. a
@@ -35,6 +43,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import re
 import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -44,11 +53,10 @@ import grain
 import jax
 import numpy as np
 from absl import flags
-from jax.sharding import NamedSharding, PartitionSpec
 
+from u2net_jax import sharding
 from u2net_jax.data import DataError, pancollection
 
-BATCH_AXIS = 'data'
 # Stream length used for the "infinite" training MapDataset (in steps); never reached.
 _MAX_STEPS = 1 << 40
 
@@ -57,22 +65,48 @@ _MAX_STEPS = 1 << 40
 # Sources.
 
 
+# File names that the preparers write, NAME being their --name (default: sensor / format).
+_PREPARED_NAMES = (
+  re.compile(r'^(?:train|valid)_(?P<name>.+)\.h5$'),
+  re.compile(r'^test_(?P<name>.+?)(?:_OrigScale)?_multiExm1\.h5$'),
+  re.compile(r'^test_(?P<name>.+)\.h5$'),
+)
+
+
+def _prepared_name(path: str) -> str | None:
+  """The preparers' --name that produces a file called like `path`, if any."""
+  for pattern in _PREPARED_NAMES:
+    match = pattern.match(Path(path).name)
+    if match:
+      return match['name']
+  return None
+
+
 def _prepare_hint(config, path: str) -> str:
-  """How to make a missing HDF5 file, for the error message."""
-  out = str(Path(path).parent)
+  """The command that makes the missing file `path`, for the error message."""
+  out = str(Path(path).parent) if path else 'DIR'
+  name = _prepared_name(path) if path else None
   if config.task == 'hisr':
-    tool = 'prepare_cave --format harvard' if config.data.sensor == 'Harvard' else 'prepare_cave'
+    fmt = 'harvard' if config.data.sensor == 'Harvard' else 'cave'
+    command = f'python -m u2net_jax.data.prepare_cave --src SCENES_DIR --srf SRF --out {out}'
+    command += ' --format harvard' if fmt == 'harvard' else ''
+    command += f' --name {name}' if name and name != fmt else ''
     return (
-      f'prepare it with `python -m u2net_jax.data.{tool} --src SCENES_DIR --srf SRF --out {out}`'
-      ' (SRF: the 31x3 Nikon D700 response, .mat/.npy/.csv), or use --config.data.source=demo'
+      f'prepare it with `{command}` (SRF: the 31x3 Nikon D700 response, .mat/.npy/.csv; it '
+      'writes train_NAME.h5, valid_NAME.h5 and test_NAME.h5), or use --config.data.source=demo'
     )
+  sensor = config.data.sensor
+  command = (
+    f'python -m u2net_jax.data.prepare_pansharpening --pan P --ms M --sensor {sensor} --out {out}'
+  )
+  command += f' --name {name}' if name and name != sensor.lower() else ''
   return (
     'download PanCollection (https://github.com/liangjiandeng/PanCollection) and set '
     f'--config.data.*_file, or make it from your own full-resolution PAN/MS pair with '
-    f'`python -m u2net_jax.data.prepare_pansharpening --pan P --ms M --sensor '
-    f'{config.data.sensor} --out {out}`; or build the TFDS dataset (`python -m '
-    'u2net_jax.data.tfds_builders --name pan_collection/wv3 --manual_dir DIR`) and use '
-    '--config.data.source=tfds; or use --config.data.source=demo'
+    f'`{command}` (it writes train_NAME.h5, valid_NAME.h5, test_NAME_multiExm1.h5 and '
+    'test_NAME_OrigScale_multiExm1.h5); or build the TFDS dataset (`python -m '
+    f'u2net_jax.data.tfds_builders --name pan_collection/{sensor.lower()} --manual_dir DIR`) and '
+    'use --config.data.source=tfds; or use --config.data.source=demo'
   )
 
 
@@ -117,7 +151,7 @@ def get_source(config, split: str):
   if not path or not Path(path).exists():
     raise DataError(
       f'{path or "(empty path)"}: file not found for split {split!r}; '
-      + _prepare_hint(config, path or config.data.root + '/x')
+      + _prepare_hint(config, path)
     )
   return pancollection.H5Source(
     path,
@@ -181,32 +215,45 @@ def steps_per_epoch(config, source) -> int:
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-  """The permutation of epoch `epoch`: grain's index shuffle seeded by (seed + epoch).
+  """The order in which epoch `epoch` visits the examples (see the module docstring).
 
   Args:
     n: the number of examples.
-    seed: `config.seed` (0 <= seed < 2**32).
-    epoch: the epoch.
+    seed: `config.seed` (>= 0).
+    epoch: the epoch (>= 0).
 
   Returns:
-    (n,) int64, a permutation of range(n).
+    (n,) int64, a permutation of range(n); the same for the same (n, seed, epoch) everywhere.
   """
-  order = grain.MapDataset.range(n).shuffle(seed=seed)
-  return np.array([order[epoch * n + i] % n for i in range(n)], np.int64)
+  if seed < 0 or epoch < 0:
+    raise ValueError(f'seed {seed} and epoch {epoch} must be >= 0 (config.seed)')
+  keys = np.random.PCG64(np.random.SeedSequence([int(seed), int(epoch)])).random_raw(int(n))
+  return np.argsort(keys, kind='stable').astype(np.int64)
 
 
-class _TrainIndex:
-  """Stream position -> example index (picklable, for grain worker processes)."""
+@functools.lru_cache(maxsize=4)
+def _cached_order(n: int, seed: int, epoch: int) -> np.ndarray:
+  # One permutation per epoch serves every position of it (grain threads share it read-only).
+  order = epoch_order(n, seed, epoch)
+  order.flags.writeable = False
+  return order
 
-  def __init__(self, n: int, batch_size: int, seed: int):
-    self.n = n
-    self.used = (n // batch_size) * batch_size  # Positions per epoch after the drop.
-    self.order = grain.MapDataset.range(n).shuffle(seed=seed)
 
-  def __call__(self, position: int) -> int:
-    epoch, pos = divmod(int(position), self.used)
-    # ShuffleMapDataset reads index epoch * n + pos with the per-epoch seed (seed + epoch).
-    return int(self.order[epoch * self.n + pos]) % self.n
+def example_index(position: int, n: int, batch_size: int, seed: int) -> int:
+  """The example at global stream position `position` (see the module docstring).
+
+  Args:
+    position: the position in the training stream (step * batch_size + row of the batch).
+    n: the number of training examples.
+    batch_size: the global batch B.
+    seed: `config.seed`.
+
+  Returns:
+    The example index in [0, n).
+  """
+  used = (n // batch_size) * batch_size  # Positions per epoch: the last partial batch dropped.
+  epoch, rank = divmod(int(position), used)
+  return int(_cached_order(n, seed, epoch)[rank])
 
 
 def host_positions(step: int, batch_size: int, process_index: int, process_count: int) -> range:
@@ -239,9 +286,9 @@ def train_indices(
   Returns:
     (B / process_count,) int64 example indices.
   """
-  index = _TrainIndex(n, config.train.batch_size, config.seed)
-  pos = host_positions(step, config.train.batch_size, process_index, process_count)
-  return np.array([index(p) for p in pos], np.int64)
+  b = config.train.batch_size
+  pos = host_positions(step, b, process_index, process_count)
+  return np.array([example_index(p, n, b, config.seed) for p in pos], np.int64)
 
 
 def _local_batch(batch_size: int, process_count: int) -> int:
@@ -276,14 +323,14 @@ class _TrainElement:
     self.batch_size = config.train.batch_size
     self.local = _local_batch(self.batch_size, process_count)
     self.process_index = process_index
-    self.index = _TrainIndex(len(source), self.batch_size, config.seed)
+    self.n = len(source)
     self.seed = config.seed
     self.augment = bool(config.data.augment)
 
   def __call__(self, k: int) -> dict:
     step, j = divmod(int(k), self.local)
     position = step * self.batch_size + self.process_index * self.local + j
-    example = self.source[self.index(position)]
+    example = self.source[example_index(position, self.n, self.batch_size, self.seed)]
     if self.augment:
       example = _augment(example, self.seed, position)
     return example
@@ -372,35 +419,22 @@ def host_eval_dataset(
 # Device placement.
 
 
-def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-  """Leading (batch) axis split over the mesh axis 'data', the rest replicated."""
-  return NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
-
-
-def _to_global(local: Mapping[str, np.ndarray], sharding, batch_size: int) -> dict[str, jax.Array]:
+def _to_global(local: Mapping[str, np.ndarray], target, batch_size: int) -> dict[str, jax.Array]:
   return {
-    k: jax.make_array_from_process_local_data(sharding, v, (batch_size,) + v.shape[1:])
+    k: jax.make_array_from_process_local_data(target, v, (batch_size,) + v.shape[1:])
     for k, v in local.items()
   }
 
 
-def _prefetch_to_device(
-  host_iter, sharding, batch_size: int, size: int
-) -> Iterator[dict[str, Any]]:
+def _prefetch_to_device(host_iter, target, batch_size: int, size: int) -> Iterator[dict[str, Any]]:
   """Keeps `size` batches in flight on the devices (transfers are asynchronous)."""
   queue = collections.deque()
   for local in host_iter:
-    queue.append(_to_global(local, sharding, batch_size))
+    queue.append(_to_global(local, target, batch_size))
     if len(queue) > size:
       yield queue.popleft()
   while queue:
     yield queue.popleft()
-
-
-def _check_mesh(mesh, batch_size: int):
-  devices = mesh.shape[BATCH_AXIS]
-  if batch_size % devices:
-    raise ValueError(f'batch {batch_size} does not divide over {devices} devices on axis "data"')
 
 
 def train_batches(config, source, *, mesh, start_step: int) -> Iterator[dict[str, jax.Array]]:
@@ -409,16 +443,14 @@ def train_batches(config, source, *, mesh, start_step: int) -> Iterator[dict[str
   Args:
     config: the config (`seed`, `train.batch_size`, `data.*`).
     source: the training source (`get_source(config, 'train')`).
-    mesh: a mesh with a batch axis named 'data'. Make it with `axis_types=(AxisType.Auto,)`:
-      `jax.make_mesh` defaults to explicit axes, whose sharding-typed batches the model's
-      reshapes (pixel shuffle) reject.
+    mesh: the mesh of `sharding.create_mesh()` (batch axis 'data', Auto axis type).
     start_step: the global step of the first batch (0, or the restored step on resume).
 
   Returns:
     An iterator of role -> jax.Array (B, H, W, C) sharded over 'data'.
   """
   b = config.train.batch_size
-  _check_mesh(mesh, b)
+  sharding.check_batch_divides(b, mesh, 'config.train.batch_size')
   host = host_train_dataset(
     config,
     source,
@@ -426,7 +458,7 @@ def train_batches(config, source, *, mesh, start_step: int) -> Iterator[dict[str
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
-  return _prefetch_to_device(iter(host), batch_sharding(mesh), b, config.data.prefetch)
+  return _prefetch_to_device(iter(host), sharding.batch_sharding(mesh), b, config.data.prefetch)
 
 
 def eval_batches(config, source, *, mesh, batch_size: int) -> Iterator[dict[str, jax.Array]]:
@@ -435,14 +467,14 @@ def eval_batches(config, source, *, mesh, batch_size: int) -> Iterator[dict[str,
   Args:
     config: the config (`data.*`).
     source: a source.
-    mesh: a mesh with a batch axis named 'data'.
+    mesh: the mesh of `sharding.create_mesh()`.
     batch_size: the global evaluation batch (divisible by the devices on 'data').
 
   Returns:
     An iterator of ceil(n / batch_size) batches: roles -> (batch_size, H, W, C) float32,
     'mask' (batch_size,) bool (False for padding), 'index' (batch_size,) int32 (-1 for padding).
   """
-  _check_mesh(mesh, batch_size)
+  sharding.check_batch_divides(batch_size, mesh, 'batch_size')
   host = host_eval_dataset(
     config,
     source,
@@ -450,4 +482,5 @@ def eval_batches(config, source, *, mesh, batch_size: int) -> Iterator[dict[str,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
-  return _prefetch_to_device(iter(host), batch_sharding(mesh), batch_size, config.data.prefetch)
+  target = sharding.batch_sharding(mesh)
+  return _prefetch_to_device(iter(host), target, batch_size, config.data.prefetch)

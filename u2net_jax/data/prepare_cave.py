@@ -19,7 +19,7 @@ order; the paper does not list its split). Harvard: the last `HARVARD_NUM_TEST` 
 
 Simulation (Wald's protocol, `wald.reduce_hisr`): LR-HSI = Gaussian blur (`--kernel-size` 3,
 `--sigma` 0.5, replicate borders) then decimation by 4 keeping pixels 2, 6, 10, ...; HSI_up =
-`metrics.interp23tap(LR-HSI)`; RGB = HSI @ SRF at full resolution.
+`toolbox.interp23tap(LR-HSI)`; RGB = HSI @ SRF at full resolution.
 
 Training patches (the paper: 3,920 overlapping 64 x 64 patches from the 20 training scenes, 80%
 training and 20% validation): a `--grid` 14 x 14 grid of `--patch` 64 patches at `--stride` 32
@@ -31,14 +31,16 @@ from the LR scene rather than simulated per patch. The patches are shuffled with
 `valid_NAME.h5`. The 11 test scenes are stored whole (512 x 512) in `test_NAME.h5`. Each
 patch's HSI_up is interpolated from its own LR patch.
 
-Files are N x C x H x W float32 in [0, 1], written atomically (temporary files, renamed when all
-are complete); nothing is written when the input is refused.
+Files are N x C x H x W float32 in [0, 1], streamed scene by scene through
+`pancollection.H5Writer` (temporary files, renamed when all three are complete; removed on any
+failure); nothing is written when the input is refused. Flags are absl flags; the dashed
+spellings `--test-scenes`, `--valid-fraction` and `--kernel-size` are aliases of the underscored
+ones.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
+import contextlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,9 +48,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import scipy.io
+from absl import app, flags
 from PIL import Image
 
-from u2net_jax.data import DataError, wald
+from u2net_jax.data import DataError, pancollection, wald
 
 RATIO = 4
 BANDS = 31
@@ -194,37 +197,15 @@ def grid_positions(side_h: int, side_w: int, patch: int, stride: int, grid: int 
   return out
 
 
-class _Writer:
-  """N x C x H x W float32 datasets in a temporary HDF5 file, renamed when complete."""
-
-  def __init__(self, path: Path, n: int, size: int, bands: int, guide_bands: int, attrs):
-    self.path = path
-    self.tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    self.f = h5py.File(self.tmp, 'w')
-    small = size // RATIO
-    shapes = {
-      'gt': (n, bands, size, size),
-      'lms': (n, bands, size, size),
-      'ms': (n, bands, small, small),
-      'guide': (n, guide_bands, size, size),
-    }
-    for role, shape in shapes.items():
-      self.f.create_dataset(KEYS[role], shape=shape, dtype=np.float32, chunks=(1,) + shape[1:])
-    for k, v in attrs.items():
-      self.f.attrs[k] = v
-
-  def put(self, i: int, example: dict) -> None:
-    for role, x in example.items():
-      self.f[KEYS[role]][i] = np.asarray(x, np.float32).transpose(2, 0, 1)
-
-  def commit(self) -> None:
-    self.f.close()
-    os.replace(self.tmp, self.path)
-
-  def abort(self) -> None:
-    self.f.close()
-    if self.tmp.exists():
-      self.tmp.unlink()
+def _shapes(n: int, size: int, bands: int, guide_bands: int) -> dict[str, tuple[int, ...]]:
+  """Dataset name -> (N, C, H, W) of a file of `n` examples whose gt side is `size`."""
+  small = size // RATIO
+  return {
+    KEYS['gt']: (n, bands, size, size),
+    KEYS['lms']: (n, bands, size, size),
+    KEYS['ms']: (n, bands, small, small),
+    KEYS['guide']: (n, guide_bands, size, size),
+  }
 
 
 def prepare(
@@ -291,14 +272,14 @@ def prepare(
     return wald.reduce_hisr(cube, response, RATIO, kernel_size, sigma)
 
   # Cheap checks of every scene before anything is written (a late failure still removes the
-  # temporary files).
+  # temporary files). Scenes are then loaded one at a time: memory is one scene and its patches.
   if fmt == 'cave':
     for s in scenes:
       count = len(list(s.rglob('*.png')))
       if count != BANDS:
         raise DataError(f'{s}: found {count} PNG bands; expected {BANDS}')
-  first = load(train[0])
-  positions = grid_positions(first.shape[0], first.shape[1], patch, stride, grid)
+  first = load(train[0]).shape
+  positions = grid_positions(first[0], first[1], patch, stride, grid)
   slots = [(si, p) for si in range(len(train)) for p in positions]
   order = np.random.default_rng(seed).permutation(len(slots))
   n_valid = int(round(valid_fraction * len(slots)))
@@ -307,12 +288,12 @@ def prepare(
     where[int(k)] = (
       ('train', rank) if rank < len(slots) - n_valid else ('valid', rank - (len(slots) - n_valid))
     )
-  test_cubes = [load(s) for s in test]
-  if len({c.shape for c in test_cubes}) != 1:
-    sizes = {scene_name(s): c.shape[:2] for s, c in zip(test, test_cubes, strict=True)}
+  test_shapes = [load(s).shape for s in test]
+  if len(set(test_shapes)) != 1:
+    sizes = {scene_name(s): c[:2] for s, c in zip(test, test_shapes, strict=True)}
     raise DataError(f'test scenes differ in size: {sizes}')
-  if test_cubes[0].shape[0] != test_cubes[0].shape[1]:
-    raise DataError(f'test scenes are {test_cubes[0].shape[:2]}; expected square scenes')
+  if test_shapes[0][0] != test_shapes[0][1]:
+    raise DataError(f'test scenes are {test_shapes[0][:2]}; expected square scenes')
   out_dir = Path(out)
   made_dir = not out_dir.exists()
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -326,73 +307,90 @@ def prepare(
   }
   c = response.shape[1]
   paths = {k: out_dir / f'{k}_{name}.h5' for k in ('train', 'valid', 'test')}
-  writers = {
-    'train': _Writer(paths['train'], len(slots) - n_valid, patch, BANDS, c, attrs),
-    'valid': _Writer(paths['valid'], n_valid, patch, BANDS, c, attrs),
-    'test': _Writer(paths['test'], len(test), test_cubes[0].shape[0], BANDS, c, attrs),
+  sizes = {
+    'train': (len(slots) - n_valid, patch),
+    'valid': (n_valid, patch),
+    'test': (len(test), test_shapes[0][0]),
   }
   try:
-    for si, s in enumerate(train):
-      cube = first if si == 0 else load(s)
-      if cube.shape != first.shape:
-        raise DataError(f'{s}: scene is {cube.shape}; expected {first.shape} like {train[0]}')
-      full = reduce(cube)
-      for pi, (y, x) in enumerate(positions):
-        ms = full['ms'][y // RATIO : (y + patch) // RATIO, x // RATIO : (x + patch) // RATIO]
-        example = {
-          'gt': full['gt'][y : y + patch, x : x + patch],
-          'ms': ms,
-          'lms': wald.interp23tap(ms, RATIO),
-          'guide': full['guide'][y : y + patch, x : x + patch],
-        }
-        kind, row = where[si * len(positions) + pi]
-        writers[kind].put(row, example)
-    for i, cube in enumerate(test_cubes):
-      writers['test'].put(i, reduce(cube))
+    with contextlib.ExitStack() as stack:
+      writers = {
+        k: stack.enter_context(
+          pancollection.H5Writer(paths[k], _shapes(n, size, BANDS, c), np.float32, attrs=attrs)
+        )
+        for k, (n, size) in sizes.items()
+      }
+      for si, s in enumerate(train):
+        cube = load(s)
+        if cube.shape != first:
+          raise DataError(f'{s}: scene is {cube.shape}; expected {first} like {train[0]}')
+        full = reduce(cube)
+        for pi, (y, x) in enumerate(positions):
+          ms = full['ms'][y // RATIO : (y + patch) // RATIO, x // RATIO : (x + patch) // RATIO]
+          example = {
+            'gt': full['gt'][y : y + patch, x : x + patch],
+            'ms': ms,
+            'lms': wald.interp23tap(ms, RATIO),
+            'guide': full['guide'][y : y + patch, x : x + patch],
+          }
+          kind, row = where[si * len(positions) + pi]
+          writers[kind].put(row, pancollection.to_file_layout(example, KEYS))
+      for i, s in enumerate(test):
+        writers['test'].put(i, pancollection.to_file_layout(reduce(load(s)), KEYS))
+      for w in writers.values():  # Every file complete before any is renamed.
+        w.close()
   except BaseException:
-    for w in writers.values():
-      w.abort()
     if made_dir and not any(out_dir.iterdir()):
       out_dir.rmdir()
     raise
-  for w in writers.values():
-    w.commit()
   return paths
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--src', required=True, help='folder of scene folders (CAVE) or .mat files')
-  parser.add_argument('--srf', required=True, help='31x3 spectral response (.mat, .npy, .csv)')
-  parser.add_argument('--out', required=True, help='output folder')
-  parser.add_argument('--format', default='cave', choices=('cave', 'harvard'))
-  parser.add_argument('--name', default=None, help='file-name tag (default: the format)')
-  parser.add_argument('--test-scenes', default=None, help='comma list of test scene names')
-  parser.add_argument('--patch', type=int, default=64)
-  parser.add_argument('--stride', type=int, default=32)
-  parser.add_argument('--grid', type=int, default=14, help='positions per axis; 0 = all that fit')
-  parser.add_argument('--valid-fraction', type=float, default=0.2)
-  parser.add_argument('--kernel-size', type=int, default=3)
-  parser.add_argument('--sigma', type=float, default=0.5)
-  parser.add_argument('--crop', type=int, default=1000, help='Harvard crop side')
-  parser.add_argument('--seed', type=int, default=0)
-  args = parser.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines the command-line flags (on `flag_values`); `main` and `__main__` use them."""
+  fv = {'flag_values': flag_values}
+  flags.DEFINE_string('src', None, 'folder of scene folders (CAVE) or .mat files', **fv)
+  flags.DEFINE_string('srf', None, '31x3 spectral response (.mat, .npy, .csv)', **fv)
+  flags.DEFINE_string('out', None, 'output folder', **fv)
+  flags.DEFINE_enum('format', 'cave', ['cave', 'harvard'], 'scene format', **fv)
+  flags.DEFINE_string('name', None, 'file-name tag (default: the format)', **fv)
+  flags.DEFINE_list('test_scenes', None, 'comma list of test scene names', **fv)
+  flags.DEFINE_integer('patch', 64, 'training patch side', **fv)
+  flags.DEFINE_integer('stride', 32, 'training patch stride', **fv)
+  flags.DEFINE_integer('grid', 14, 'patch positions per axis; 0 = all that fit', **fv)
+  flags.DEFINE_float('valid_fraction', 0.2, 'share of the patches for validation', **fv)
+  flags.DEFINE_integer('kernel_size', 3, 'Gaussian blur kernel side', **fv)
+  flags.DEFINE_float('sigma', 0.5, 'Gaussian blur sigma', **fv)
+  flags.DEFINE_integer('crop', 1000, 'Harvard crop side', **fv)
+  flags.DEFINE_integer('seed', 0, 'patch shuffle seed', **fv)
+  for name in ('test_scenes', 'valid_fraction', 'kernel_size'):  # The dashed spellings too.
+    flags.DEFINE_alias(name.replace('_', '-'), name, **fv)
+  for name in ('src', 'srf', 'out'):
+    flags.mark_flag_as_required(name, **fv)
+
+
+def run(fv: flags.FlagValues) -> int:
+  """Prepares the files from parsed flags; prints the written files.
+
+  Returns:
+    0, or 2 when the input is refused (nothing is written).
+  """
   try:
     paths = prepare(
-      args.src,
-      args.srf,
-      args.out,
-      fmt=args.format,
-      name=args.name,
-      test_scenes=args.test_scenes.split(',') if args.test_scenes else None,
-      patch=args.patch,
-      stride=args.stride,
-      grid=args.grid or None,
-      valid_fraction=args.valid_fraction,
-      kernel_size=args.kernel_size,
-      sigma=args.sigma,
-      crop=args.crop,
-      seed=args.seed,
+      fv.src,
+      fv.srf,
+      fv.out,
+      fmt=fv.format,
+      name=fv.name,
+      test_scenes=fv.test_scenes or None,
+      patch=fv.patch,
+      stride=fv.stride,
+      grid=fv.grid or None,
+      valid_fraction=fv.valid_fraction,
+      kernel_size=fv.kernel_size,
+      sigma=fv.sigma,
+      crop=fv.crop,
+      seed=fv.seed,
     )
   except DataError as e:
     print(f'error: {e} (nothing written)', file=sys.stderr)
@@ -403,5 +401,24 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 0
 
 
+def main(argv: Sequence[str]) -> int:
+  """Runs the command line `argv` (flags only, no program name), e.g. from a notebook or a test.
+
+  Returns:
+    0, or 2 when the input is refused.
+  """
+  fv = flags.FlagValues()
+  define_flags(fv)
+  fv(['prepare_cave', *argv])
+  return run(fv)
+
+
+def _app_main(argv: Sequence[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  return run(flags.FLAGS)
+
+
 if __name__ == '__main__':
-  sys.exit(main())
+  define_flags()
+  app.run(_app_main)

@@ -2,12 +2,12 @@ r"""Wald's protocol for your own scenes: full-resolution PAN/MS pairs -> PanColl
 
   python -m u2net_jax.data.prepare_pansharpening --pan P.mat --ms M.mat --sensor WV3 --out DIR
 
-Inputs (one or more pairs, `--pan` and `--ms` in the same order): `.mat` (MATLAB v5 or v7.3),
-`.h5`, `.npy`, or GeoTIFF when `rasterio` is installed; arrays as the MATLAB toolbox stores them,
-PAN H x W and MS h x w x C (GeoTIFF bands first), on the sensor scale (0..2047 for 11-bit
-sensors). A `.mat`/`.h5` holding several arrays is searched for `--pan-key`/`--ms-key`, else the
-one 2-D (PAN) or 3-D (MS) array. A pair whose PAN is not exactly 4x the MS is refused, and
-nothing is written.
+Inputs (one or more pairs: repeat `--pan` and `--ms`, in the same order): `.mat` (MATLAB v5 or
+v7.3), `.h5`, `.npy`, or GeoTIFF when `rasterio` is installed; arrays as the MATLAB toolbox
+stores them, PAN H x W and MS h x w x C (GeoTIFF bands first), on the sensor scale (0..2047 for
+11-bit sensors). A `.mat`/`.h5` holding several arrays is searched for `--pan-key`/`--ms-key`,
+else the one 2-D (PAN) or 3-D (MS) array. A pair whose PAN is not exactly 4x the MS is refused,
+and nothing is written.
 
 Outputs in DIR (N x C x H x W float64 on the sensor scale, PanCollection keys gt/lms/ms/pan):
   train_NAME.h5, valid_NAME.h5      reduced-resolution patches (`--patch` gt side, `--stride`),
@@ -18,23 +18,28 @@ NAME defaults to the lower-case sensor. Scenes of different sizes are cropped (t
 smallest common size for the two test files.
 
 Reduction (`wald.reduce_pansharpening`): MTF-matched Gaussian per MS band and for the PAN
-(`metrics.get_sensor(sensor)` gains), decimation by 4, and `lms` = `metrics.interp23tap(ms)`
+(`toolbox.get_sensor(sensor)` gains), decimation by 4, and `lms` = `toolbox.interp23tap(ms)`
 computed per stored example, so every file's `lms` is exactly the interpolation of its `ms`.
-Every file is written atomically (temporary file, then rename).
+
+Memory is one scene: the pairs are checked first, then loaded again one at a time and their
+patches streamed through `pancollection.H5Writer` into temporary files, renamed together when all
+are complete (removed on any failure). Flags are absl flags (`--pan-key`, `--ms-key` and
+`--valid-fraction` are aliases of the underscored names).
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import h5py
 import numpy as np
 import scipy.io
+from absl import app, flags
 
-from u2net_jax import metrics
+from u2net_jax import toolbox
 from u2net_jax.data import DataError, pancollection, wald
 
 RATIO = 4
@@ -147,37 +152,72 @@ def check_pair(pan: np.ndarray, ms: np.ndarray, sensor: dict, name: str) -> None
       )
 
 
-def _patches(example: dict, patch: int, stride: int) -> list[dict]:
-  """Cuts aligned patches (gt side `patch`, ms side patch/4) and interpolates `lms` per patch."""
-  h, w = example['gt'].shape[:2]
-  out = []
-  for y in range(0, h - patch + 1, stride):
-    for x in range(0, w - patch + 1, stride):
-      ms = example['ms'][y // RATIO : (y + patch) // RATIO, x // RATIO : (x + patch) // RATIO]
-      out.append(
-        {
-          'gt': example['gt'][y : y + patch, x : x + patch],
-          'ms': ms,
-          'lms': wald.interp23tap(ms, RATIO),
-          'guide': example['guide'][y : y + patch, x : x + patch],
-        }
-      )
-  return out
+KEYS = {'gt': 'gt', 'lms': 'lms', 'ms': 'ms', 'guide': 'pan'}  # Role -> PanCollection name.
+OUTPUTS = ('train', 'valid', 'test', 'full')
 
 
-def _to_file(examples: Sequence[dict]) -> dict[str, np.ndarray]:
-  """Role dicts of H x W x C -> PanCollection datasets N x C x H x W (float64)."""
-  names = {'gt': 'gt', 'lms': 'lms', 'ms': 'ms', 'guide': 'pan'}
-  roles = [r for r in names if r in examples[0]]
+def _file_names(name: str) -> dict[str, str]:
   return {
-    names[r]: np.stack([e[r] for e in examples]).transpose(0, 3, 1, 2).astype(np.float64)
-    for r in roles
+    'train': f'train_{name}.h5',
+    'valid': f'valid_{name}.h5',
+    'test': f'test_{name}_multiExm1.h5',
+    'full': f'test_{name}_OrigScale_multiExm1.h5',
   }
 
 
-def _crop(example: dict, side_h: int, side_w: int, ratio_of: dict) -> dict:
-  """Top-left crop of every role to (side_h, side_w) on the gt/PAN grid."""
-  return {k: v[: side_h // ratio_of[k], : side_w // ratio_of[k]] for k, v in example.items()}
+def _corners(side: int, patch: int, stride: int) -> range:
+  """Patch starts along one side of a reduced scene (gt grid)."""
+  return range(0, side - patch + 1, stride)
+
+
+def _patches(example: dict, patch: int, stride: int) -> Iterator[dict]:
+  """Aligned patches (gt side `patch`, ms side patch/4), `lms` interpolated per patch, in order."""
+  h, w = example['gt'].shape[:2]
+  for y in _corners(h, patch, stride):
+    for x in _corners(w, patch, stride):
+      ms = example['ms'][y // RATIO : (y + patch) // RATIO, x // RATIO : (x + patch) // RATIO]
+      yield {
+        'gt': example['gt'][y : y + patch, x : x + patch],
+        'ms': ms,
+        'lms': wald.interp23tap(ms, RATIO),
+        'guide': example['guide'][y : y + patch, x : x + patch],
+      }
+
+
+def _crop(example: dict, side_h: int, side_w: int) -> dict:
+  """Top-left crop of every role to (side_h, side_w) on the gt/PAN grid; `lms` recomputed."""
+  out = {}
+  for k, v in example.items():
+    ratio = RATIO if k == 'ms' else 1
+    out[k] = v[: side_h // ratio, : side_w // ratio]
+  out['lms'] = wald.interp23tap(out['ms'], RATIO)
+  return out
+
+
+def _shapes(n: int, h: int, w: int, bands: int, gt: bool = True) -> dict[str, tuple[int, ...]]:
+  """PanCollection dataset name -> (N, C, H, W) for `n` examples of gt/PAN size h x w."""
+  shapes = {
+    'gt': (n, bands, h, w),
+    'lms': (n, bands, h, w),
+    'ms': (n, bands, h // RATIO, w // RATIO),
+    'pan': (n, 1, h, w),
+  }
+  if not gt:
+    del shapes['gt']
+  return shapes
+
+
+def _sensor(sensor: str) -> dict:
+  try:
+    info = toolbox.get_sensor(sensor)
+  except ValueError as e:
+    raise DataError(str(e)) from e
+  if info['task'] != 'pansharpening':
+    raise DataError(
+      f'sensor {info["name"]} is a hyperspectral dataset; use `python -m '
+      'u2net_jax.data.prepare_cave` for it'
+    )
+  return info
 
 
 def prepare(
@@ -193,13 +233,17 @@ def prepare(
   stride: int = 32,
   valid_fraction: float = 0.1,
   seed: int = 0,
-  outputs: Sequence[str] = ('train', 'valid', 'test', 'full'),
+  outputs: Sequence[str] = OUTPUTS,
 ) -> dict[str, Path]:
-  """Makes PanCollection-layout files from full-resolution pairs.
+  """Makes PanCollection-layout files from full-resolution pairs, one scene in memory at a time.
+
+  Every pair is loaded and checked first (a refusal writes nothing); then each pair is loaded
+  again, reduced, and its patches and test examples are streamed into the files
+  (`pancollection.H5Writer`), which appear together when all are complete.
 
   Args:
     pans, mss: the PAN and MS files, paired in order.
-    sensor: a `metrics.get_sensor` name (its MTF gains and maximum are used).
+    sensor: a `toolbox.get_sensor` pansharpening sensor (its MTF gains and maximum are used).
     out: the output folder.
     name: file-name tag (default: the sensor in lower case).
     pan_key, ms_key: array names inside `.mat`/`.h5` inputs.
@@ -219,94 +263,135 @@ def prepare(
     raise DataError(f'{len(pans)} PAN files but {len(mss)} MS files; give them in pairs')
   if patch % RATIO or stride % RATIO:
     raise DataError(f'--patch {patch} and --stride {stride} must be multiples of {RATIO}')
-  info = metrics.get_sensor(sensor)
+  unknown = sorted(set(outputs) - set(OUTPUTS))
+  if unknown:
+    raise DataError(f'unknown outputs {unknown}; expected some of {list(OUTPUTS)}')
+  info = _sensor(sensor)
   name = name or info['name'].lower()
-  pairs = []
-  for p, m in zip(pans, mss, strict=True):
-    pan, ms = load_array(p, pan_key, 2), load_array(m, ms_key, 3)
+  pairs = list(zip(pans, mss, strict=True))
+
+  def load(p, m):
+    return load_array(p, pan_key, 2), load_array(m, ms_key, 3)
+
+  # Pass 1: check every pair, keeping only the shapes.
+  shapes = []
+  for p, m in pairs:
+    pan, ms = load(p, m)
     check_pair(pan, ms, info, f'{p} + {m}')
-    pairs.append((pan, ms))
-  # Everything is computed before anything is written, so a refusal leaves no file behind.
-  reduced = [wald.reduce_pansharpening(pan, ms, sensor, RATIO) for pan, ms in pairs]
-  files = {}
+    shapes.append((pan.shape, ms.shape))
+    del pan, ms
+  bands = shapes[0][1][2]
+  # The reduced scenes are the size of the MS: patch k (scene by scene, row-major) goes to the
+  # training or the validation file through a fixed shuffle.
+  counts = [
+    len(_corners(s[0], patch, stride)) * len(_corners(s[1], patch, stride)) for _, s in shapes
+  ]
+  total = sum(counts)
+  sizes = {}
+  where = np.zeros((0, 2), np.int64)  # Patch -> (0 train / 1 valid, row).
   if {'train', 'valid'} & set(outputs):
-    patches = [q for r in reduced for q in _patches(r, patch, stride)]
-    if len(patches) < 2:
+    if total < 2:
       raise DataError(
-        f'{len(patches)} patch(es) of {patch}x{patch} at stride {stride} from reduced scenes of '
-        f'{[r["gt"].shape[:2] for r in reduced]}; use a smaller --patch/--stride'
+        f'{total} patch(es) of {patch}x{patch} at stride {stride} from reduced scenes of '
+        f'{[s[:2] for _, s in shapes]}; use a smaller --patch/--stride'
       )
-    order = np.random.default_rng(seed).permutation(len(patches))
-    n_valid = max(1, int(round(valid_fraction * len(patches))))
-    files['train'] = _to_file([patches[i] for i in order[:-n_valid]])
-    files['valid'] = _to_file([patches[i] for i in order[-n_valid:]])
-  if 'test' in outputs:
-    h = min(r['gt'].shape[0] for r in reduced) // RATIO * RATIO
-    w = min(r['gt'].shape[1] for r in reduced) // RATIO * RATIO
-    crops = [_crop(r, h, w, {'gt': 1, 'lms': 1, 'guide': 1, 'ms': RATIO}) for r in reduced]
-    for c in crops:
-      c['lms'] = wald.interp23tap(c['ms'], RATIO)
-    files['test'] = _to_file(crops)
-  if 'full' in outputs:
-    h = min(pan.shape[0] for pan, _ in pairs)
-    w = min(pan.shape[1] for pan, _ in pairs)
-    full = [wald.full_resolution(pan, ms, RATIO) for pan, ms in pairs]
-    full = [_crop(f, h, w, {'lms': 1, 'guide': 1, 'ms': RATIO}) for f in full]
-    for f in full:
-      f['lms'] = wald.interp23tap(f['ms'], RATIO)
-    files['full'] = _to_file(full)
-  paths = {
-    'train': f'train_{name}.h5',
-    'valid': f'valid_{name}.h5',
-    'test': f'test_{name}_multiExm1.h5',
-    'full': f'test_{name}_OrigScale_multiExm1.h5',
-  }
+    order = np.random.default_rng(seed).permutation(total)
+    n_valid = max(1, int(round(valid_fraction * total)))
+    n_train = total - n_valid
+    rank = np.empty(total, np.int64)
+    rank[order] = np.arange(total)
+    where = np.stack([rank >= n_train, np.where(rank < n_train, rank, rank - n_train)], axis=1)
+    sizes['train'] = _shapes(n_train, patch, patch, bands)
+    sizes['valid'] = _shapes(n_valid, patch, patch, bands)
+  test_h = min(s[0] for _, s in shapes) // RATIO * RATIO
+  test_w = min(s[1] for _, s in shapes) // RATIO * RATIO
+  sizes['test'] = _shapes(len(pairs), test_h, test_w, bands)
+  full_h = min(s[0] for s, _ in shapes)
+  full_w = min(s[1] for s, _ in shapes)
+  sizes['full'] = _shapes(len(pairs), full_h, full_w, bands, gt=False)
+  kinds = [k for k in OUTPUTS if k in outputs]
   attrs = {
     'sensor': info['name'],
     'max_value': float(info['max_value']),
     'protocol': "Wald's protocol: MTF-matched Gaussian, decimation by 4 (offset 2), interp23tap",
-    'sources': ';'.join(f'{p}+{m}' for p, m in zip(pans, mss, strict=True)),
+    'sources': ';'.join(f'{p}+{m}' for p, m in pairs),
   }
-  written = {}
-  for kind in ('train', 'valid', 'test', 'full'):
-    if kind in files and kind in outputs:
-      path = Path(out) / paths[kind]
-      pancollection.write_h5(path, files[kind], attrs=attrs)
-      written[kind] = path
-  return written
+  out_dir = Path(out)
+  paths = {k: out_dir / _file_names(name)[k] for k in kinds}
+  made_dir = not out_dir.exists()
+  # Pass 2: one pair at a time, streamed into every file.
+  try:
+    with contextlib.ExitStack() as stack:
+      writers = {
+        k: stack.enter_context(pancollection.H5Writer(paths[k], sizes[k], np.float64, attrs=attrs))
+        for k in kinds
+      }
+      k = 0
+      for i, (p, m) in enumerate(pairs):
+        pan, ms = load(p, m)
+        if {'train', 'valid', 'test'} & set(kinds):
+          reduced = wald.reduce_pansharpening(pan, ms, sensor, RATIO)
+          for example in _patches(reduced, patch, stride) if len(where) else ():
+            kind = ('train', 'valid')[where[k, 0]]
+            if kind in writers:
+              writers[kind].put(int(where[k, 1]), pancollection.to_file_layout(example, KEYS))
+            k += 1
+          if 'test' in writers:
+            crop = _crop(reduced, test_h, test_w)
+            writers['test'].put(i, pancollection.to_file_layout(crop, KEYS))
+        if 'full' in writers:
+          crop = _crop(wald.full_resolution(pan, ms, RATIO), full_h, full_w)
+          writers['full'].put(i, pancollection.to_file_layout(crop, KEYS))
+      for w in writers.values():  # Every file complete before any is renamed.
+        w.close()
+  except BaseException:
+    if made_dir and out_dir.exists() and not any(out_dir.iterdir()):
+      out_dir.rmdir()
+    raise
+  return paths
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--pan', nargs='+', required=True, help='full-resolution PAN file(s)')
-  parser.add_argument('--ms', nargs='+', required=True, help='MS file(s), paired with --pan')
-  parser.add_argument('--sensor', required=True, help='WV3 | WV2 | QB | GF2 | IKONOS | GeoEye1')
-  parser.add_argument('--out', required=True, help='output folder')
-  parser.add_argument('--name', default=None, help='file-name tag (default: the sensor)')
-  parser.add_argument('--pan-key', default=None)
-  parser.add_argument('--ms-key', default=None)
-  parser.add_argument('--patch', type=int, default=64, help='training patch side (PAN grid)')
-  parser.add_argument('--stride', type=int, default=32, help='patch stride (PAN grid)')
-  parser.add_argument('--valid-fraction', type=float, default=0.1)
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument(
-    '--outputs', default='train,valid,test,full', help='comma list of train,valid,test,full'
-  )
-  args = parser.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines the command-line flags (on `flag_values`); `main` and `__main__` use them."""
+  fv = {'flag_values': flag_values}
+  flags.DEFINE_multi_string('pan', None, 'full-resolution PAN file (repeat for several)', **fv)
+  flags.DEFINE_multi_string('ms', None, 'MS file, paired in order with --pan (repeat)', **fv)
+  flags.DEFINE_string('sensor', None, 'WV3 | WV2 | QB | GF2 | IKONOS | GeoEye1', **fv)
+  flags.DEFINE_string('out', None, 'output folder', **fv)
+  flags.DEFINE_string('name', None, 'file-name tag (default: the sensor)', **fv)
+  flags.DEFINE_string('pan_key', None, 'PAN array name inside .mat/.h5 inputs', **fv)
+  flags.DEFINE_string('ms_key', None, 'MS array name inside .mat/.h5 inputs', **fv)
+  flags.DEFINE_integer('patch', 64, 'training patch side (PAN grid)', **fv)
+  flags.DEFINE_integer('stride', 32, 'patch stride (PAN grid)', **fv)
+  flags.DEFINE_float('valid_fraction', 0.1, 'share of the patches for validation', **fv)
+  flags.DEFINE_integer('seed', 0, 'patch shuffle seed', **fv)
+  flags.DEFINE_list('outputs', list(OUTPUTS), 'comma list of train,valid,test,full', **fv)
+  for name in ('pan_key', 'ms_key', 'valid_fraction'):  # The dashed spellings too.
+    flags.DEFINE_alias(name.replace('_', '-'), name, **fv)
+  for name in ('pan', 'ms', 'sensor', 'out'):
+    flags.mark_flag_as_required(name, **fv)
+
+
+def run(fv: flags.FlagValues) -> int:
+  """Prepares the files from parsed flags; prints the written files.
+
+  Returns:
+    0, or 2 when a pair is refused (nothing is written).
+  """
   try:
     written = prepare(
-      args.pan,
-      args.ms,
-      args.sensor,
-      args.out,
-      name=args.name,
-      pan_key=args.pan_key,
-      ms_key=args.ms_key,
-      patch=args.patch,
-      stride=args.stride,
-      valid_fraction=args.valid_fraction,
-      seed=args.seed,
-      outputs=args.outputs.split(','),
+      fv.pan,
+      fv.ms,
+      fv.sensor,
+      fv.out,
+      name=fv.name,
+      pan_key=fv.pan_key,
+      ms_key=fv.ms_key,
+      patch=fv.patch,
+      stride=fv.stride,
+      valid_fraction=fv.valid_fraction,
+      seed=fv.seed,
+      outputs=fv.outputs,
     )
   except DataError as e:
     print(f'error: {e} (nothing written)', file=sys.stderr)
@@ -318,5 +403,24 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 0
 
 
+def main(argv: Sequence[str]) -> int:
+  """Runs the command line `argv` (flags only, no program name), e.g. from a notebook or a test.
+
+  Returns:
+    0, or 2 when a pair is refused.
+  """
+  fv = flags.FlagValues()
+  define_flags(fv)
+  fv(['prepare_pansharpening', *argv])
+  return run(fv)
+
+
+def _app_main(argv: Sequence[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]} (repeat --pan/--ms for several pairs)')
+  return run(flags.FLAGS)
+
+
 if __name__ == '__main__':
-  sys.exit(main())
+  define_flags()
+  app.run(_app_main)

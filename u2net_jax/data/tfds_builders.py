@@ -29,14 +29,15 @@ divided by `config.data.max_value` when read; the stored files keep the HDF5 ord
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import app, flags
 from etils import epath
 from tensorflow_datasets.core import utils as tfds_utils
 
@@ -167,6 +168,7 @@ class PanCollection(_Builder):
         spectral_bands=c.bands,
         guide_bands=1,
         require_gt=not split.endswith('_full'),
+        check_values='full',  # Converted once: worth reading every value.
       )
     return {split: _h5_examples(path, keys, c.bands) for split, path in found.items()}
 
@@ -362,25 +364,51 @@ def tfds_source(config, split: str) -> TfdsSource:
   return TfdsSource(source, config.data.max_value)
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description='Builds a u2net-jax TFDS dataset (ArrayRecord).')
-  parser.add_argument(
-    '--name', required=True, help='e.g. pan_collection/wv3, cave, u2net_demo/hisr'
-  )
-  parser.add_argument('--manual_dir', default=None, help='where the manual downloads are')
-  parser.add_argument('--data_dir', default=None, help='TFDS data dir (local or gs://)')
-  args = parser.parse_args(argv)
-  builder = tfds.builder(args.name, data_dir=args.data_dir, file_format='array_record')
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines the command-line flags (on `flag_values`); `main` and `__main__` use them."""
+  fv = {'flag_values': flag_values}
+  flags.DEFINE_string('name', None, 'e.g. pan_collection/wv3, cave, u2net_demo/hisr', **fv)
+  flags.DEFINE_string('manual_dir', None, 'where the manual downloads are', **fv)
+  flags.DEFINE_string('data_dir', None, 'TFDS data dir (local or gs://)', **fv)
+  flags.mark_flag_as_required('name', **fv)
+
+
+def run(fv: flags.FlagValues) -> int:
+  """Builds the dataset named by parsed flags.
+
+  Returns:
+    0, or 2 when the manual download is missing or invalid.
+  """
+  builder = tfds.builder(fv.name, data_dir=fv.data_dir, file_format='array_record')
   try:
     builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir)
+      download_config=tfds.download.DownloadConfig(manual_dir=fv.manual_dir)
     )
   except DataError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  print(f'built {args.name} in {builder.data_path}: {dict(builder.info.splits)}')
+  print(f'built {fv.name} in {builder.data_path}: {dict(builder.info.splits)}')
   return 0
 
 
+def main(argv: Sequence[str]) -> int:
+  """Runs the command line `argv` (flags only, no program name), e.g. from a notebook or a test.
+
+  Returns:
+    0, or 2 when the input is refused.
+  """
+  fv = flags.FlagValues()
+  define_flags(fv)
+  fv(['tfds_builders', *argv])
+  return run(fv)
+
+
+def _app_main(argv: Sequence[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  return run(flags.FLAGS)
+
+
 if __name__ == '__main__':
-  sys.exit(main())
+  define_flags()
+  app.run(_app_main)
