@@ -5,6 +5,11 @@ Any field can be overridden on the command line, e.g.::
 
   python train.py --config=configs/wv3.py --config.optimizer.learning_rate=5e-4
 
+The sensor (`config.data.sensor`) fixes the task, the band counts and the data scale, which
+`config_utils.finalize` derives when the config is loaded: `--config.data.sensor=QB` alone gives a
+4-band QuickBird model (the data files still have to be QB's); an explicit value that contradicts
+the sensor is an error before anything runs.
+
 The defaults are the paper's pansharpening recipe on WorldView-3 (the official code's settings).
 """
 
