@@ -112,8 +112,9 @@ def test_a_sensor_override_alone_derives_the_sensor_fields():
 
 
 def test_unknown_sensor_and_unknown_field():
-  with pytest.raises(config_utils.ConfigError, match=r"data\.sensor='Landsat' is not one of"):
+  with pytest.raises(config_utils.ConfigError, match=r"data\.sensor='Landsat' is not one of") as e:
     _load('wv3.py', **{'data.sensor': 'Landsat'})
+  assert len(str(e.value).splitlines()) == 2  # The heading and the sensor, nothing derived.
   with pytest.raises(KeyError, match='max_valu'):
     _load('wv3.py', **{'data.max_valu': 1.0})
 

@@ -175,6 +175,8 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     value = _get(config, rule.field)
     if value is _MISSING:  # A config.json from before the field existed.
       continue
+    if value is None and rule.field in SENSOR_FIELDS:  # Unset only when the sensor is unknown.
+      continue
     if not rule.check(value):
       problems.append(f'{rule.field}={_show(value)} is not {rule.expected}')
   if problems:
