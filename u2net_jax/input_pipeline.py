@@ -167,27 +167,17 @@ def get_source(config, split: str):
 
 
 @functools.lru_cache(maxsize=8)
-def _demo_arrays(task, split, num, size, seed, bands):
+def _demo_arrays(sensor, split, num, size, seed):
   from u2net_jax.data import demo
 
-  return demo.make_split(task, split, num, size, seed, spectral_bands=bands)
+  return demo.make_split(sensor, split, num, size, seed)
 
 
 def _demo_source(config, split: str) -> pancollection.ArraySource:
-  """The SYNTHETIC demo split, generated in-process (cached per arguments)."""
-  from u2net_jax.data import demo
+  """The SYNTHETIC demo split of `config.data.sensor`, generated in-process (cached per arguments).
 
-  scale = demo.DEMO_MAX_VALUE[config.task]
-  if config.data.max_value != scale:
-    raise DataError(
-      f'demo data ({config.task}) are on a 0..{scale:g} scale but config.data.max_value = '
-      f'{config.data.max_value:g} (wrong sensor maximum)'
-    )
-  if config.model.guide_bands != demo.GUIDE_BANDS[config.task]:
-    raise DataError(
-      f'demo data ({config.task}) have {demo.GUIDE_BANDS[config.task]} guide bands; '
-      f'config.model.guide_bands = {config.model.guide_bands}'
-    )
+  The sensor fixes bands, guide and scale (`config_utils.finalize` made the config agree with it).
+  """
   if split == 'train':
     num, size, seed = config.data.demo_num_train, config.data.demo_size, config.seed
   elif split == 'valid':
@@ -197,7 +187,7 @@ def _demo_source(config, split: str) -> pancollection.ArraySource:
     num, size = config.data.demo_num_test, config.data.demo_test_size
     seed = config.seed + 2 + zlib.crc32(split.encode()) % 1000
   split_kind = split if split in ('train', 'valid') else 'test'
-  arrays = _demo_arrays(config.task, split_kind, num, size, seed, config.model.spectral_bands)
+  arrays = _demo_arrays(config.data.sensor, split_kind, num, size, seed)
   return pancollection.ArraySource(arrays)
 
 

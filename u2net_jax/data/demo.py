@@ -172,8 +172,6 @@ def make_split(
   num: int,
   size: int,
   seed: int,
-  *,
-  spectral_bands: int | None = None,
 ) -> dict[str, np.ndarray]:
   """Makes one SYNTHETIC split for a sensor.
 
@@ -183,10 +181,7 @@ def make_split(
     split: a name mixed into the seed ('train', 'valid', 'test', ...).
     num: the number of examples.
     size: the high-resolution side (a multiple of 4).
-    seed: the seed; (task, split, num, size, seed, bands) fully determine the result.
-    spectral_bands: transitional (issue 11), for callers that still pass a task and a band
-      count: C instead of the sensor's. Goes once input_pipeline.py and tfds_builders.py pass
-      the sensor.
+    seed: the seed; (sensor, split, num, size, seed) fully determine the result.
 
   Returns:
     Role -> (num, size, size, C) float32 in [0, 1] (divided by the sensor's maximum):
@@ -197,7 +192,7 @@ def make_split(
   task = info['task']
   if size % RATIO:
     raise ValueError(f'size {size} is not a multiple of {RATIO}')
-  bands = spectral_bands or info['bands']
+  bands = info['bands']
   lam = wavelengths(task, bands)
   srf = spectral_response(task, lam)
   rng = np.random.default_rng([seed, zlib.crc32(f'{task}/{split}'.encode())])
@@ -248,10 +243,3 @@ def metadata(sensor: str) -> dict:
     'task': info['task'],
     'max_value': float(info['max_value']),
   }
-
-
-# Transitional (issue 11): input_pipeline.py and tfds_builders.py still read these per-task
-# values; they go once both take everything from the sensor (`get_demo_sensor`).
-DEMO_MAX_VALUE = {t: float(get_demo_sensor(t)['max_value']) for t in DEMO_SENSORS}
-GUIDE_BANDS = {t: get_demo_sensor(t)['guide_bands'] for t in DEMO_SENSORS}
-DEFAULT_BANDS = {t: get_demo_sensor(t)['bands'] for t in DEMO_SENSORS}

@@ -51,6 +51,7 @@ import scipy.io
 from absl import app, flags
 from PIL import Image
 
+from u2net_jax import toolbox
 from u2net_jax.data import DataError, pancollection, wald
 
 RATIO = 4
@@ -330,7 +331,7 @@ def prepare(
           example = {
             'gt': full['gt'][y : y + patch, x : x + patch],
             'ms': ms,
-            'lms': wald.interp23tap(ms, RATIO),
+            'lms': toolbox.interp23tap(ms, RATIO),
             'guide': full['guide'][y : y + patch, x : x + patch],
           }
           kind, row = where[si * len(positions) + pi]

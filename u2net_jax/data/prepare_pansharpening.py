@@ -179,7 +179,7 @@ def _patches(example: dict, patch: int, stride: int) -> Iterator[dict]:
       yield {
         'gt': example['gt'][y : y + patch, x : x + patch],
         'ms': ms,
-        'lms': wald.interp23tap(ms, RATIO),
+        'lms': toolbox.interp23tap(ms, RATIO),
         'guide': example['guide'][y : y + patch, x : x + patch],
       }
 
@@ -190,7 +190,7 @@ def _crop(example: dict, side_h: int, side_w: int) -> dict:
   for k, v in example.items():
     ratio = RATIO if k == 'ms' else 1
     out[k] = v[: side_h // ratio, : side_w // ratio]
-  out['lms'] = wald.interp23tap(out['ms'], RATIO)
+  out['lms'] = toolbox.interp23tap(out['ms'], RATIO)
   return out
 
 

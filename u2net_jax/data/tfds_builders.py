@@ -267,10 +267,11 @@ class U2netDemo(_Builder):
 
   def _info(self):
     c = self.builder_config
+    info = demo.get_demo_sensor(c.task)
     return tfds.core.DatasetInfo(
       builder=self,
       description='SYNTHETIC data (not real imagery): ' + demo.__doc__.split('\n\n')[0],
-      features=_features(demo.DEFAULT_BANDS[c.task], demo.GUIDE_BANDS[c.task]),
+      features=_features(info['bands'], info['guide_bands']),
       disable_shuffling=True,
       metadata=tfds.core.MetadataDict(**demo.metadata(c.task), sensor='SYNTHETIC'),
     )
@@ -287,7 +288,8 @@ class U2netDemo(_Builder):
   def _demo_examples(self, split, num, size, seed):
     c = self.builder_config
     arrays = demo.make_split(c.task, split, num, size, seed)
-    scale = np.float32(demo.DEMO_MAX_VALUE[c.task])  # Stored on the sensor scale, like the rest.
+    # Stored on the sensor scale, like the rest.
+    scale = np.float32(demo.metadata(c.task)['max_value'])
     for i in range(num):
       yield i, {role: arrays[role][i] * scale for role in ROLES}
 

@@ -54,11 +54,6 @@ def mtf_reduce(image: np.ndarray, gnyq, ratio: int = 4) -> np.ndarray:
   return decimate(low, ratio)
 
 
-def interp23tap(image: np.ndarray, ratio: int = 4) -> np.ndarray:
-  """The toolbox's 23-tap interpolator (`toolbox.interp23tap`), as float64 numpy."""
-  return np.asarray(toolbox.interp23tap(np.asarray(image, np.float64), ratio=ratio), np.float64)
-
-
 def reduce_pansharpening(
   pan: np.ndarray, ms: np.ndarray, sensor: str, ratio: int = 4
 ) -> dict[str, np.ndarray]:
@@ -85,7 +80,7 @@ def reduce_pansharpening(
   return {
     'gt': np.asarray(ms, np.float64),
     'ms': ms_lr,
-    'lms': interp23tap(ms_lr, ratio),
+    'lms': toolbox.interp23tap(ms_lr, ratio),
     'guide': pan_lr[..., None],
   }
 
@@ -101,7 +96,11 @@ def full_resolution(pan: np.ndarray, ms: np.ndarray, ratio: int = 4) -> dict[str
     'ms' (H/ratio, W/ratio, C), 'lms' (H, W, C), 'guide' (H, W, 1), float64.
   """
   ms = np.asarray(ms, np.float64)
-  return {'ms': ms, 'lms': interp23tap(ms, ratio), 'guide': np.asarray(pan, np.float64)[..., None]}
+  return {
+    'ms': ms,
+    'lms': toolbox.interp23tap(ms, ratio),
+    'guide': np.asarray(pan, np.float64)[..., None],
+  }
 
 
 def gaussian_reduce(
@@ -150,7 +149,7 @@ def reduce_hisr(
   if srf.shape[0] != hsi.shape[-1]:
     raise ValueError(f'SRF has shape {srf.shape}; expected ({hsi.shape[-1]}, c)')
   ms = gaussian_reduce(hsi, ratio, kernel_size, sigma)
-  return {'gt': hsi, 'ms': ms, 'lms': interp23tap(ms, ratio), 'guide': hsi @ srf}
+  return {'gt': hsi, 'ms': ms, 'lms': toolbox.interp23tap(ms, ratio), 'guide': hsi @ srf}
 
 
 def check_ratio(pan_shape: Sequence[int], ms_shape: Sequence[int], ratio: int = 4) -> str | None:
