@@ -7,8 +7,9 @@ r"""Evaluates a workdir's checkpoint with the paper's protocols: tables, files a
       --test_files=wv2_reduced=test_wv2_multiExm1.h5,wv2_full=test_wv2_OrigScale_multiExm1.h5 \
       --sensor=WV2
 
-Results go to `WORKDIR/eval/<test set>/` (see `u2net_jax/eval_lib.py`). The logic lives in
-`u2net_jax.eval_lib.evaluate`, callable from a notebook.
+Results go to `WORKDIR/eval/<test set>/` (see `u2net_jax/reporting.py`). The logic lives in
+`u2net_jax.eval_lib.evaluate`, callable from a notebook; the tiled inference in
+`u2net_jax.tiling`.
 """
 
 import sys
@@ -16,7 +17,7 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from u2net_jax import eval_lib
+from u2net_jax import eval_lib, fileio, tiling
 from u2net_jax.data import DataError
 
 FLAGS = flags.FLAGS
@@ -32,7 +33,7 @@ flags.DEFINE_list(
 flags.DEFINE_string(
   'sensor', None, 'Evaluate as data of this sensor (HQNR MTF gains), e.g. WV2 through a WV3 model.'
 )
-flags.DEFINE_enum('mode', None, list(eval_lib.MODES), 'Inference (default: config.eval.mode).')
+flags.DEFINE_enum('mode', None, list(tiling.MODES), 'Inference (default: config.eval.mode).')
 flags.DEFINE_integer('tile_batch', None, 'Tiles per jitted call (default: config.eval.tile_batch).')
 flags.DEFINE_string('output_dir', None, 'Where the results go (default: WORKDIR/eval).')
 flags.DEFINE_bool('save_images', None, 'Write the .mat and PNG files (default: config.eval).')
@@ -56,7 +57,7 @@ def main(argv):
       output_dir=FLAGS.output_dir,
       save_images=FLAGS.save_images,
     )
-  except (FileNotFoundError, DataError, eval_lib.OutputError) as e:
+  except (FileNotFoundError, DataError, fileio.OutputError) as e:
     sys.exit(f'error: {e}')
 
 

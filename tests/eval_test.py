@@ -1,9 +1,10 @@
-"""Tests of `evaluate.py` / `u2net_jax.eval_lib`: the official tiled procedure, the files and
-tables it writes, and its errors.
+"""Tests of `evaluate.py` / `u2net_jax.eval_lib`: the protocols, the test-set sources, the files
+and tables an evaluation writes, and its errors.
 
 The acceptance cases run the released WV3 weights on the WV2 samples of `../shared/official`
-(skipped without them) and a `train.py` demo run end to end; the rest use a tiny model on
-synthetic HDF5 files.
+(skipped without them) and a tiny training run evaluated through the command line; the rest use a
+tiny model with random weights on synthetic HDF5 files. The tile geometry and the `Fuser` are
+tested in `tiling_test.py`, the writers in `reporting_test.py`.
 """
 
 import csv
@@ -14,20 +15,25 @@ import subprocess
 import sys
 
 import h5py
-import jax
 import numpy as np
 import pytest
 import scipy.io
 from conftest import REPO, shared_path
 from PIL import Image
+from tiling_test import TINY_MODEL, TINY_TILE, random_params
 
-from u2net_jax import checkpointing, config_utils, convert, eval_lib, metrics, models
+from u2net_jax import (
+  checkpointing,
+  config_utils,
+  convert,
+  eval_lib,
+  fileio,
+  input_pipeline,
+  metrics,
+  models,
+  train_lib,
+)
 from u2net_jax.data import DataError, pancollection
-
-TINY_MODEL = {'width': 16, 'head_dim': 16, 'attention': 'auto'}
-# 32-pixel tiles (40 x 40 with margins) keep the tiny model's spatial attention ~10x cheaper
-# than the official 72 x 72 tiles; the procedure is the same.
-TINY_TILE = 32
 
 
 def _config(task='pansharpening', **model):
@@ -41,25 +47,8 @@ def _config(task='pansharpening', **model):
   return config
 
 
-def _random_params(model, seed=0):
-  """Random parameters of the model's shapes without compiling its init (fast on CPU)."""
-  abstract = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), ms_size=4))
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, x):
-    name = path[-1].key
-    if name == 'scale':
-      return np.ones(x.shape, np.float32)
-    if name == 'bias':
-      return rng.uniform(-0.05, 0.05, x.shape).astype(np.float32)
-    bound = 1.0 / np.sqrt(np.prod(x.shape[:-1]))
-    return rng.uniform(-bound, bound, x.shape).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(leaf, abstract)
-
-
 def _make_workdir(path, config, seed=0):
-  params = _random_params(models.U2Net(**config.model), seed)
+  params = random_params(models.create_model(config.model), seed)
   config_utils.save_config(config, path)
   checkpointing.save_params(path, params, meta={'test': True})
   return path
@@ -147,62 +136,7 @@ def _outputs_agree(out_dir, source_file=None, roles=None, sensor='WV3', protocol
 
 
 # ---------------------------------------------------------------------------------------------
-# The official tiling.
-
-
-def test_tile_grid_matches_test_py():
-  # The canvas is H + 64 - H mod 64: a multiple of 64 gets a whole extra row of tiles.
-  assert eval_lib.tile_grid(128, 128) == (3, 3)
-  assert eval_lib.tile_grid(256, 256) == (5, 5)
-  assert eval_lib.tile_grid(100, 60) == (2, 1)
-
-
-def test_tiles_cover_the_image_with_reflected_margins():
-  rng = np.random.default_rng(0)
-  guide = rng.uniform(size=(100, 60, 1)).astype(np.float32)
-  ms = rng.uniform(size=(25, 15, 3)).astype(np.float32)
-  ms_tiles, guide_tiles = eval_lib.extract_tiles(ms, guide)
-  assert ms_tiles.shape == (2, 18, 18, 3) and guide_tiles.shape == (2, 72, 72, 1)
-  # Margins are torch-style reflections (edge not repeated), zeros beyond them.
-  np.testing.assert_array_equal(guide_tiles[0, :4, 4:64], guide[4:0:-1])
-  np.testing.assert_array_equal(ms_tiles[0, 0, 1:16], ms[1])
-  np.testing.assert_array_equal(guide_tiles[0, 4:68, 64:68], guide[:64, 58:54:-1])
-  assert not guide_tiles[:, :, 68:].any()  # Columns beyond the reflected margin are zeros.
-  assert not guide_tiles[1, 4 + 36 + 4 :].any()  # Rows 104.. of the canvas are zeros.
-  # A "network" returning its guide tile puts the guide back in place.
-  np.testing.assert_array_equal(eval_lib.assemble_tiles(guide_tiles, 100, 60), guide)
-  # MS tiles are aligned with the guide tiles (1 MS pixel = 4 guide pixels of margin).
-  up = np.repeat(np.repeat(ms_tiles, 4, axis=1), 4, axis=2)
-  np.testing.assert_array_equal(
-    eval_lib.assemble_tiles(up, 100, 60), np.repeat(np.repeat(ms, 4, axis=0), 4, axis=1)
-  )
-
-
-def test_fuser_batches_tiles_across_images_without_recompiling():
-  config = _config()
-  model = models.U2Net(**config.model)
-  params = _random_params(model, 1)
-  rng = np.random.default_rng(1)
-  examples = [
-    {
-      'ms': rng.uniform(size=(s // 4, s // 4, 8)).astype(np.float32),
-      'guide': rng.uniform(size=(s, s, 1)).astype(np.float32),
-    }
-    for s in (32, 16, 48)
-  ]
-  before = eval_lib.fused_output._cache_size()
-  # 4 + 1 + 4 tiles in batches of 4: the second batch mixes three images. One compilation.
-  batched = eval_lib.Fuser(
-    config.model, params, tile_size=TINY_TILE, tile_batch=config.eval.tile_batch
-  )
-  outs = [fused for _, fused in batched.fuse_all(examples)]
-  assert eval_lib.fused_output._cache_size() <= before + 1
-  assert [o.shape for o in outs] == [(32, 32, 8), (16, 16, 8), (48, 48, 8)]
-  # Alone (its tiles padded with zero tiles) each image gives the same result.
-  for ex, out in zip(examples, outs, strict=True):
-    np.testing.assert_allclose(batched(ex['ms'], ex['guide']), out, atol=1e-6)
-    assert 0 <= out.min() and out.max() <= 1 and out.std() > 0
-  assert eval_lib.fused_output._cache_size() <= before + 1
+# Test sets.
 
 
 def test_parse_test_files():
@@ -214,10 +148,77 @@ def test_parse_test_files():
     eval_lib.parse_test_files('a=')
 
 
+def test_hdf5_source_reads_the_file_values_through_one_handle(tmp_path, monkeypatch):
+  config = _config()
+  path = _write_pansharpening_h5(tmp_path / 'rr.h5', n=2, size=96, sensor='WV3')
+  (test_set,) = eval_lib.select_test_sets(config, f'rr={path}')
+  opened = []
+  real_open = pancollection.open_h5
+  monkeypatch.setattr(pancollection, 'open_h5', lambda p: opened.append(p) or real_open(p))
+  source = test_set.source
+  assert isinstance(source, eval_lib.TestSource) and source.sensor == 'WV3'
+  assert len(source) == 2 and source.file == str(path)
+  with h5py.File(path) as f:
+    stored = {k: f[k][()] for k in f}
+  for k, example in enumerate(source):
+    ref = source.reference(k, example)
+    assert set(ref) == {'gt', 'lms', 'ms', 'guide'}
+    for role, key in (('gt', 'gt'), ('lms', 'lms'), ('ms', 'ms'), ('guide', 'pan')):
+      assert ref[role].dtype == np.float64
+      np.testing.assert_array_equal(ref[role], stored[key][k].transpose(1, 2, 0))
+      np.testing.assert_array_equal(
+        example[role], stored[key][k].transpose(1, 2, 0).astype(np.float32) / np.float32(2047)
+      )
+  # The references come through the handle opened with the test set, never reopened per image
+  # (the examples' reader opens its own handle once, lazily).
+  assert len(opened) <= 1
+  test_set.close()
+
+
+def test_demo_source_references_are_on_the_sensor_scale():
+  config = config_utils.load_config_file(REPO / 'configs' / 'tiny.py')
+  with config.unlocked():
+    config.data.demo_test_size = 96  # A 21-px crop on each side must leave one 32-px block.
+  (test_set,) = eval_lib.select_test_sets(config)
+  source = test_set.source
+  assert isinstance(source, eval_lib.ScaledTestSource) and source.sensor is None
+  assert test_set.file == 'demo' and test_set.protocol == 'reduced'
+  example = source.example(1)
+  ref = source.reference(1, example)
+  for role, x in example.items():
+    assert ref[role].dtype == np.float64
+    np.testing.assert_array_equal(ref[role], x.astype(np.float64) * 2047.0)
+  test_set.close()
+
+
+def test_the_checkpoint_step_is_selected_once(tiny_workdir, tmp_path, monkeypatch):
+  fr = _write_pansharpening_h5(tmp_path / 'fr.h5', n=1, size=32, gt=False)
+  calls = []
+  real = checkpointing.select_step
+  monkeypatch.setattr(
+    checkpointing, 'select_step', lambda *a, **k: calls.append(a) or real(*a, **k)
+  )
+  results = eval_lib.evaluate(
+    None,
+    tiny_workdir,
+    test_files=f'fr={fr}',
+    output_dir=tmp_path / 'out',
+    save_images=False,
+    verbose=False,
+  )
+  assert len(calls) == 1 and results['fr']['step'] == 0
+  assert sorted(p.name for p in (tmp_path / 'out' / 'fr').iterdir()) == [
+    'metrics.json',
+    'per_image.csv',
+    'table.txt',
+  ]
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end on a tiny model: the files agree with each other.
 
 
+@pytest.mark.slow
 def test_evaluate_writes_agreeing_files(tiny_workdir, tmp_path, capsys):
   rr = _write_pansharpening_h5(tmp_path / 'rr.h5', size=96, sensor='WV3')
   fr = _write_pansharpening_h5(tmp_path / 'fr.h5', size=64, gt=False, seed=1)
@@ -236,6 +237,7 @@ def test_evaluate_writes_agreeing_files(tiny_workdir, tmp_path, capsys):
   assert 'Q8' in results['rr']['table'] and 'HQNR' in results['fr']['table']
 
 
+@pytest.mark.slow
 def test_evaluate_hisr_whole_mode(tmp_path):
   config = _config('hisr', spectral_bands=31, guide_bands=3)
   workdir = _make_workdir(tmp_path / 'wd', config)
@@ -295,7 +297,7 @@ def test_unwritable_output_folder(tiny_workdir, tmp_path):
   rr = _write_pansharpening_h5(tmp_path / 'rr.h5')
   blocker = tmp_path / 'file'
   blocker.write_text('not a folder')
-  with pytest.raises(eval_lib.OutputError, match='cannot write'):
+  with pytest.raises(fileio.OutputError, match=r'evaluation output folder .*file/eval'):
     eval_lib.evaluate(None, tiny_workdir, test_files=f'rr={rr}', output_dir=blocker / 'eval')
 
 
@@ -321,6 +323,7 @@ def test_failed_run_leaves_no_half_written_results(tiny_workdir, tmp_path, monke
   assert json.loads((out / 'fr' / 'metrics.json').read_text()) == {'previous': True}
 
 
+@pytest.mark.slow
 def test_cli_reports_errors_without_traceback(tmp_path):
   result = subprocess.run(
     [sys.executable, 'evaluate.py', f'--workdir={tmp_path / "none"}'],
@@ -347,6 +350,7 @@ def official_workdir(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_official_weights_reproduce_test_py(official_workdir):
   kinds = {'reduced': 'rr', 'full': 'fr'}
   files = {name: shared_path('official', f'wv2_{kind}_sample.h5') for name, kind in kinds.items()}
@@ -379,46 +383,28 @@ def test_official_weights_reproduce_test_py(official_workdir):
         assert ours[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (name, k, key)
 
 
-def test_demo_training_run_evaluates_end_to_end(tmp_path):
-  pytest.importorskip('u2net_jax.train_lib', reason='train_lib is not written yet')
-  if not (REPO / 'train.py').exists():
-    pytest.skip('train.py is not written yet')
-  workdir = tmp_path / 'demo'
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  overrides = [
-    '--config.train.num_epochs=1',
-    '--config.data.demo_num_train=32',
-    '--config.data.demo_num_valid=16',
-    '--config.data.demo_num_test=2',
-    '--config.data.demo_test_size=96',  # 4 tiles; 96 - 2 x 21 leaves one Q8 block.
-    '--config.model.width=16',
-    '--config.eval.tile_batch=8',
-  ]
-  train = subprocess.run(
-    [sys.executable, 'train.py', '--config=configs/demo.py', f'--workdir={workdir}', *overrides],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    env=env,
-  )
-  assert train.returncode == 0, train.stderr[-3000:]
+@pytest.mark.slow
+def test_tiny_training_run_evaluates_end_to_end(tmp_path):
+  config = config_utils.load_config_file(REPO / 'configs' / 'tiny.py')
+  with config.unlocked():
+    config.train.num_epochs = 1
+    config.data.demo_test_size = 96  # 9 tiles; 96 - 2 x 21 leaves one Q4 block.
+  workdir = tmp_path / 'tiny'
+  train_lib.train_and_evaluate(config, workdir)
   run = subprocess.run(
     [sys.executable, 'evaluate.py', f'--workdir={workdir}'],
     cwd=REPO,
     capture_output=True,
     text=True,
-    env=env,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
   )
   assert run.returncode == 0, run.stderr[-3000:]
-  config = config_utils.load_config(workdir)
-  from u2net_jax import input_pipeline
-
-  source = input_pipeline.get_source(config, 'demo_test')
+  source = input_pipeline.get_source(config, 'tiny_test')
   roles = {
     r: np.stack([source[i][r] for i in range(len(source))]).astype(np.float64) * 2047.0
     for r in ('gt', 'lms', 'ms', 'guide')
   }
-  out_dir = workdir / 'eval' / 'demo_test'
-  result = _outputs_agree(out_dir, roles=roles)
-  assert result['num_images'] == 2
+  out_dir = workdir / 'eval' / 'tiny_test'
+  result = _outputs_agree(out_dir, roles=roles, sensor='QB')
+  assert result['num_images'] == 2 and result['sensor'] == 'QB' and result['bands'] == 4
   assert (out_dir / 'table.txt').read_text() in run.stdout

@@ -1,293 +1,236 @@
-"""Evaluation: the paper's protocols on a workdir's checkpoint, with tables, files and pictures.
+"""Evaluation: the paper's protocols on a workdir's checkpoint.
 
 `evaluate(config, workdir)` restores the best (or a given) checkpoint of a workdir -- a training
 run or official weights converted by `python -m u2net_jax.convert` -- fuses every image of each
-test set and writes, per test set, into `workdir/eval/<test set>/`:
+test set (`tiling.Fuser`: the official tiled `test.py` procedure by default) and writes, per test
+set, into `workdir/eval/<test set>/` the table, JSON, CSV, `.mat` files and PNG previews that
+`u2net_jax.reporting` describes. The table is also printed.
 
-  table.txt               mean ± std per metric, the fused images and the upsampled MS ('EXP',
-                          the `lms` baseline of the paper's tables), also printed
-  metrics.json            means, stds and per-image values of both rows, plus provenance
-  per_image.csv           one line per image and row
-  output_mulExm_{k}.mat   `sr`, H x W x C on the sensor scale, as the official `test.py` saves it
-                          (k from 0), so the MATLAB toolbox can re-check the numbers
-  preview_{k}_*.png       natural-colour composites of lms / fused / gt and the guide, the
-                          absolute error map, and all of them side by side (`preview_{k}.png`)
-
-Protocols (`u2net_jax.metrics`, the conventions of `../shared/metrics/README.md`):
+Protocols (`u2net_jax.metrics`, the conventions of `../shared/metrics/README.md`), chosen per test
+set from the task and the data:
   'reduced' (pansharpening, the file has `gt`): PSNR, Q2n (Q8 / Q4), Q_avg, SAM, ERGAS, SCC;
   'full' (pansharpening, no `gt`): D_lambda, D_s, QNR, D_lambda_K and HQNR (the paper's "QNR");
   'hisr': PSNR, SSIM, SAM, ERGAS.
+Two rows are scored: the fused image ('U2Net') as test.py saves it (the [0, 1] output times the
+sensor maximum, float32), and the upsampled MS ('EXP', the `lms` baseline of the paper's tables).
 
-Inference (`Fuser`): 'tiled' (default) is the official `test.py` procedure exactly -- the image
-divided by the sensor maximum, the guide reflect-padded by `tile_pad` (4) pixels and the MS by
-tile_pad / 4 (1) pixel, a zero canvas of H + 64 - (H mod 64) by W + 64 - (W mod 64) (so a side
-that is already a multiple of 64 gets one extra row of tiles over zeros, as there), 64 x 64 tiles
-read with their margins (72 x 72 guide, 18 x 18 MS inputs), the output clamped to [0, 1], the
-central 64 x 64 kept, times the sensor maximum, cropped to H x W. The tiles of consecutive images
-run through ONE jitted function in batches of `config.eval.tile_batch` (the last batch padded),
-so it compiles once for every image size. The tile size matters beyond the borders: the S2Block's
-spectral scaling depends on the token count, so tiled and whole-image results differ everywhere.
-HISR uses the same procedure with the RGB guide (the official HISR test script may tile
-differently; this is the documented pansharpening procedure applied to both tasks). 'whole' runs
-each image in one call (clamped likewise); memory grows with the image.
+Sensor policy (`resolve_sensor`): the sensor table (`toolbox.get_sensor`) is the single source of
+bands, maximum and MTF gains; `--sensor` evaluates another sensor's data with its conventions
+(the paper's generalisation test: WV2 files through a WV3 model) when they fit the model.
 
-A failed run leaves no half-written results: each test set is written into a temporary folder
-beside its destination and renamed into place when complete (an earlier result stays until then).
+Test sets (`TestSet`) are opened and validated before anything runs; their data come through the
+`TestSource` interface, which HDF5 files, demo data and TFDS splits implement: one open handle for
+the whole evaluation, the examples in [0, 1] for the network, and the reference arrays on the
+sensor scale (read back from the file when there is one: the toolbox sees the file's values).
+
+A failed run leaves no half-written results: each test set's folder is written whole or not at
+all (`fileio.atomic_dir`; an earlier result stays until the new one is complete).
 """
 
 from __future__ import annotations
 
-import collections
+import abc
+import contextlib
 import copy
-import csv
-import functools
-import io
-import json
-import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import scipy.io
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec
-from PIL import Image
 
-from u2net_jax import checkpointing, config_utils, input_pipeline, metrics, models
-from u2net_jax.data import DataError
+from u2net_jax import (
+  checkpointing,
+  config_utils,
+  fileio,
+  input_pipeline,
+  metrics,
+  reporting,
+  tiling,
+  toolbox,
+)
+from u2net_jax.data import DataError, pancollection
 
-MODES = ('tiled', 'whole')
+MODES = tiling.MODES
 METHOD, BASELINE = 'U2Net', 'EXP'  # Row names: the fused images and the upsampled MS (`lms`).
-# Natural-colour bands (red, green, blue; 0-based) by band count: WV3/WV2 (coastal, blue,
-# green, yellow, red, red edge, NIR1, NIR2) -> 5, 3, 2 in the toolbox's 1-based numbering;
-# QB/GF-2/IKONOS/GeoEye-1 (blue, green, red, NIR); CAVE/Harvard 400..700 nm by 10 nm -> 650,
-# 550 and 450 nm.
-RGB_BANDS = {8: (4, 2, 1), 4: (2, 1, 0), 31: (25, 15, 5)}
-STRETCH_PERCENTILES = (2.0, 98.0)
-
-
-class OutputError(OSError):
-  """The evaluation's output folder cannot be created or written."""
 
 
 # ---------------------------------------------------------------------------------------------
-# Tiling (the official test.py procedure).
+# Test-set sources.
 
 
-def tile_grid(height: int, width: int, tile: int = 64) -> tuple[int, int]:
-  """Rows and columns of tiles: the official canvas is H + tile - (H mod tile) per side."""
-  return (height + tile - height % tile) // tile, (width + tile - width % tile) // tile
+class TestSource(abc.ABC):
+  """The data of one test set, as the evaluation reads them.
 
-
-def _check_geometry(tile: int, pad: int, scale: int) -> None:
-  if tile % scale or pad % scale or tile <= 0 or pad < 0:
-    raise ValueError(
-      f'config.eval.tile_size ({tile}) and tile_pad ({pad}) must be non-negative multiples of '
-      f'the scale {scale}'
-    )
-
-
-def extract_tiles(
-  ms: np.ndarray, guide: np.ndarray, *, tile: int = 64, pad: int = 4, scale: int = 4
-) -> tuple[np.ndarray, np.ndarray]:
-  """Cuts one image into the official test.py tiles, margins included.
-
-  Args:
-    ms: (h, w, C) low-resolution image in [0, 1].
-    guide: (scale*h, scale*w, c) PAN or RGB in [0, 1].
-    tile: guide tile side (64).
-    pad: guide margin (4); the MS margin is pad / scale (1).
-    scale: guide / MS ratio (4).
-
-  Returns:
-    ms_tiles (T, (tile + 2 pad)/scale, same, C) and guide_tiles (T, tile + 2 pad, same, c),
-    row-major over the `tile_grid` of the image.
-  """
-  _check_geometry(tile, pad, scale)
-  big_h, big_w = guide.shape[:2]
-  h, w = ms.shape[:2]
-  if (big_h, big_w) != (scale * h, scale * w):
-    raise ValueError(f'guide {guide.shape} is not {scale}x the ms {ms.shape}')
-  rows, cols = tile_grid(big_h, big_w, tile)
-  t, p = tile // scale, pad // scale
-  # Reflect padding as torch's F.pad(mode='reflect') (the edge sample is not repeated), then
-  # zeros up to the canvas.
-  canvas_g = np.zeros((rows * tile + 2 * pad, cols * tile + 2 * pad, guide.shape[2]), np.float32)
-  canvas_g[: big_h + 2 * pad, : big_w + 2 * pad] = np.pad(
-    guide, ((pad, pad), (pad, pad), (0, 0)), mode='reflect'
-  )
-  canvas_m = np.zeros((rows * t + 2 * p, cols * t + 2 * p, ms.shape[2]), np.float32)
-  canvas_m[: h + 2 * p, : w + 2 * p] = np.pad(ms, ((p, p), (p, p), (0, 0)), mode='reflect')
-  g_side, m_side = tile + 2 * pad, t + 2 * p
-  ms_tiles, guide_tiles = [], []
-  for i in range(rows):
-    for j in range(cols):
-      guide_tiles.append(canvas_g[i * tile : i * tile + g_side, j * tile : j * tile + g_side])
-      ms_tiles.append(canvas_m[i * t : i * t + m_side, j * t : j * t + m_side])
-  return np.stack(ms_tiles), np.stack(guide_tiles)
-
-
-def assemble_tiles(
-  tiles: np.ndarray, height: int, width: int, *, tile: int = 64, pad: int = 4
-) -> np.ndarray:
-  """Puts the central tile x tile of each output tile back and crops to the image.
-
-  Args:
-    tiles: (T, tile + 2 pad, tile + 2 pad, C) network outputs, row-major over the grid.
-    height, width: the guide's size.
-    tile, pad: as in `extract_tiles`.
-
-  Returns:
-    (height, width, C).
-  """
-  rows, cols = tile_grid(height, width, tile)
-  if len(tiles) != rows * cols:
-    raise ValueError(f'{len(tiles)} tiles for a {rows} x {cols} grid')
-  core = tiles[:, pad : pad + tile, pad : pad + tile]
-  canvas = core.reshape(rows, cols, tile, tile, -1).transpose(0, 2, 1, 3, 4)
-  return canvas.reshape(rows * tile, cols * tile, -1)[:height, :width]
-
-
-# ---------------------------------------------------------------------------------------------
-# Inference.
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def fused_output(model: models.U2Net, params, ms: jax.Array, guide: jax.Array) -> jax.Array:
-  """The network output clamped to [0, 1], as test.py does (the raw output is not confined
-  there: -0.67..2.94 on a real WV3 pair). Compiled once per model and input shape."""
-  return jnp.clip(model.apply({'params': params}, ms, guide), 0.0, 1.0)
-
-
-class Fuser:
-  """Runs a U2Net on whole images, tiled like the official test.py or in one piece.
-
-  Usable on its own (e.g. in a notebook)::
-
-    fuser = Fuser(config.model, params, mode='tiled')
-    fused = fuser(ms, guide)  # (h, w, C), (4h, 4w, c) in [0, 1] -> (4h, 4w, C) in [0, 1]
-
-  The tiles go through one jitted function in fixed-size batches sharded over the local devices
-  (the batch is rounded up to a multiple of their number).
+  Attributes:
+    file: where the data come from (a path, 'demo', a TFDS split), for messages and outputs.
+    sensor: the sensor the data say they come from (an HDF5 `sensor` attribute), or None.
   """
 
-  def __init__(
-    self,
-    model_config: Mapping[str, Any],
-    params: Any,
-    *,
-    mode: str = 'tiled',
-    tile_size: int = 64,
-    tile_pad: int = 4,
-    tile_batch: int = 16,
-  ):
-    if mode not in MODES:
-      raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
-    self.model = models.U2Net(**dict(model_config))
-    self.mode = mode
-    self.tile, self.pad, self.scale = int(tile_size), int(tile_pad), self.model.scale
-    _check_geometry(self.tile, self.pad, self.scale)
-    devices = jax.local_devices()
-    # Auto axis type: the compiler propagates the shardings; the model never mentions devices.
-    self.mesh = jax.make_mesh(
-      (len(devices),),
-      (input_pipeline.BATCH_AXIS,),
-      axis_types=(jax.sharding.AxisType.Auto,),
-      devices=devices,
-    )
-    n = len(devices)
-    self.tile_batch = max(1, -(-int(tile_batch) // n) * n)
-    self.params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
+  __test__ = False  # Not a pytest class.
+  file: str = ''
+  sensor: str | None = None
 
-  def _run(self, ms: np.ndarray, guide: np.ndarray) -> jax.Array:
-    spec = PartitionSpec(input_pipeline.BATCH_AXIS) if self.mode == 'tiled' else PartitionSpec()
-    sharding = NamedSharding(self.mesh, spec)
-    ms, guide = jax.device_put(ms, sharding), jax.device_put(guide, sharding)
-    return fused_output(self.model, self.params, ms, guide)
+  @abc.abstractmethod
+  def __len__(self) -> int:
+    """The number of images."""
 
-  def __call__(self, ms: np.ndarray, guide: np.ndarray) -> np.ndarray:
-    """Fuses one image: ms (h, w, C), guide (4h, 4w, c) in [0, 1] -> (4h, 4w, C) in [0, 1]."""
-    ((_, fused),) = self.fuse_all([{'ms': ms, 'guide': guide}])
-    return fused
+  @abc.abstractmethod
+  def example(self, index: int) -> dict[str, np.ndarray]:
+    """Image `index` for the network: role -> (H, W, C) float32 divided by the sensor maximum."""
 
-  def fuse_all(self, examples: Iterable[Mapping[str, np.ndarray]]) -> Iterator[tuple[dict, Any]]:
-    """Fuses a stream of examples, in order.
+  @abc.abstractmethod
+  def reference(self, index: int, example: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Image `index` for the metrics: role -> (H, W, C) float64 on the sensor scale.
 
     Args:
-      examples: dicts with 'ms' (h, w, C) and 'guide' (4h, 4w, c) in [0, 1] (other roles are
-        passed through).
-
-    Yields:
-      (example, fused (4h, 4w, C) float32 in [0, 1]) in input order.
+      index: the image.
+      example: `example(index)`, for sources whose only copy of the data is that.
     """
-    if self.mode == 'whole':
-      for ex in examples:
-        self._check_example(ex)
-        yield ex, np.asarray(self._run(ex['ms'][None], ex['guide'][None])[0])
-      return
-    yield from self._fuse_tiled(examples)
 
-  def _check_example(self, ex: Mapping[str, np.ndarray]) -> None:
-    h, w = ex['ms'].shape[:2]
-    if tuple(ex['guide'].shape[:2]) != (self.scale * h, self.scale * w):
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    for i in range(len(self)):
+      yield self.example(i)
+
+  def close(self) -> None:  # noqa: B027 (optional: most sources hold no open file)
+    """Releases open files (the default holds none)."""
+
+
+class H5TestSource(TestSource):
+  """An HDF5 test file: examples from the validated `pancollection.H5Source`, references read
+  back from the file as stored (float64), through one handle kept open until `close`."""
+
+  def __init__(self, source: pancollection.H5Source):
+    self._source = source
+    self.file = source.path
+    self._h5 = pancollection.open_h5(source.path)
+    value = self._h5.attrs.get('sensor')  # Written by our preparers; PanCollection has none.
+    if isinstance(value, bytes | np.bytes_):
+      value = value.decode()
+    if value is not None and np.ndim(value):
+      value = np.asarray(value).reshape(-1)[0]
+    self.sensor = None if value is None else str(value)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def example(self, index: int) -> dict[str, np.ndarray]:
+    return self._source[index]
+
+  def reference(self, index: int, example: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    del example  # The file's values, not float32(x / max) * max.
+    return {
+      role: np.ascontiguousarray(np.asarray(self._h5[key][index], np.float64).transpose(1, 2, 0))
+      for role, key in self._source.roles.items()
+    }
+
+  def close(self) -> None:
+    self._h5.close()
+
+
+class ScaledTestSource(TestSource):
+  """A source already divided by the sensor maximum (demo data, TFDS splits): the references
+  are the examples times the maximum, in float64."""
+
+  def __init__(self, source, max_value: float, file: str):
+    """Args: source: `len()` and `[i]` -> role -> (H, W, C) float32 in [0, 1]; max_value: the
+    sensor maximum; file: what the data are, for messages."""
+    self._source = source
+    self.max_value = float(max_value)
+    self.file = file
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def example(self, index: int) -> dict[str, np.ndarray]:
+    return self._source[index]
+
+  def reference(self, index: int, example: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {role: np.asarray(x, np.float64) * self.max_value for role, x in example.items()}
+
+
+def open_source(config, split: str) -> TestSource:
+  """The `TestSource` of a test set of `config` (`input_pipeline.get_source` underneath).
+
+  Raises:
+    DataError: the data are missing or do not match the config.
+  """
+  source = input_pipeline.get_source(config, split)
+  if isinstance(source, pancollection.H5Source):
+    return H5TestSource(source)
+  kind = config.data.source
+  where = f'{kind}:{config.data.tfds_name}/{split}' if kind == 'tfds' else kind
+  return ScaledTestSource(source, config.data.max_value, where)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sensor policy.
+
+
+def _canonical_sensor(name: str) -> str:
+  try:
+    return toolbox.get_sensor(name)['name']
+  except ValueError:
+    return str(name).strip()
+
+
+def resolve_sensor(config, sensor: str | None, *, file_sensor: str | None, where: str) -> str:
+  """The sensor whose conventions (MTF gains, RGB bands) are used for one test set.
+
+  Args:
+    config: the workdir's config (`config.data.sensor`: the model's sensor).
+    sensor: the `--sensor` override (e.g. WV2 data through a WV3 model, the paper's
+      generalisation test) or None.
+    file_sensor: the test file's `sensor` attribute, if it has one.
+    where: the test set and file, for messages.
+
+  Returns:
+    The canonical sensor name.
+
+  Raises:
+    DataError: an unknown pansharpening sensor (its MTF gains are needed), a sensor whose band
+      count or maximum differs from the model's, or a file that says it comes from another
+      sensor.
+  """
+  used = _canonical_sensor(sensor or config.data.sensor)
+  try:
+    info = toolbox.get_sensor(used)
+  except ValueError as e:
+    if config.task != 'hisr':  # HISR metrics need nothing from the table.
+      raise DataError(f'{where}: {e}') from e
+    info = None
+  if info is not None:
+    for field, key in (('spectral_bands', 'bands'), ('guide_bands', 'guide_bands')):
+      if info[key] != config.model[field]:
+        raise DataError(
+          f'{where}: sensor {used} has {info[key]} {key.replace("_", " ")} but the model has '
+          f'{field}={config.model[field]} (config.data.sensor = {config.data.sensor})'
+        )
+    if float(info['max_value']) != float(config.data.max_value):
       raise DataError(
-        f'guide {ex["guide"].shape} and ms {ex["ms"].shape}: the guide must be {self.scale}x the '
-        'ms size'
+        f'{where}: sensor {used} is on a 0..{info["max_value"]:g} scale but the model uses '
+        f'config.data.max_value = {config.data.max_value:g}'
       )
-
-  def _fuse_tiled(self, examples):
-    # Tiles of consecutive images share batches; an image is returned once all its tiles ran.
-    waiting: collections.deque = collections.deque()  # (example, number of tiles)
-    queued_ms, queued_guide, done = [], [], []
-    queued = finished = 0
-
-    def run_batch(final: bool):
-      nonlocal queued, finished
-      ms, guide = np.concatenate(queued_ms), np.concatenate(queued_guide)
-      take = len(ms) if final else self.tile_batch
-      batch_ms, batch_guide = ms[:take], guide[:take]
-      short = self.tile_batch - take
-      if short:  # Pad with zero tiles so that the jitted function never recompiles.
-        batch_ms = np.concatenate([batch_ms, np.zeros((short,) + ms.shape[1:], ms.dtype)])
-        batch_guide = np.concatenate([batch_guide, np.zeros((short,) + guide.shape[1:], ms.dtype)])
-      done.append(np.asarray(self._run(batch_ms, batch_guide))[:take])
-      queued_ms[:], queued_guide[:] = [ms[take:]], [guide[take:]]
-      queued -= take
-      finished += take
-
-    def ready():
-      nonlocal finished
-      while waiting and finished >= waiting[0][1]:
-        ex, n = waiting.popleft()
-        out = np.concatenate(done)
-        done[:] = [out[n:]]
-        finished -= n
-        big_h, big_w = ex['guide'].shape[:2]
-        yield ex, assemble_tiles(out[:n], big_h, big_w, tile=self.tile, pad=self.pad)
-
-    for ex in examples:
-      self._check_example(ex)
-      ms_tiles, guide_tiles = extract_tiles(
-        ex['ms'], ex['guide'], tile=self.tile, pad=self.pad, scale=self.scale
-      )
-      waiting.append((ex, len(ms_tiles)))
-      queued_ms.append(ms_tiles)
-      queued_guide.append(guide_tiles)
-      queued += len(ms_tiles)
-      while queued >= self.tile_batch:
-        run_batch(final=False)
-      yield from ready()
-    if queued:
-      run_batch(final=True)
-    yield from ready()
+  if file_sensor is not None and _canonical_sensor(file_sensor) != used:
+    raise DataError(
+      f"{where}: the file's sensor attribute is {file_sensor!r} but the evaluation uses sensor "
+      f'{used!r} (the model is for {config.data.sensor}); pass --sensor {file_sensor} to '
+      'evaluate it with its own MTF gains'
+    )
+  if used != _canonical_sensor(config.data.sensor):
+    logging.warning(
+      '%s: the model was configured for %s; evaluating %s data with %s conventions '
+      '(generalisation test)',
+      where,
+      config.data.sensor,
+      used,
+      used,
+    )
+  return used
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,171 +268,114 @@ def _check_name(name: str) -> None:
     raise ValueError(f'test set name {name!r} cannot be a folder name under workdir/eval')
 
 
-def _canonical_sensor(name: str) -> str:
-  try:
-    return metrics.get_sensor(name)['name']
-  except ValueError:
-    return str(name).strip()
-
-
-def _file_sensor(path: str) -> str | None:
-  """The `sensor` attribute our preparers write into HDF5 files, if any."""
-  from u2net_jax.data import pancollection
-
-  with pancollection.open_h5(path) as f:
-    value = f.attrs.get('sensor')
-  if value is None:
-    return None
-  if isinstance(value, bytes | np.bytes_):
-    value = value.decode()
-  return str(np.asarray(value).reshape(-1)[0]) if np.ndim(value) else str(value)
-
-
-def resolve_sensor(config, sensor: str | None, *, file_sensor: str | None, where: str) -> str:
-  """The sensor whose conventions (MTF gains, RGB bands) are used for one test set.
-
-  Args:
-    config: the workdir's config (`config.data.sensor`: the model's sensor).
-    sensor: the `--sensor` override (e.g. WV2 data through a WV3 model, the paper's
-      generalisation test) or None.
-    file_sensor: the test file's `sensor` attribute, if it has one.
-    where: the test set and file, for messages.
-
-  Returns:
-    The canonical sensor name.
-
-  Raises:
-    DataError: an unknown sensor, one whose band count or maximum differs from the model's, or
-      a file that says it comes from another sensor.
-  """
-  used = _canonical_sensor(sensor or config.data.sensor)
-  if config.task != 'hisr':
-    try:
-      info = metrics.get_sensor(used)
-    except ValueError as e:
-      raise DataError(f'{where}: {e}') from e
-    bands = config.model.spectral_bands
-    if len(info['ms_gnyq']) != bands:
-      raise DataError(
-        f'{where}: sensor {used} has {len(info["ms_gnyq"])} bands but the model has '
-        f'spectral_bands={bands} (config.data.sensor = {config.data.sensor})'
-      )
-    if float(info['max_value']) != float(config.data.max_value):
-      raise DataError(
-        f'{where}: sensor {used} is on a 0..{info["max_value"]} scale but the model uses '
-        f'config.data.max_value = {config.data.max_value:g}'
-      )
-  if file_sensor is not None and _canonical_sensor(file_sensor) != used:
-    raise DataError(
-      f"{where}: the file's sensor attribute is {file_sensor!r} but the evaluation uses sensor "
-      f'{used!r} (the model is for {config.data.sensor}); pass --sensor {file_sensor} to '
-      'evaluate it with its own MTF gains'
-    )
-  if used != _canonical_sensor(config.data.sensor):
-    logging.warning(
-      '%s: the model was configured for %s; evaluating %s data with %s conventions '
-      '(generalisation test)',
-      where,
-      config.data.sensor,
-      used,
-      used,
-    )
-  return used
-
-
 class TestSet:
-  """One test set: its source, protocol and sensor (validated before any inference)."""
+  """One test set: its source, protocol and sensor (validated before any inference).
+
+  Attributes:
+    name: the test set's name (its output folder).
+    config: the config with this test set's data settings.
+    source: its `TestSource` (open until `close`).
+    file: where the data come from.
+    sensor: the canonical sensor whose conventions are used.
+    protocol: 'reduced', 'full' or 'hisr'.
+    shape: (H, W) of the images.
+  """
 
   __test__ = False  # Not a pytest class.
 
   def __init__(self, config, name: str, path: str, sensor: str | None):
     _check_name(name)
     self.name = name
-    cfg = copy.deepcopy(config)
-    if path:  # An HDF5 file given on the command line.
-      with cfg.unlocked():
-        cfg.data.source = 'hdf5'
-        cfg.data.test_files = {name: path}
-    elif name not in config.data.test_files:
-      if config.data.source != 'tfds':
-        raise DataError(
-          f'unknown test set {name!r}: the config has {sorted(config.data.test_files.keys())}; '
-          'give a file as name=path.h5'
-        )
-      with cfg.unlocked():  # Any split of the TFDS dataset.
-        cfg.data.test_files[name] = ''
-    self.config = cfg
-    self.source = input_pipeline.get_source(cfg, name)
-    self.file = getattr(self.source, 'path', None) or (path or cfg.data.test_files.get(name, ''))
-    where = f'test set {name!r} ({self.file or cfg.data.source})'
+    self.config = _test_set_config(config, name, path)
+    self.source = open_source(self.config, name)
+    try:
+      self._validate(config, path, sensor)
+    except BaseException:
+      self.source.close()
+      raise
+
+  def _validate(self, config, path: str, sensor: str | None) -> None:
+    self.file = self.source.file or path or self.config.data.test_files.get(self.name, '')
+    where = f'test set {self.name!r} ({self.file or self.config.data.source})'
     if not len(self.source):
       raise DataError(f'{where}: no examples')
-    file_sensor = _file_sensor(self.source.path) if hasattr(self.source, 'path') else None
-    self.sensor = resolve_sensor(config, sensor, file_sensor=file_sensor, where=where)
-    first = self.source[0]
+    self.sensor = resolve_sensor(config, sensor, file_sensor=self.source.sensor, where=where)
+    first = self.source.example(0)
     has_gt = 'gt' in first
-    if config.task == 'hisr':
-      self.protocol = 'hisr'
-      if not has_gt:
-        raise DataError(f'{where}: HISR evaluation needs the reference (role gt)')
-    else:
-      self.protocol = 'reduced' if has_gt else 'full'
+    self.protocol = 'hisr' if config.task == 'hisr' else 'reduced' if has_gt else 'full'
+    if self.protocol == 'hisr' and not has_gt:
+      raise DataError(f'{where}: HISR evaluation needs the reference (role gt)')
     self.shape = first['guide'].shape[:2]
-    self._check_sizes(config, where)
-
-  def _check_sizes(self, config, where: str) -> None:
     h, w = self.shape
-    block = config.eval.block
+    block, crop = config.eval.block, config.eval.crop
     if self.protocol == 'full' and (h % block or w % block):
       raise DataError(
         f'{where}: {h}x{w} images; full-resolution metrics need multiples of '
         f'config.eval.block = {block}'
       )
-    if self.protocol == 'reduced' and min(h, w) - 2 * config.eval.crop + 1 < block:
+    if self.protocol == 'reduced' and min(h, w) - 2 * crop + 1 < block:
       raise DataError(
-        f'{where}: {h}x{w} images cropped by config.eval.crop = {config.eval.crop} are smaller '
-        f'than config.eval.block = {block}'
+        f'{where}: {h}x{w} images cropped by config.eval.crop = {crop} are smaller than '
+        f'config.eval.block = {block}'
       )
 
   def __len__(self) -> int:
     return len(self.source)
 
-  def examples(self) -> Iterator[dict[str, np.ndarray]]:
-    for i in range(len(self.source)):
-      yield self.source[i]
+  def describe(self) -> tuple[str, str, int, str]:
+    """(name, file, number of images, protocol), for logs."""
+    return self.name, self.file, len(self), self.protocol
 
-  def reference(self, index: int, example: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The roles on the sensor scale in float64 for the metrics: read back from the HDF5 file
-    when there is one (the toolbox sees the file's values, not float32 / max * max)."""
-    max_value = float(self.config.data.max_value)
-    roles = getattr(self.source, 'roles', None)
-    if hasattr(self.source, 'path') and isinstance(roles, Mapping):
-      from u2net_jax.data import pancollection
+  def close(self) -> None:
+    self.source.close()
 
-      with pancollection.open_h5(self.source.path) as f:
-        return {
-          r: np.ascontiguousarray(np.asarray(f[k][index], np.float64).transpose(1, 2, 0))
-          for r, k in roles.items()
-        }
-    return {r: np.asarray(x, np.float64) * max_value for r, x in example.items()}
+
+def _test_set_config(config, name: str, path: str):
+  """The config whose data section reads test set `name` (a file given on the command line, a
+  configured test set, or any TFDS split)."""
+  cfg = copy.deepcopy(config)
+  if path:
+    with cfg.unlocked():
+      cfg.data.source = 'hdf5'
+      cfg.data.test_files = {name: path}
+  elif name not in config.data.test_files:
+    if config.data.source != 'tfds':
+      raise DataError(
+        f'unknown test set {name!r}: the config has {sorted(config.data.test_files.keys())}; '
+        'give a file as name=path.h5'
+      )
+    with cfg.unlocked():
+      cfg.data.test_files[name] = ''
+  return cfg
 
 
 def select_test_sets(config, test_files=None, sensor: str | None = None) -> list[TestSet]:
-  """Opens and validates every test set before anything runs.
+  """Opens and validates every test set before anything runs (close them with `close`).
 
   Args:
     config: the workdir's config.
     test_files: `parse_test_files` input; None or empty: every test set of the config.
     sensor: the `--sensor` override.
+
+  Raises:
+    DataError: no test sets, or one that is missing or does not match the model.
   """
   spec = parse_test_files(test_files) or {k: '' for k in config.data.test_files.keys()}
   if not spec:
     raise DataError('no test sets: config.data.test_files is empty and none were given')
-  return [TestSet(config, name, path, sensor) for name, path in spec.items()]
+  opened: list[TestSet] = []
+  try:
+    for name, path in spec.items():
+      opened.append(TestSet(config, name, path, sensor))
+  except BaseException:
+    for test_set in opened:
+      test_set.close()
+    raise
+  return opened
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics of one image.
+# The protocols and the loop.
 
 
 def image_metrics(test_set: TestSet, ref: Mapping[str, np.ndarray], out: np.ndarray) -> dict:
@@ -497,8 +383,11 @@ def image_metrics(test_set: TestSet, ref: Mapping[str, np.ndarray], out: np.ndar
 
   Args:
     test_set: the test set (protocol, sensor, config).
-    ref: roles on the sensor scale (float64), from `TestSet.reference`.
+    ref: roles on the sensor scale (float64), from `TestSource.reference`.
     out: (H, W, C) estimate on the sensor scale.
+
+  Returns:
+    metric name -> value.
   """
   cfg = test_set.config
   max_value = float(cfg.data.max_value)
@@ -513,180 +402,10 @@ def image_metrics(test_set: TestSet, ref: Mapping[str, np.ndarray], out: np.ndar
   return metrics.hisr_metrics(ref['gt'] / max_value, out / max_value, ratio=cfg.model.scale)
 
 
-# ---------------------------------------------------------------------------------------------
-# Pictures.
-
-
-def rgb_bands(bands: int) -> tuple[int, int, int] | tuple[int]:
-  """The bands shown as red, green, blue (one grey band below three bands)."""
-  if bands in RGB_BANDS:
-    return RGB_BANDS[bands]
-  if bands < 3:
-    return (0,)
-  return (3 * bands // 4, bands // 2, bands // 4)
-
-
-def stretch_limits(image: np.ndarray, bands) -> tuple[np.ndarray, np.ndarray]:
-  """Per-band 2% and 98% percentiles of `image` (H, W, C) over the chosen bands."""
-  sel = image[..., list(bands)].reshape(-1, len(bands))
-  lo, hi = np.percentile(sel, STRETCH_PERCENTILES, axis=0)
-  return lo, np.maximum(hi, lo + 1e-12)
-
-
-def composite(image: np.ndarray, bands, limits) -> np.ndarray:
-  """(H, W, C) -> (H, W, 3) uint8: the chosen bands linearly stretched between `limits`."""
-  lo, hi = limits
-  x = (image[..., list(bands)] - lo) / (hi - lo)
-  x = np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
-  return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
-
-
-def colormap(values: np.ndarray, vmax: float) -> np.ndarray:
-  """(H, W) -> (H, W, 3) uint8 with a jet-like colour map on [0, vmax] (dark blue to red)."""
-  t = np.clip(values / vmax, 0.0, 1.0)
-  rgb = np.stack([np.clip(1.5 - np.abs(4.0 * t - c), 0.0, 1.0) for c in (3.0, 2.0, 1.0)], -1)
-  return np.round(rgb * 255.0).astype(np.uint8)
-
-
-def previews(
-  fused: np.ndarray, ref: Mapping[str, np.ndarray], *, max_value: float, error_max: float
-) -> dict[str, np.ndarray]:
-  """The preview images of one example (all on the sensor scale).
-
-  The same stretch (2%-98% of the reference, or of `lms` without one) is used for lms, fused and
-  gt so that they compare. The error map is the mean over bands of |fused - gt| / max_value on a
-  colour scale from 0 to `error_max`.
-
-  Returns:
-    name -> (H, W, 3) uint8: 'lms', 'fused', 'gt' and 'error' (with a reference), 'guide', and
-    'panel' (all side by side, 4-pixel white gaps).
-  """
-  bands = rgb_bands(fused.shape[-1])
-  anchor = ref['gt'] if 'gt' in ref else ref['lms']
-  limits = stretch_limits(anchor, bands)
-  out = {'lms': composite(ref['lms'], bands, limits), 'fused': composite(fused, bands, limits)}
-  if 'gt' in ref:
-    out['gt'] = composite(ref['gt'], bands, limits)
-    err = np.abs(fused - ref['gt']).mean(axis=-1) / max_value
-    out['error'] = colormap(err, error_max)
-  guide = ref['guide']
-  g_bands = (0, 1, 2)[: min(3, guide.shape[-1])] if guide.shape[-1] >= 3 else (0,)
-  out['guide'] = composite(guide, g_bands, stretch_limits(guide, g_bands))
-  h = fused.shape[0]
-  gap = np.full((h, 4, 3), 255, np.uint8)
-  parts = [out[k] for k in ('lms', 'fused', 'gt', 'error', 'guide') if k in out]
-  out['panel'] = np.concatenate([p for part in parts for p in (part, gap)][:-1], axis=1)
-  return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Output files.
-
-
-def _display_names(protocol: str, bands: int) -> dict[str, str]:
-  if protocol == 'reduced':
-    return {'Q2n': f'Q{2 ** math.ceil(math.log2(bands))}'}  # Q8 / Q4 as the tables call it.
-  return {}
-
-
-def format_report(result: Mapping[str, Any]) -> str:
-  """The printed table of one test set: a title line, mean ± std per metric, notes."""
-  names = _display_names(result['protocol'], result['bands'])
-  rows = {
-    method: {names.get(k, k): v for k, v in agg.items()}
-    for method, agg in ((m, _agg_tuples(result['methods'][m])) for m in result['methods'])
-  }
-  title = (
-    f'{result["test_set"]}: {result["protocol"]} resolution, {result["num_images"]} images '
-    f'{result["image_size"][0]}x{result["image_size"][1]}, sensor {result["sensor"]}, '
-    f'step {result["step"]}, {result["mode"]} inference'
-  )
-  if result['protocol'] == 'hisr':
-    title = title.replace('hisr resolution', 'HISR')
-  notes = {
-    'reduced': f'PSNR on the whole image; the others on the image cropped by {result["crop"]} '
-    'px (config.eval.crop). EXP = the upsampled MS (lms).',
-    'full': "HQNR is the paper's 'QNR' column (QNR: the classic D_lambda). EXP = the "
-    'upsampled MS (lms).',
-    'hisr': 'EXP = the upsampled HSI (lms).',
-  }[result['protocol']]
-  return f'{title}\n{metrics.format_table(rows)}\n{notes}\n'
-
-
-def _agg_tuples(method: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
-  return {k: (method['mean'][k], method['std'][k]) for k in method['mean']}
-
-
-def _csv_text(per_image: Mapping[str, list[dict]]) -> str:
-  buf = io.StringIO()
-  keys = list(next(iter(per_image.values()))[0])
-  writer = csv.writer(buf, lineterminator='\n')
-  writer.writerow(['image', 'method', *keys])
-  n = len(next(iter(per_image.values())))
-  for k in range(n):
-    for method, rows in per_image.items():
-      writer.writerow([k, method, *(repr(float(rows[k][m])) for m in keys)])
-  return buf.getvalue()
-
-
-def _save_png(path: Path, image: np.ndarray) -> None:
-  Image.fromarray(image).save(path, format='PNG')
-
-
-def _prepare_output_root(root: Path) -> None:
-  """Creates `root` and proves it writable before any work is done."""
-  try:
-    root.mkdir(parents=True, exist_ok=True)
-    fd, probe = tempfile.mkstemp(dir=root, prefix='.write-test-')
-    os.close(fd)
-    os.unlink(probe)
-  except OSError as e:
-    raise OutputError(f'cannot write evaluation outputs to {root}: {e}') from e
-
-
-class _AtomicDir:
-  """A temporary folder beside `final`, renamed onto it on success, removed on failure."""
-
-  def __init__(self, final: Path):
-    self.final = final
-
-  def __enter__(self) -> Path:
-    try:
-      self.tmp = Path(tempfile.mkdtemp(dir=self.final.parent, prefix=f'.{self.final.name}.tmp-'))
-      umask = os.umask(0)
-      os.umask(umask)
-      os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; results are not.
-    except OSError as e:
-      raise OutputError(f'cannot write evaluation outputs to {self.final.parent}: {e}') from e
-    return self.tmp
-
-  def __exit__(self, exc_type, exc, tb):
-    if exc_type is not None:
-      shutil.rmtree(self.tmp, ignore_errors=True)
-      return False
-    old = None
-    if self.final.exists():
-      old = self.final.with_name(f'.{self.final.name}.old-{os.getpid()}')
-      os.replace(self.final, old)
-    os.replace(self.tmp, self.final)
-    if old is not None:
-      shutil.rmtree(old, ignore_errors=True)
-    return False
-
-
-# ---------------------------------------------------------------------------------------------
-# The evaluation.
-
-
-def _eval_option(config, name: str, default):
-  # Workdirs written before a field existed keep working.
-  return config.eval.get(name, default)
-
-
 def evaluate_test_set(
   test_set: TestSet,
-  fuser: Fuser,
-  out_dir: Path,
+  fuser: tiling.Fuser,
+  out_dir: Path | None,
   *,
   step: int,
   save_images: bool = True,
@@ -695,34 +414,41 @@ def evaluate_test_set(
 ) -> dict[str, Any]:
   """Fuses, scores and saves one test set into `out_dir/<name>` (atomically).
 
+  Args:
+    test_set: an open test set.
+    fuser: the model.
+    out_dir: the output root; None writes nothing (processes other than the first).
+    step: the checkpoint step, for the record.
+    save_images: write the `.mat` files and PNG previews.
+    error_max: top of the error maps' colour scale (fraction of the sensor maximum).
+    verbose: print the table.
+
   Returns:
-    The contents of `metrics.json` (plus 'table' and 'dir').
+    The contents of `metrics.json` plus 'table' and 'dir'.
   """
+  logging.info('evaluating %s (%s, %d images, %s)', *test_set.describe())
   cfg = test_set.config
   max_value = float(cfg.data.max_value)
+  rgb = reporting.rgb_bands(cfg.model.spectral_bands, test_set.sensor)
   per_image = {METHOD: [], BASELINE: []}
-  times = {'inference': 0.0, 'metrics': 0.0, 'files': 0.0}
-  final = out_dir / test_set.name
-  with _AtomicDir(final) as tmp:
+  times = dict.fromkeys(('inference', 'metrics', 'files'), 0.0)
+  final = None if out_dir is None else out_dir / test_set.name
+  with contextlib.nullcontext() if final is None else fileio.atomic_dir(final) as folder:
     start = time.perf_counter()
-    for k, (example, fused) in enumerate(fuser.fuse_all(test_set.examples())):
+    for k, (example, fused) in enumerate(fuser.fuse_all(test_set.source)):
       t0 = time.perf_counter()
-      times['inference'] += t0 - start
       sr = np.asarray(fused, np.float32) * np.float32(max_value)  # As test.py: x max value.
-      ref = test_set.reference(k, example)
+      ref = test_set.source.reference(k, example)
       per_image[METHOD].append(image_metrics(test_set, ref, sr.astype(np.float64)))
       per_image[BASELINE].append(image_metrics(test_set, ref, ref['lms']))
       t1 = time.perf_counter()
+      if save_images and folder is not None:
+        reporting.write_image(folder, k, sr, ref, rgb=rgb, max_value=max_value, error_max=error_max)
+      logging.info('%s: image %d/%d %s', test_set.name, k + 1, len(test_set), per_image[METHOD][-1])
+      times['inference'] += t0 - start
       times['metrics'] += t1 - t0
-      if save_images:
-        scipy.io.savemat(tmp / f'output_mulExm_{k}.mat', {'sr': sr})
-        pictures = previews(sr, ref, max_value=max_value, error_max=error_max)
-        for what, picture in pictures.items():
-          name = f'preview_{k}.png' if what == 'panel' else f'preview_{k}_{what}.png'
-          _save_png(tmp / name, picture)
       start = time.perf_counter()
       times['files'] += start - t1
-      logging.info('%s: image %d/%d %s', test_set.name, k + 1, len(test_set), per_image[METHOD][-1])
     result = {
       'test_set': test_set.name,
       'file': str(test_set.file),
@@ -736,23 +462,15 @@ def evaluate_test_set(
       'num_images': len(per_image[METHOD]),
       'image_size': [int(s) for s in test_set.shape],
       'crop': int(cfg.eval.crop) if test_set.protocol == 'reduced' else 0,
-      'methods': {},
+      'methods': {method: reporting.summarize(rows) for method, rows in per_image.items()},
       'seconds': times,
     }
-    for method, rows in per_image.items():
-      agg = metrics.aggregate(rows)
-      result['methods'][method] = {
-        'mean': {k: v[0] for k, v in agg.items()},
-        'std': {k: v[1] for k, v in agg.items()},
-        'per_image': rows,
-      }
-    table = format_report(result)
-    (tmp / 'table.txt').write_text(table)
-    (tmp / 'metrics.json').write_text(json.dumps(result, indent=2) + '\n')
-    (tmp / 'per_image.csv').write_text(_csv_text(per_image))
+    table = reporting.format_report(result)
+    if folder is not None:
+      reporting.write_summary(folder, result)
   if verbose:
     print(table, flush=True)
-  return dict(result, table=table, dir=str(final))
+  return dict(result, table=table, dir=str(final or ''))
 
 
 def evaluate(
@@ -792,52 +510,43 @@ def evaluate(
   Raises:
     FileNotFoundError: no config or no checkpoint in the workdir.
     DataError: a test set is missing or does not match the model (bands, sensor, sizes).
-    OutputError: the output folder cannot be written.
+    fileio.OutputError: the output folder cannot be written.
   """
   workdir = Path(workdir)
   if config is None:
     config = config_utils.load_config(workdir)
-  mode = mode or _eval_option(config, 'mode', 'tiled')
+  mode = mode or config.eval.get('mode', 'tiled')  # Older workdirs may lack a field.
   if mode not in MODES:
     raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
   step = checkpointing.select_step(workdir, step, which)  # Fails before any data are read.
-  test_sets = select_test_sets(config, test_files, sensor)
-  out_dir = Path(output_dir) if output_dir else workdir / 'eval'
-  writer = jax.process_index() == 0
-  if writer:
-    _prepare_output_root(out_dir)
-  params, step, _ = checkpointing.restore_params(workdir, config.model, step=step)
-  fuser = Fuser(
-    config.model,
-    params,
-    mode=mode,
-    tile_size=config.eval.tile_size,
-    tile_pad=config.eval.tile_pad,
-    tile_batch=tile_batch or config.eval.tile_batch,
-  )
-  if save_images is None:
-    save_images = bool(_eval_option(config, 'save_images', True))
-  error_max = float(_eval_option(config, 'error_max', 0.1))
-  results = {}
-  for test_set in test_sets:
-    target = out_dir if writer else Path(tempfile.mkdtemp())
-    logging.info(
-      'evaluating %s (%s, %d images, %s) at step %d',
-      test_set.name,
-      test_set.file,
-      len(test_set),
-      test_set.protocol,
-      step,
+  with contextlib.ExitStack() as stack:
+    test_sets = select_test_sets(config, test_files, sensor)
+    for test_set in test_sets:
+      stack.callback(test_set.close)
+    writer = jax.process_index() == 0  # Every process fuses; the first one writes.
+    out_dir = Path(output_dir) if output_dir else workdir / 'eval'
+    if writer:
+      reporting.prepare_output_root(out_dir)
+    params, step, _ = checkpointing.restore_params(workdir, config.model, step=step)
+    fuser = tiling.Fuser(
+      config.model,
+      params,
+      mode=mode,
+      tile_size=config.eval.tile_size,
+      tile_pad=config.eval.tile_pad,
+      tile_batch=tile_batch or config.eval.tile_batch,
     )
-    results[test_set.name] = evaluate_test_set(
-      test_set,
-      fuser,
-      target,
-      step=step,
-      save_images=save_images,
-      error_max=error_max,
-      verbose=verbose and writer,
-    )
-    if not writer:
-      shutil.rmtree(target, ignore_errors=True)
+    if save_images is None:
+      save_images = bool(config.eval.get('save_images', True))
+    results = {}
+    for test_set in test_sets:
+      results[test_set.name] = evaluate_test_set(
+        test_set,
+        fuser,
+        out_dir if writer else None,
+        step=step,
+        save_images=save_images,
+        error_max=float(config.eval.get('error_max', 0.1)),
+        verbose=verbose and writer,
+      )
   return results
