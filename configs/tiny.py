@@ -16,7 +16,8 @@ def get_config(task: str = 'pansharpening'):
   config.model.head_dim = 8
   config.data.test_files = {'tiny_test': 'demo'}
   config.data.demo_size = 16
-  config.data.demo_test_size = 64
+  # 96 px: the reduced-resolution tables crop 21 px per side and need one 32-px block inside.
+  config.data.demo_test_size = 96
   config.data.demo_num_train = 16
   config.data.demo_num_valid = 4
   config.data.demo_num_test = 2
