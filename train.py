@@ -13,13 +13,23 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from u2net_jax import train_lib
+from u2net_jax import config_utils, fileio, train_lib
 from u2net_jax.data import DataError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Run directory (default: workdirs/<config name>).')
 flags.mark_flags_as_required(['config'])
+
+# What a user can fix (data, paths, config values): one line on stderr instead of a traceback.
+USER_ERRORS = (
+  DataError,
+  FileNotFoundError,
+  PermissionError,
+  fileio.OutputError,
+  FloatingPointError,
+  ValueError,
+)
 
 
 class _QuietLibraries(logging_std.Filter):
@@ -42,8 +52,10 @@ def main(argv):
     jax.process_count(), jax.process_index(), workdir,
   )  # fmt: skip
   try:
-    train_lib.train_and_evaluate(FLAGS.config, workdir)
-  except (DataError, FileNotFoundError, PermissionError, FloatingPointError, ValueError) as e:
+    # The command-line overrides are applied by now: derive and validate the config once.
+    config = config_utils.finalize(FLAGS.config)
+    train_lib.train_and_evaluate(config, workdir)
+  except USER_ERRORS as e:
     logging.error('%s', e)
     sys.exit(f'error: {e}')
 

@@ -11,7 +11,7 @@ Cases (WV3: 8 bands, width 32, PAN guide; CAVE: 31 bands, width 64, RGB guide):
   train_wv3_bf16   train_wv3 with `config.model.dtype = 'bfloat16'`
   rr256_tiled      one 256x256 reduced-resolution WV3 image, the official test.py tiling (64 px
                    PAN tiles with 4 px reflect margins, 25 tiles in jitted batches of
-                   `config.eval.tile_batch`), via `eval_lib.Fuser`
+                   `config.eval.tile_batch`), via `tiling.Fuser`
   rr256_whole      the same image in one piece (the official code cannot: it asks for 34 GB)
   fr512_tiled      one 512x512 full-resolution image, tiled (81 tiles)
   fr512_whole      the same image in one piece (exact attention over 262,144 tokens)
@@ -156,7 +156,7 @@ def case_train(name: str, quick: bool, repeats: int, dtype: str = 'float32') -> 
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
 
-  direct = models.U2Net(**dict(m, attention='direct', dtype='float32'))
+  direct = models.create_model(m, attention='direct', dtype='float32')
   loss = lambda p, bt: jnp.mean(
     jnp.abs(direct.apply({'params': p}, bt['ms'], bt['guide']) - bt['gt'])
   )
@@ -191,7 +191,7 @@ def _wv3_params(config, quick: bool):
   pth = SHARED / 'u2net_wv3_200000_iter.pth'
   if not quick and pth.exists():
     return convert.torch_to_flax(convert.load_torch_state_dict(pth), config.model)
-  return models.init_params(models.U2Net(**config.model), jax.random.key(0))
+  return models.init_params(models.create_model(config.model), jax.random.key(0))
 
 
 def case_infer(size: int, mode: str, quick: bool, repeats: int) -> dict:
@@ -199,7 +199,7 @@ def case_infer(size: int, mode: str, quick: bool, repeats: int) -> dict:
   import jax.numpy as jnp
   import numpy as np
 
-  from u2net_jax import eval_lib, models
+  from u2net_jax import models, tiling
 
   config = _config('wv3', quick)
   size = 64 if quick else size
@@ -208,14 +208,14 @@ def case_infer(size: int, mode: str, quick: bool, repeats: int) -> dict:
   rng = np.random.default_rng(0)
   ms = rng.uniform(size=(size // 4, size // 4, m.spectral_bands)).astype(np.float32)
   guide = rng.uniform(size=(size, size, m.guide_bands)).astype(np.float32)
-  direct = models.U2Net(**dict(m, attention='direct'))
+  direct = models.create_model(m, attention='direct')
   result = {}
   if mode == 'tiled':
-    rows, cols = eval_lib.tile_grid(size, size, config.eval.tile_size)
+    rows, cols = tiling.tile_grid(size, size, config.eval.tile_size)
     # Batches of at most config.eval.tile_batch tiles, balanced so that one image's last batch
     # is not mostly zero padding (25 tiles: 2 x 13, not 2 x 16).
     tile_batch = -(-rows * cols // -(-rows * cols // config.eval.tile_batch))
-    fuser = eval_lib.Fuser(m, params, mode='tiled', tile_batch=tile_batch)
+    fuser = tiling.Fuser(m, params, mode='tiled', tile_batch=tile_batch)
     side = fuser.tile + 2 * fuser.pad
     calls = -(-rows * cols // fuser.tile_batch)
     tiles_ms = jnp.zeros((fuser.tile_batch, side // 4, side // 4, m.spectral_bands))
@@ -234,7 +234,8 @@ def case_infer(size: int, mode: str, quick: bool, repeats: int) -> dict:
     seconds = _median_time(run, repeats)
     result['compile_s'] = max(first - seconds, 0.0)  # First call minus a steady one.
   else:
-    apply = lambda p, a, g: jnp.clip(models.U2Net(**m).apply({'params': p}, a, g), 0.0, 1.0)
+    model = models.create_model(m)
+    apply = lambda p, a, g: jnp.clip(model.apply({'params': p}, a, g), 0.0, 1.0)
     flops = _direct_flops(
       lambda p, a, g: direct.apply({'params': p}, a, g), params, ms[None], guide[None]
     )
@@ -253,7 +254,7 @@ def case_bf16_fidelity(quick: bool, repeats: int) -> dict:
   import h5py
   import numpy as np
 
-  from u2net_jax import eval_lib, metrics
+  from u2net_jax import metrics, tiling
 
   path = SHARED / 'wv2_rr_sample.h5'
   if quick or not path.exists():
@@ -264,7 +265,7 @@ def case_bf16_fidelity(quick: bool, repeats: int) -> dict:
   fused = {}
   for dtype in ('float32', 'bfloat16'):
     config = _config('wv3', False, dtype)
-    fuser = eval_lib.Fuser(config.model, _wv3_params(config, False), mode='tiled')
+    fuser = tiling.Fuser(config.model, _wv3_params(config, False), mode='tiled')
     outs, rows = [], []
     start = time.perf_counter()
     for i in range(len(data['gt'])):
@@ -402,6 +403,8 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   sys.path.insert(0, str(REPO))
+  from u2net_jax import fileio
+
   if args.child:
     print(json.dumps(run_case(args.child, args.quick, args.repeats)), flush=True)
     return 0
@@ -443,11 +446,7 @@ def main(argv=None) -> int:
     'results': results,
     'table': table,
   }
-  out = Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_suffix('.tmp')
-  tmp.write_text(json.dumps(report, indent=2))
-  tmp.replace(out)
+  out = fileio.atomic_write_text(args.out, json.dumps(report, indent=2))
   print(f'wrote {out}')
   return 1 if any('error' in r for r in results) else 0
 

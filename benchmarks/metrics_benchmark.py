@@ -32,7 +32,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from u2net_jax import metrics  # noqa: E402
+from u2net_jax import fileio, metrics  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / 'results' / 'metrics_benchmark.json'
 
@@ -123,7 +123,6 @@ def main(argv=None):
     )
     print(f'{r["set"]:30s} {r["size"]:>11s} {r["seconds"]:9.3f}  {verdict}')
 
-  RESULTS.parent.mkdir(parents=True, exist_ok=True)
   record = {
     'repeats': repeats,
     'statistic': 'median',
@@ -133,7 +132,7 @@ def main(argv=None):
     'numpy': np.__version__,
     'rows': rows,
   }
-  RESULTS.write_text(json.dumps(record, indent=2) + '\n')
+  fileio.atomic_write_text(RESULTS, json.dumps(record, indent=2) + '\n')
   print(f'\nwrote {RESULTS}')
   missed = [r['set'] for r in rows if r.get('target_s') and r['seconds'] >= r['target_s']]
   return 1 if missed else 0

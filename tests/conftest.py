@@ -1,8 +1,18 @@
-"""Shared test fixtures: the `../shared` reference folder and small helpers."""
+"""Shared test fixtures and helpers: the `../shared` reference folder, configs, script runs.
+
+Tests import the helpers directly (`from conftest import REPO, shared_path, load_config`); the
+fixtures (`shared`, `shared_dir`) are found by pytest. Slow tests (end-to-end runs, subprocesses,
+real-reference runs) carry `@pytest.mark.slow`: `python -m pytest -q -m "not slow"` is the quick
+subset.
+"""
 
 import os
+import subprocess
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 
+import ml_collections
 import pytest
 
 # The suite compiles many small U2Net programs whose run time is negligible: XLA's backend
@@ -18,7 +28,14 @@ SHARED = REPO.parent / 'shared'
 
 
 def shared_path(*parts: str) -> Path:
-  """A file under `../shared`; skips the calling test with the reason when it is absent."""
+  """A file under `../shared`; skips the calling test with the reason when it is absent.
+
+  Args:
+    *parts: the path below `../shared`, e.g. `shared_path('official', 'x.npz')`.
+
+  Returns:
+    The existing path.
+  """
   path = SHARED.joinpath(*parts)
   if not path.exists():
     pytest.skip(f'{path} is absent: reference files from ../shared are not available here')
@@ -27,4 +44,85 @@ def shared_path(*parts: str) -> Path:
 
 @pytest.fixture
 def shared():
+  """`shared_path` as a fixture: `def test_x(shared): shared('official', 'x.npz')`."""
   return shared_path
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+  """The `../shared` folder itself; skips the test when it is absent."""
+  return shared_path()
+
+
+def load_config(name: str = 'tiny', **overrides) -> ml_collections.ConfigDict:
+  """`configs/<name>.py` (`name:arg` passes `arg`) with dotted-field overrides, finalized.
+
+  Usage: `load_config('tiny', **{'train.num_epochs': 1, 'model.width': 8})`. The overrides are
+  applied before `config_utils.finalize`, as `--config.FIELD=value` flags are.
+
+  Args:
+    name: the config file's stem, optionally with `:arg`.
+    **overrides: 'section.field' -> value; an unknown field is an error, as on the command line.
+
+  Returns:
+    The finalized, locked ConfigDict.
+  """
+  from u2net_jax import config_utils
+
+  stem, sep, arg = name.partition(':')
+  return config_utils.load_config_file(f'{REPO / "configs" / stem}.py{sep}{arg}', overrides)
+
+
+def script_env(
+  extra: Mapping[str, str] | None = None, cache_dir: str | os.PathLike | None = None
+) -> dict[str, str]:
+  """The environment of a script run by a test: the CPU backend, this process's XLA flags.
+
+  Args:
+    extra: variables to add or replace.
+    cache_dir: a JAX persistent compilation cache shared by the runs of one test (each run
+      would otherwise compile the same programs again).
+
+  Returns:
+    The environment, for `subprocess`.
+  """
+  env = dict(os.environ, JAX_PLATFORMS='cpu', **(extra or {}))
+  if cache_dir:
+    env.update(
+      JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+    )
+  return env
+
+
+def run_script(
+  *args: str,
+  env: Mapping[str, str] | None = None,
+  wait: bool = True,
+  log: str | os.PathLike | None = None,
+  timeout: float = 600,
+):
+  """Runs `python <args>` in the repository root, as a user runs a script.
+
+  Args:
+    *args: the script and its flags, e.g. `run_script('train.py', '--config=configs/tiny.py')`.
+    env: the environment (default `script_env()`).
+    wait: False starts it and returns the `Popen`, its output going to `log`.
+    log: when not waiting, a file for its stdout and stderr (default: discarded). A file, not a
+      pipe nobody reads: a full pipe would stall the script.
+    timeout: seconds, when waiting.
+
+  Returns:
+    The `CompletedProcess` (text stdout/stderr), or the `Popen` when not waiting.
+  """
+  cmd = [sys.executable, *args]
+  env = dict(env) if env is not None else script_env()
+  if not wait:
+    out = open(log, 'w') if log else subprocess.DEVNULL  # Closed below; the child keeps its copy.
+    try:
+      return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    finally:
+      if log:
+        out.close()
+  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

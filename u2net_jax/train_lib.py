@@ -4,16 +4,16 @@
 is its command-line entry point. The pieces:
 
 - `create_learning_rate_fn`: Adam's learning rate, halved every `decay_every_epochs` (a staircase
-  `optax.exponential_decay`, durations converted from epochs to steps once).
-- `create_train_state`: `models.U2Net(**config.model)` with PyTorch's default initialisation (what
-  the official training starts from) and `optax.adam` (PyTorch's Adam: eps outside the sqrt).
+  `optax.exponential_decay`, durations converted from epochs to steps once, in `Plan`).
+- `create_train_state`: `models.create_model(config.model)` with PyTorch's default initialisation
+  (what the official training starts from) and `optax.adam` (PyTorch's Adam: eps outside the
+  sqrt).
 - `train_step` / `eval_step`: pure functions of (state, batch); the L1 loss (mean) of Eq. 4.
 
-Parallelism is decided in one place, `compile_steps`: the steps are `jax.jit`-compiled over a
-one-axis device mesh ('data') with the batch sharded along it and the state replicated. This is
-what `jax.pmap` lowers to in current JAX and is its recommended replacement: XLA inserts the
-gradient all-reduce, the same code runs on 1 CPU, 8 GPUs or a TPU pod, and the state buffers are
-donated. On several hosts each one feeds only its share of every global batch.
+Parallelism is decided in `u2net_jax.sharding` (one 'data' mesh, batch sharded, state
+replicated); `compile_steps` hands those shardings to `jax.jit`. XLA inserts the gradient
+all-reduce, the same code runs on 1 CPU, 8 GPUs or a TPU pod, and the state buffers are donated.
+On several hosts each one feeds only its share of every global batch.
 
 Resumption: the data order is a pure function of (seed, step) (`input_pipeline`), and a
 checkpoint holds params, the optimizer state and the step, so re-running the same command after a
@@ -22,6 +22,7 @@ kill continues the run exactly from the latest complete checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -38,9 +39,8 @@ import numpy as np
 import optax
 from absl import logging
 from flax.training import train_state
-from jax.sharding import NamedSharding, PartitionSpec
 
-from u2net_jax import checkpointing, config_utils, input_pipeline, metrics, models
+from u2net_jax import checkpointing, config_utils, fileio, input_pipeline, metrics, models, sharding
 
 TrainState = train_state.TrainState
 Batch = Mapping[str, jax.Array]
@@ -56,6 +56,13 @@ def create_learning_rate_fn(
   """lr(step) = lr0 * decay_factor ** floor(step / (decay_every_epochs * steps_per_epoch)).
 
   The official code halves the learning rate every 100 epochs (pansharpening) or 50 (HISR).
+
+  Args:
+    config: the run's config (`config.optimizer`).
+    steps_per_epoch: steps in one epoch.
+
+  Returns:
+    The schedule, a function of the (0-based) step.
   """
   opt = config.optimizer
   return optax.exponential_decay(
@@ -66,10 +73,6 @@ def create_learning_rate_fn(
   )
 
 
-def create_model(config: ml_collections.ConfigDict) -> models.U2Net:
-  return models.U2Net(**config.model)
-
-
 def create_train_state(
   config: ml_collections.ConfigDict, rng: jax.Array, steps_per_epoch: int, params=None
 ) -> TrainState:
@@ -77,14 +80,14 @@ def create_train_state(
 
   Args:
     config: the run's config.
-    rng: a PRNG key for the initialisation.
+    rng: a PRNG key for the initialisation (unused when `params` is given).
     steps_per_epoch: steps in one epoch (for the learning-rate schedule).
     params: optional initial parameters (same tree as the model's).
 
   Returns:
     A `TrainState` with step 0.
   """
-  model = create_model(config)
+  model = models.create_model(config.model)
   if params is None:
     params = models.init_params(model, rng)
   opt = config.optimizer
@@ -95,13 +98,26 @@ def create_train_state(
 
 
 def l1_loss(params, apply_fn: Callable, batch: Batch) -> jax.Array:
-  """Mean absolute error between the fused image and `gt` (paper Eq. 4, `nn.L1Loss()`)."""
+  """Mean absolute error between the fused image and `gt` (paper Eq. 4, `nn.L1Loss()`).
+
+  Args:
+    params: the model's parameters.
+    apply_fn: the model's `apply`.
+    batch: roles 'ms', 'guide', 'gt' (NHWC in [0, 1]).
+
+  Returns:
+    The scalar loss.
+  """
   out = apply_fn({'params': params}, batch['ms'], batch['guide'])
   return jnp.mean(jnp.abs(out - batch['gt']))
 
 
 def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One Adam step on the L1 loss of `batch` (roles 'ms', 'guide', 'gt'; NHWC in [0, 1])."""
+  """One Adam step on the L1 loss of `batch` (roles 'ms', 'guide', 'gt'; NHWC in [0, 1]).
+
+  Returns:
+    (the new state, {'loss': the batch's loss before the step}).
+  """
   loss, grads = jax.value_and_grad(l1_loss)(state.params, state.apply_fn, batch)
   return state.apply_gradients(grads=grads), {'loss': loss}
 
@@ -125,29 +141,14 @@ def eval_step(params, batch: Batch, *, apply_fn: Callable, ratio: int = 4) -> di
   }
 
 
-# ----------------------------------------------------------------------------------------------
-# Devices.
-
-
-def create_mesh() -> jax.sharding.Mesh:
-  """A one-axis mesh over every device of every host; the batch is split along 'data'."""
-  # Auto axis type: the compiler propagates shardings (the classic `jit` data parallelism);
-  # the model code never mentions devices.
-  return jax.make_mesh(
-    (jax.device_count(),),
-    (input_pipeline.BATCH_AXIS,),
-    axis_types=(jax.sharding.AxisType.Auto,),
-  )
-
-
 def compile_steps(mesh: jax.sharding.Mesh, apply_fn: Callable, ratio: int = 4):
   """`train_step` and `eval_step` jitted over `mesh`: batch sharded, state replicated, donated.
 
   Returns:
     (p_train_step(state, batch), p_eval_step(params, batch)).
   """
-  replicated = NamedSharding(mesh, PartitionSpec())
-  batch_sharded = input_pipeline.batch_sharding(mesh)
+  replicated = sharding.replicated(mesh)
+  batch_sharded = sharding.batch_sharding(mesh)
   p_train = jax.jit(
     train_step,
     in_shardings=(replicated, batch_sharded),
@@ -162,13 +163,40 @@ def compile_steps(mesh: jax.sharding.Mesh, apply_fn: Callable, ratio: int = 4):
   return p_train, p_eval
 
 
-def check_batch_divides(batch_size: int, num_devices: int) -> None:
-  if batch_size % num_devices:
-    raise ValueError(
-      f'config.train.batch_size={batch_size} does not divide over the {num_devices} devices; '
-      f'choose a multiple of {num_devices} (e.g. --config.train.batch_size='
-      f'{max(num_devices, batch_size // num_devices * num_devices)})'
+# ----------------------------------------------------------------------------------------------
+# The run's step counts.
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """A run's durations in steps, converted once from the config's epochs."""
+
+  steps_per_epoch: int
+  total_steps: int
+  eval_every: int
+  ckpt_every: int
+  log_every: int
+
+  @classmethod
+  def create(cls, config: ml_collections.ConfigDict, steps_per_epoch: int) -> Plan:
+    """The plan of `config.train` for an epoch of `steps_per_epoch` steps."""
+    train = config.train
+    return cls(
+      steps_per_epoch=steps_per_epoch,
+      total_steps=train.num_epochs * steps_per_epoch,
+      eval_every=max(1, train.eval_every_epochs * steps_per_epoch),
+      ckpt_every=max(1, train.checkpoint_every_epochs * steps_per_epoch),
+      log_every=train.log_every_steps,
     )
+
+  def at_eval(self, step: int) -> bool:
+    return step % self.eval_every == 0 or step == self.total_steps
+
+  def at_ckpt(self, step: int) -> bool:
+    return step % self.ckpt_every == 0 or step == self.total_steps
+
+  def at_log(self, step: int) -> bool:
+    return step % self.log_every == 0 or self.at_eval(step) or self.at_ckpt(step)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,12 +210,15 @@ class MetricWriter:
     self.enabled = enabled
     self._tb = None
     if enabled:
+      # An append-only log, one flushed line per record: a kill loses at most the line being
+      # written, and a resumed run continues the same file.
       self._jsonl = open(workdir / 'metrics.jsonl', 'a')  # Closed in close().
       from tensorboardX import SummaryWriter
 
       self._tb = SummaryWriter(str(workdir / 'tensorboard'))
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    """Appends one record of `scalars` at `step` (a no-op on hosts other than 0)."""
     if not self.enabled:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
@@ -208,59 +239,61 @@ def _format_eta(seconds: float) -> str:
   return f'{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
+class _TrainLog:
+  """Collects the per-step losses on the device and reports them every few steps."""
+
+  def __init__(self, config, plan: Plan, writer: MetricWriter, workdir: Path):
+    self._batch_size = config.train.batch_size
+    self._lr_fn = create_learning_rate_fn(config, plan.steps_per_epoch)
+    self._plan, self._writer, self._workdir = plan, writer, workdir
+    self._pending: list[jax.Array] = []
+    self._start = time.perf_counter()
+    self.last: dict[str, float] = {}
+
+  def add(self, loss: jax.Array) -> None:
+    # Kept on the device: fetching every step would synchronise the host with each step.
+    self._pending.append(loss)
+
+  def flush(self, step: int) -> None:
+    """Writes the mean loss since the last flush; stops the run on a non-finite loss."""
+    losses = np.asarray(jax.device_get(self._pending), np.float64)
+    steps, self._pending = len(self._pending), []
+    _check_finite(losses, step, self._workdir)
+    rate = steps / max(time.perf_counter() - self._start, 1e-9)
+    plan = self._plan
+    self.last = {
+      'train_loss': float(losses.mean()),
+      'learning_rate': float(self._lr_fn(step - 1)),
+      'steps_per_sec': rate,
+      'samples_per_sec': rate * self._batch_size,
+      'epoch': step / plan.steps_per_epoch,
+    }
+    self._writer.write(step, self.last)
+    if self._writer.enabled:
+      logging.info(
+        '[%d/%d] epoch %.1f  loss %.5f  lr %.3g  %.2f steps/s  ETA %s',
+        step, plan.total_steps, self.last['epoch'], self.last['train_loss'],
+        self.last['learning_rate'], rate, _format_eta((plan.total_steps - step) / max(rate, 1e-9)),
+      )  # fmt: skip
+    self._start = time.perf_counter()
+
+
+def _check_finite(losses: np.ndarray, step: int, workdir: Path) -> None:
+  if not np.isfinite(losses).all():
+    raise FloatingPointError(
+      f'the training loss became {losses[~np.isfinite(losses)][0]} by step {step}; stopped '
+      f'without saving. The last good '
+      f'checkpoint in {workdir / "checkpoints"} is intact: lower --config.optimizer.learning_rate '
+      'or check the data for extreme values, then re-run to resume from it.'
+    )
+
+
 # ----------------------------------------------------------------------------------------------
-# The job.
-
-
-def _check_workdir_writable(workdir: Path) -> None:
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / f'.write_test_{os.getpid()}'
-    probe.write_text('ok')
-    probe.unlink()
-  except OSError as e:
-    raise PermissionError(
-      f'workdir {workdir} is not writable ({e}); choose another --workdir'
-    ) from e
-
-
-def _restore_or_init(config, workdir: Path, manager, steps_per_epoch: int, replicated):
-  """The latest checkpoint of this run, else `config.init_from`'s weights, else a fresh init.
-
-  Returns:
-    (state, meta) with `state` placed (replicated) on the mesh.
-  """
-  new_state = functools.partial(
-    create_train_state, config, jax.random.key(config.seed), steps_per_epoch
-  )
-  latest = manager.latest_step()
-  if latest is not None and checkpointing.has_opt_state(manager, latest):
-    # Restore into the state's shapes without computing an initialisation.
-    abstract = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-      jax.eval_shape(new_state),
-    )
-    restored = checkpointing.restore(
-      manager, latest, abstract_params=abstract.params, abstract_opt_state=abstract.opt_state
-    )
-    meta = restored['meta']
-    state = abstract.replace(
-      step=jax.device_put(jnp.asarray(meta['step'], jnp.int32), replicated),
-      params=restored['params'],
-      opt_state=restored['opt_state'],
-    )
-    logging.info('Resumed from %s step %d (epoch %.2f).', workdir, meta['step'], meta['epoch'])
-    return state, meta
-  source_dir = config.init_from or (workdir if latest is not None else '')
-  params = None
-  if source_dir:
-    params, step, _ = checkpointing.restore_params(source_dir, config.model)
-    logging.info('Initialised the weights from %s (checkpoint step %d).', source_dir, step)
-  return jax.device_put(new_state(params=params), replicated), {}
+# Validation and checkpoints.
 
 
 def _evaluate(p_eval, params, config, source, mesh) -> dict[str, float]:
-  """Validation loss (L1) and PSNR / SAM / ERGAS, averaged over every example."""
+  """{'valid_loss', 'valid_psnr', 'valid_sam', 'valid_ergas'}: means over every example."""
   sums: dict[str, float] = {}
   count = 0
   for batch in input_pipeline.eval_batches(
@@ -274,131 +307,182 @@ def _evaluate(p_eval, params, config, source, mesh) -> dict[str, float]:
   return {f'valid_{k}': v / max(count, 1) for k, v in sums.items()}
 
 
-def _check_finite(losses: np.ndarray, step: int, workdir: Path) -> None:
-  if not np.isfinite(losses).all():
-    raise FloatingPointError(
-      f'the training loss became {losses[~np.isfinite(losses)][0]} by step {step}; stopped '
-      f'without saving. The last good '
-      f'checkpoint in {workdir / "checkpoints"} is intact: lower --config.optimizer.learning_rate '
-      'or check the data for extreme values, then re-run to resume from it.'
+class _Checkpoints:
+  """Saves the run's checkpoints and keeps track of the best validation loss."""
+
+  def __init__(self, manager, config, plan: Plan, meta: Mapping[str, Any]):
+    self._manager, self._config, self._plan = manager, config, plan
+    self.best = float(meta.get('best_valid_loss', math.inf))
+    self.valid: dict[str, float] = dict(meta.get('valid', {}))
+
+  def after_step(self, state: TrainState, step: int, valid: dict[str, float] | None) -> None:
+    """Saves `step` when it validated better than before or is a checkpoint step.
+
+    Args:
+      state: the state after `step`.
+      step: the step just done.
+      valid: this step's validation figures, None when it did not validate.
+    """
+    if valid is not None:
+      self.valid = valid
+      if valid['valid_loss'] < self.best:
+        self.best = valid['valid_loss']
+        self._save(state, step, self.best)
+        return
+    if self._plan.at_ckpt(step):
+      # A checkpoint without a fresh validation never counts as the best one.
+      self._save(state, step, math.inf if valid is None else valid['valid_loss'])
+
+  def _save(self, state: TrainState, step: int, metric: float) -> None:
+    checkpointing.save(
+      self._manager,
+      step,
+      params=state.params,
+      opt_state=state.opt_state,
+      meta={
+        'step': step,
+        'epoch': step / self._plan.steps_per_epoch,
+        # Stream position of the next batch.
+        'data_position': step * self._config.train.batch_size,
+        'seed': self._config.seed,
+        'best_valid_loss': self.best,
+        'valid': self.valid,
+      },
+      metrics={checkpointing.BEST_METRIC: metric},
     )
+
+
+def _abstract_state(config, steps_per_epoch: int, replicated) -> TrainState:
+  """The training state's shapes, dtypes and (replicated) shardings, computing nothing."""
+  abstract = jax.eval_shape(
+    lambda params: create_train_state(config, None, steps_per_epoch, params=params),
+    models.abstract_params(models.create_model(config.model)),
+  )
+  return jax.tree_util.tree_map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract
+  )
+
+
+def _restore_or_init(config, workdir: Path, manager, steps_per_epoch: int, mesh):
+  """The latest checkpoint of this run, else `config.init_from`'s weights, else a fresh init.
+
+  Returns:
+    (state, meta) with `state` placed (replicated) on the mesh and `meta` the restored
+    checkpoint's facts ({} when the run starts at step 0).
+  """
+  replicated = sharding.replicated(mesh)
+  latest = manager.latest_step()
+  if latest is not None and checkpointing.has_opt_state(manager, latest):
+    # Restore into the state's shapes without computing an initialisation.
+    abstract = _abstract_state(config, steps_per_epoch, replicated)
+    restored = checkpointing.restore(
+      manager, latest, abstract_params=abstract.params, abstract_opt_state=abstract.opt_state
+    )
+    meta = restored['meta']
+    state = abstract.replace(
+      step=jax.device_put(jnp.asarray(meta['step'], jnp.int32), replicated),
+      params=restored['params'],
+      opt_state=restored['opt_state'],
+    )
+    logging.info('Resumed from %s step %d (epoch %.2f).', workdir, meta['step'], meta['epoch'])
+    return state, meta
+  # A params-only checkpoint in the workdir itself (converted weights) is a starting point too.
+  source_dir = config.init_from or (workdir if latest is not None else '')
+  params = None
+  if source_dir:
+    params, step, _ = checkpointing.restore_params(source_dir, config.model, which='best')
+    logging.info('Initialised the weights from %s (checkpoint step %d).', source_dir, step)
+  state = create_train_state(config, jax.random.key(config.seed), steps_per_epoch, params=params)
+  return jax.device_put(state, replicated), {}
+
+
+# ----------------------------------------------------------------------------------------------
+# The job.
+
+
+def _prepare(config, workdir: Path):
+  """Checks the workdir and the devices, opens the data; everything that can fail fast.
+
+  Returns:
+    (mesh, train_source, valid_source, plan).
+  """
+  fileio.ensure_writable_dir(workdir, 'workdir')
+  mesh = sharding.create_mesh()
+  sharding.check_batch_divides(config.train.batch_size, mesh, 'config.train.batch_size')
+  train_source = input_pipeline.get_source(config, 'train')
+  valid_source = input_pipeline.get_source(config, 'valid')
+  plan = Plan.create(config, input_pipeline.steps_per_epoch(config, train_source))
+  logging.info(
+    '%d training / %d validation examples; %d steps per epoch; %d steps (%d epochs); '
+    'global batch %d over %d devices on %d hosts.',
+    len(train_source), len(valid_source), plan.steps_per_epoch, plan.total_steps,
+    config.train.num_epochs, config.train.batch_size, mesh.size, jax.process_count(),
+  )  # fmt: skip
+  return mesh, train_source, valid_source, plan
+
+
+def _validate(p_eval, state, config, source, mesh, writer: MetricWriter, step: int) -> dict:
+  valid = _evaluate(p_eval, state.params, config, source, mesh)
+  writer.write(step, valid)
+  if writer.enabled:
+    figures = ', '.join(f'{k} {v:.5f}' for k, v in valid.items())
+    logging.info('validation at step %d: %s', step, figures)
+  return valid
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`, validating and checkpointing as configured.
 
   Args:
-    config: the run's config (see `configs/default.py`).
+    config: the run's config (see `configs/default.py`); finalized here if it is not yet.
     workdir: where checkpoints, `config.json`, `metrics.jsonl` and TensorBoard logs go.
 
   Returns:
     The final state's summary: {'step', 'epoch', 'params', 'last_metrics', 'valid': {...}}.
+
+  Raises:
+    config_utils.ConfigError: an invalid config (see `config_utils.finalize`).
+    fileio.OutputError: the workdir cannot be written.
+    ValueError: the global batch does not split over the devices.
+    DataError: the data are missing or invalid.
+    FloatingPointError: the loss became NaN or infinite (the last checkpoint is kept).
   """
+  # Idempotent: train.py's config is finalized already, a notebook's may not be.
+  config = config_utils.finalize(config)
   workdir = Path(workdir).resolve()
+  mesh, train_source, valid_source, plan = _prepare(config, workdir)
   is_main = jax.process_index() == 0
-  _check_workdir_writable(workdir)
-  mesh = create_mesh()
-  check_batch_divides(config.train.batch_size, mesh.size)
-  train_source = input_pipeline.get_source(config, 'train')
-  valid_source = input_pipeline.get_source(config, 'valid')
-  steps_per_epoch = input_pipeline.steps_per_epoch(config, train_source)
-  total_steps = config.train.num_epochs * steps_per_epoch
-  eval_every = max(1, config.train.eval_every_epochs * steps_per_epoch)
-  ckpt_every = max(1, config.train.checkpoint_every_epochs * steps_per_epoch)
   if is_main:
     config_utils.save_config(config, workdir)
-  logging.info(
-    '%d training / %d validation examples; %d steps per epoch; %d steps (%d epochs); '
-    'global batch %d over %d devices on %d hosts.',
-    len(train_source), len(valid_source), steps_per_epoch, total_steps,
-    config.train.num_epochs, config.train.batch_size, mesh.size, jax.process_count(),
-  )  # fmt: skip
-
-  replicated = NamedSharding(mesh, PartitionSpec())
   manager = checkpointing.create_manager(workdir, keep=config.train.keep_checkpoints)
-  state, meta = _restore_or_init(config, workdir, manager, steps_per_epoch, replicated)
+  state, meta = _restore_or_init(config, workdir, manager, plan.steps_per_epoch, mesh)
   p_train, p_eval = compile_steps(mesh, state.apply_fn, config.model.scale)
-  lr_fn = create_learning_rate_fn(config, steps_per_epoch)
   writer = MetricWriter(workdir, enabled=is_main)
+  log = _TrainLog(config, plan, writer, workdir)
+  checkpoints = _Checkpoints(manager, config, plan, meta)
   start_step = int(meta.get('step', 0))
-  best = float(meta.get('best_valid_loss', math.inf))
-  valid: dict[str, float] = dict(meta.get('valid', {}))
-  last: dict[str, float] = {}
-
-  def save(step: int, metrics_: dict | None = None) -> None:
-    checkpointing.save(
-      manager,
-      step,
-      params=state.params,
-      opt_state=state.opt_state,
-      meta={
-        'step': step,
-        'epoch': step / steps_per_epoch,
-        'data_position': step * config.train.batch_size,  # Stream position of the next batch.
-        'seed': config.seed,
-        'best_valid_loss': best,
-        'valid': valid,
-      },
-      metrics=metrics_,
-    )
-
   batches = input_pipeline.train_batches(config, train_source, mesh=mesh, start_step=start_step)
-  pending: list[jax.Array] = []
-  t_log, steps_since_log = time.perf_counter(), 0
   try:
-    for step in range(start_step + 1, total_steps + 1):
+    for step in range(start_step + 1, plan.total_steps + 1):
       state, step_metrics = p_train(state, next(batches))
-      pending.append(step_metrics['loss'])
-      steps_since_log += 1
-      at_eval = step % eval_every == 0 or step == total_steps
-      at_ckpt = step % ckpt_every == 0 or step == total_steps
-      if step % config.train.log_every_steps == 0 or at_eval or at_ckpt:
-        losses = np.asarray(jax.device_get(pending), np.float64)
-        pending.clear()
-        _check_finite(losses, step, workdir)
-        elapsed = time.perf_counter() - t_log
-        rate = steps_since_log / max(elapsed, 1e-9)
-        last = {
-          'train_loss': float(losses.mean()),
-          'learning_rate': float(lr_fn(step - 1)),
-          'steps_per_sec': rate,
-          'samples_per_sec': rate * config.train.batch_size,
-          'epoch': step / steps_per_epoch,
-        }
-        writer.write(step, last)
-        if is_main:
-          logging.info(
-            '[%d/%d] epoch %.1f  loss %.5f  lr %.3g  %.2f steps/s  ETA %s',
-            step, total_steps, last['epoch'], last['train_loss'], last['learning_rate'], rate,
-            _format_eta((total_steps - step) / max(rate, 1e-9)),
-          )  # fmt: skip
-        t_log, steps_since_log = time.perf_counter(), 0
-      if at_eval:
-        valid = _evaluate(p_eval, state.params, config, valid_source, mesh)
-        writer.write(step, valid)
-        if is_main:
-          logging.info(
-            'validation at step %d: '
-            + ', '.join(f'{k} {{{k}:.5f}}'.format(**valid) for k in valid),
-            step,
-          )
-        if valid['valid_loss'] < best:
-          best = valid['valid_loss']
-          save(step, {checkpointing.BEST_METRIC: best})
-          continue
-      if at_ckpt:
-        # A checkpoint without a fresh validation never counts as the best one.
-        save(step, {checkpointing.BEST_METRIC: valid['valid_loss'] if at_eval else math.inf})
+      log.add(step_metrics['loss'])
+      if plan.at_log(step):
+        log.flush(step)
+      valid = None
+      if plan.at_eval(step):
+        valid = _validate(p_eval, state, config, valid_source, mesh, writer, step)
+      checkpoints.after_step(state, step, valid)
   finally:
     manager.wait_until_finished()
     manager.close()
     writer.close()
+  final_step = int(jax.device_get(state.step))
   return {
-    'step': int(jax.device_get(state.step)),
-    'epoch': int(jax.device_get(state.step)) / steps_per_epoch,
+    'step': final_step,
+    'epoch': final_step / plan.steps_per_epoch,
     'params': state.params,
-    'last_metrics': last,
-    'valid': valid,
+    'last_metrics': log.last,
+    'valid': checkpoints.valid,
   }
 
 
