@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO, load_config, shared_path
 
 from u2net_jax import input_pipeline, toolbox
-from u2net_jax.data import DataError, demo, pancollection, prepare_pansharpening, wald
+from u2net_jax.data import DataError, demo, pancollection, prepare_pansharpening, value_checks, wald
 
 
 @pytest.fixture(autouse=True)
@@ -176,20 +176,20 @@ def test_write_h5_is_atomic(tmp_path):
 
 
 def test_sample_indices_spread_over_the_file():
-  assert pancollection.sample_indices(1, 10).tolist() == [0]
-  rows = pancollection.sample_indices(1000, 100)
-  assert len(rows) == pancollection.SAMPLE_EXAMPLES and rows[0] == 0 and rows[-1] == 999
+  assert value_checks.sample_indices(1, 10).tolist() == [0]
+  rows = value_checks.sample_indices(1000, 100)
+  assert len(rows) == value_checks.SAMPLE_EXAMPLES and rows[0] == 0 and rows[-1] == 999
   gaps = np.diff(rows)
   assert gaps.min() >= 66 and gaps.max() <= 67  # Evenly spread.
-  np.testing.assert_array_equal(rows, pancollection.sample_indices(1000, 100))
+  np.testing.assert_array_equal(rows, value_checks.sample_indices(1000, 100))
   # Examples as big as the whole sample budget: only the first and the last.
-  assert pancollection.sample_indices(1000, pancollection.SAMPLE_ELEMENTS).tolist() == [0, 999]
+  assert value_checks.sample_indices(1000, value_checks.SAMPLE_ELEMENTS).tolist() == [0, 999]
 
 
 def test_sampled_check_by_default_full_check_on_demand(tmp_path, private_value_cache):
   a = _arrays(n=40)
   a['gt'][7, 0, 1, 2] = np.nan
-  assert 7 not in pancollection.sample_indices(40, a['gt'][0].size)  # Not sampled.
+  assert 7 not in value_checks.sample_indices(40, a['gt'][0].size)  # Not sampled.
   path = _write(tmp_path / 'nan7.h5', a)
   assert len(_source(path)) == 40
   assert len(_source(path, check_values='off')) == 40
@@ -197,8 +197,8 @@ def test_sampled_check_by_default_full_check_on_demand(tmp_path, private_value_c
     DataError, match=r"nan7\.h5: key 'gt' holds non-finite values .*\(7, 0, 1, 2\)"
   ):
     _source(path, check_values='full')
-  assert pancollection.value_check_cache_path().parent.parent == private_value_cache
-  assert pancollection.value_check_cache_path().exists()
+  assert value_checks.value_check_cache_path().parent.parent == private_value_cache
+  assert value_checks.value_check_cache_path().exists()
   # A sampled check uses the cached full result of the unchanged file.
   with pytest.raises(DataError, match=r'\(7, 0, 1, 2\)'):
     _source(path)
@@ -224,7 +224,7 @@ def test_full_check_without_a_writable_cache_and_with_progress(tmp_path, monkeyp
   blocker = tmp_path / 'a_file'
   blocker.write_text('')
   monkeypatch.setenv('XDG_CACHE_HOME', str(blocker))  # The cache folder cannot be made.
-  monkeypatch.setattr(pancollection, 'PROGRESS_SECONDS', 0.0)
+  monkeypatch.setattr(value_checks, 'PROGRESS_SECONDS', 0.0)
   path = _write(tmp_path / 'ok.h5', _arrays(n=3))
   with caplog.at_level(logging.INFO):
     assert len(_source(path, check_values='full')) == 3

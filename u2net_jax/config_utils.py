@@ -78,12 +78,12 @@ def field_rules() -> list[FieldRule]:
   """
   # Imported here: they bring in jax, flax and h5py, which reading a config file does not need.
   from u2net_jax import attention, models, tiling
-  from u2net_jax.data import pancollection
+  from u2net_jax.data import value_checks
 
   return [
     one_of('task', toolbox.TASKS),
     one_of('data.source', ('hdf5', 'tfds', 'demo')),  # `input_pipeline.get_source`'s kinds.
-    one_of('data.check_values', pancollection.CHECK_VALUES),
+    one_of('data.check_values', value_checks.CHECK_VALUES),
     one_of('model.variant', models.VARIANTS),
     one_of('model.dtype', models.DTYPES),
     one_of('model.attention', attention.ATTENTION_KINDS),

@@ -15,19 +15,7 @@ Reading. `H5Source` validates a file before use (keys, shapes, band counts) and 
 example at a time, so a 5 GB training file is never loaded whole. Each example is transposed
 once, here, to H x W x C float32 and divided by the sensor maximum.
 
-Value checks (`check_values`, `config.data.check_values`): values must be finite and on the scale
-of the sensor maximum (catching 11-bit data given to a 10-bit config, or data already divided to
-[0, 1]).
-  'sample'  (default) reads a deterministic spread of examples (`sample_indices`: evenly spaced,
-            the first and the last included, at most `SAMPLE_EXAMPLES` and about
-            `SAMPLE_ELEMENTS` values per dataset), so opening a file costs milliseconds;
-  'full'    reads every value once, logging progress, and caches the result (per dataset: min,
-            max, first non-finite index) keyed by the file's resolved path, size and mtime_ns in
-            `value_check_cache_path()` ($XDG_CACHE_HOME/u2net_jax, default ~/.cache/u2net_jax);
-            later runs, resumes and test-set loads of the unchanged file read nothing, and a
-            'sample' check uses a cached full result when there is one. A cache that cannot be
-            read or written is ignored;
-  'off'     skips the values.
+Value checks (`check_values`, `config.data.check_values`): `value_checks.scan_values`.
 
 Writing. `H5Writer` streams examples into a temporary file beside the destination
 (`fileio.atomic_file`) that is renamed only when every row of every dataset has been written;
@@ -37,34 +25,18 @@ it; the preparers (`prepare_pansharpening`, `prepare_cave`) stream their patches
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
-from absl import logging
 
 from u2net_jax import fileio
-from u2net_jax.data import DataError
+from u2net_jax.data import DataError, value_checks
 
 ROLES = ('gt', 'lms', 'ms', 'guide')
-# Interpolated images (lms) ring a little above the sensor maximum near sharp edges (the 23-tap
-# kernel has negative lobes), so only gross overshoots of lms count as a wrong sensor maximum.
-_LMS_OVERSHOOT = 1.5
-# A full scan reads slabs of at most this many elements.
-_SCAN_ELEMENTS = 1 << 25
-CHECK_VALUES = ('sample', 'full', 'off')
-# A sampled check reads at most SAMPLE_EXAMPLES examples and about SAMPLE_ELEMENTS values per
-# dataset (never fewer than the first and the last example): enough to catch a wrong sensor
-# maximum, which affects every example, at the cost of a few reads.
-SAMPLE_EXAMPLES = 16
-SAMPLE_ELEMENTS = 1 << 24
-PROGRESS_SECONDS = 5.0  # A full check logs its progress this often.
-_CACHE_ENTRIES = 256
 
 
 def _shape_str(shape: Sequence[int]) -> str:
@@ -172,215 +144,6 @@ def validate_h5(
   return roles, n
 
 
-def sample_indices(n: int, example_elements: int) -> np.ndarray:
-  """The examples a sampled value check reads: evenly spread, the first and the last included.
-
-  Args:
-    n: the number of examples (> 0).
-    example_elements: values per example of the dataset (C * H * W).
-
-  Returns:
-    Sorted unique int64 indices: min(n, k) of them, k = SAMPLE_ELEMENTS // example_elements
-    clipped to [2, SAMPLE_EXAMPLES].
-  """
-  k = min(SAMPLE_EXAMPLES, max(2, SAMPLE_ELEMENTS // max(1, int(example_elements))))
-  return np.unique(np.round(np.linspace(0, n - 1, min(n, k))).astype(np.int64))
-
-
-def value_check_cache_path() -> Path:
-  """The file caching full value scans: $XDG_CACHE_HOME/u2net_jax/value_checks.json."""
-  root = os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache'
-  return Path(root) / 'u2net_jax' / 'value_checks.json'
-
-
-def _file_id(path: str | os.PathLike) -> tuple[str, dict[str, int]]:
-  """(resolved path, {'size', 'mtime_ns'}): a rewritten file gets a new identity."""
-  st = Path(path).stat()
-  return str(Path(path).resolve()), {'size': int(st.st_size), 'mtime_ns': int(st.st_mtime_ns)}
-
-
-def _load_cache() -> dict[str, Any]:
-  try:
-    cache = json.loads(value_check_cache_path().read_text())
-    return cache if isinstance(cache, dict) else {}
-  except (OSError, ValueError):  # Missing, unreadable or corrupt: start afresh.
-    return {}
-
-
-def _cached_stats(path, names: Sequence[str]) -> dict[str, dict] | None:
-  """The cached full-scan statistics of every dataset in `names`, or None."""
-  key, ident = _file_id(path)
-  entry = _load_cache().get(key)
-  if not isinstance(entry, dict) or entry.get('id') != ident:
-    return None
-  stats = entry.get('datasets', {})
-  if not all(n in stats for n in names):
-    return None
-  return {n: stats[n] for n in names}
-
-
-def _store_stats(path, stats: Mapping[str, dict]) -> None:
-  """Adds full-scan statistics to the cache; a cache that cannot be written is skipped."""
-  key, ident = _file_id(path)
-  cache = _load_cache()
-  entry = cache.pop(key, None)
-  datasets = dict(entry['datasets']) if isinstance(entry, dict) and entry.get('id') == ident else {}
-  datasets.update(stats)
-  cache[key] = {'id': ident, 'datasets': datasets}
-  # Most recently scanned last; the oldest are dropped so the file stays small.
-  cache = dict(list(cache.items())[-_CACHE_ENTRIES:])
-  try:
-    fileio.atomic_write_text(value_check_cache_path(), json.dumps(cache, indent=1))
-  except OSError as e:
-    logging.info('value-check cache not written (%s); the next full check scans again', e)
-
-
-def _read(ds: h5py.Dataset, name: str, start: int, stop: int) -> np.ndarray:
-  try:
-    return np.asarray(ds[start:stop])
-  except (OSError, RuntimeError) as e:  # A truncated file fails only when read.
-    raise DataError(
-      f'{name}: key {ds.name.lstrip("/")!r} cannot be read (truncated file?): {e}'
-    ) from e
-
-
-def _dataset_stats(ds: h5py.Dataset, name: str, starts, per: int, progress) -> dict:
-  """Min, max and the first non-finite index over the slabs [s, s + per) of `ds`."""
-  lo, hi = np.inf, -np.inf
-  for s in starts:
-    x = _read(ds, name, s, s + per)
-    finite = np.isfinite(x)
-    if not finite.all():
-      bad = np.argwhere(~finite)[0]
-      bad[0] += s
-      return {'nonfinite': [int(i) for i in bad]}
-    if x.size:
-      lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
-    progress(min(s + per, ds.shape[0]))
-  return {'min': lo, 'max': hi, 'nonfinite': None}
-
-
-class _Progress:
-  """Logs how far a long scan is, at most every `PROGRESS_SECONDS`."""
-
-  def __init__(self, name: str, total: int):
-    self.name, self.total, self.done = name, total, 0
-    self.start = self.last = time.monotonic()
-
-  def dataset(self, key: str):
-    """The callback of one dataset: rows of it done so far -> log when due."""
-    base = self.done
-
-    def report(rows: int):
-      self.done = base + rows
-      now = time.monotonic()
-      if now - self.last >= PROGRESS_SECONDS:
-        self.last = now
-        logging.info(
-          'checking the values of %s: key %r, %d/%d examples of all keys (%.0f s)',
-          self.name, key, self.done, self.total, now - self.start,
-        )  # fmt: skip
-
-    return report
-
-
-def value_stats(
-  f: h5py.File, path: str | os.PathLike, names: Sequence[str], *, mode: str = 'sample'
-) -> dict[str, dict]:
-  """Per-dataset value statistics: {'min', 'max', 'nonfinite': None} or {'nonfinite': index}.
-
-  Args:
-    f: the open file.
-    path: its path (for messages and the cache).
-    names: the dataset names.
-    mode: 'sample' (the examples of `sample_indices`; a cached full result when there is one)
-      or 'full' (every value, cached in `value_check_cache_path()`).
-
-  Returns:
-    Dataset name -> statistics; 'nonfinite' is the first non-finite (N, C, H, W) index found.
-
-  Raises:
-    DataError: a dataset cannot be read (truncated file).
-  """
-  if mode not in ('sample', 'full'):
-    raise DataError(f'value check mode {mode!r}; expected one of {CHECK_VALUES}')
-  name = str(path)
-  cached = _cached_stats(path, names)
-  if cached is not None:
-    logging.info('values of %s: full check cached in %s', name, value_check_cache_path())
-    return cached
-  stats = {}
-  if mode == 'sample':
-    for key in names:
-      ds = f[key]
-      rows = sample_indices(ds.shape[0], int(np.prod(ds.shape[1:])))
-      stats[key] = _dataset_stats(ds, name, [int(i) for i in rows], 1, lambda _: None)
-    return stats
-  progress = _Progress(name, sum(f[key].shape[0] for key in names))
-  for key in names:
-    ds = f[key]
-    per = max(1, _SCAN_ELEMENTS // max(1, int(np.prod(ds.shape[1:]))))
-    report = progress.dataset(key)
-    stats[key] = _dataset_stats(ds, name, range(0, ds.shape[0], per), per, report)
-  _store_stats(path, stats)
-  return stats
-
-
-def scan_values(
-  f: h5py.File,
-  path: str | os.PathLike,
-  roles: Mapping[str, str],
-  max_value: float,
-  *,
-  mode: str = 'sample',
-) -> None:
-  """Checks that the values are finite and on the scale that `max_value` describes.
-
-  Two mistakes are caught: data above the configured maximum (e.g. 11-bit data given to a GF-2
-  config whose maximum is 1023) and data already divided to [0, 1] given to a config whose
-  maximum is 2047 or 1023.
-
-  Args:
-    f: the open file.
-    path: its path (for messages and the cache).
-    roles: role -> dataset name, as `validate_h5` returns.
-    max_value: `config.data.max_value`.
-    mode: 'sample' or 'full' (see the module docstring).
-
-  Raises:
-    DataError: naming the file, the key and the offending value.
-  """
-  name = str(path)
-  stats = value_stats(f, path, list(roles.values()), mode=mode)
-  peak = 0.0
-  for role, key in roles.items():
-    s = stats[key]
-    if s['nonfinite'] is not None:
-      where = tuple(int(i) for i in s['nonfinite'])
-      raise DataError(f'{name}: key {key!r} holds non-finite values (first at index {where})')
-    top, lo = float(s['max']), float(s['min'])
-    limit = max_value * (_LMS_OVERSHOOT if role == 'lms' else 1.0) * (1 + 1e-6)
-    if top > limit:
-      bound = f'{_LMS_OVERSHOOT:g} x ' if role == 'lms' else ''
-      raise DataError(
-        f'{name}: key {key!r} has values up to {top:g}; expected at most '
-        f'{bound}config.data.max_value = {max_value:g} (wrong sensor maximum? 2047 for 11-bit '
-        'WV3/WV2/QB, 1023 for GF-2, 1 for CAVE/Harvard)'
-      )
-    if lo < -0.5 * max_value:  # Interpolation rings slightly below 0; data never go far below.
-      raise DataError(
-        f'{name}: key {key!r} has values down to {lo:g}; expected values >= 0 on a '
-        f'0..{max_value:g} scale'
-      )
-    if role != 'lms':
-      peak = max(peak, top)
-  if max_value > 1.0 and peak <= 1.0:
-    raise DataError(
-      f'{name}: every value is at most {peak:g} but config.data.max_value = {max_value:g}: the '
-      'data look already divided to [0, 1] (wrong sensor maximum?)'
-    )
-
-
 class H5Source:
   """Random-access source over one HDF5 file: `len()` and `[i]` -> dict of H x W x C float32.
 
@@ -416,10 +179,10 @@ class H5Source:
     Raises:
       DataError: the file is missing, unreadable, or does not match the configuration.
     """
-    if check_values not in CHECK_VALUES:
+    if check_values not in value_checks.CHECK_VALUES:
       raise DataError(
         f'{path}: check_values = {check_values!r} (config.data.check_values); expected one of '
-        f'{CHECK_VALUES}'
+        f'{value_checks.CHECK_VALUES}'
       )
     self.path = str(path)
     self.max_value = float(max_value)
@@ -434,7 +197,7 @@ class H5Source:
         require_gt=require_gt,
       )
       if check_values != 'off':
-        scan_values(f, path, self.roles, self.max_value, mode=check_values)
+        value_checks.scan_values(f, path, self.roles, self.max_value, mode=check_values)
     self._file = None
     self._pid = None
 
