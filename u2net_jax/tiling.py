@@ -18,8 +18,10 @@ last batch padded with zero tiles, so nothing recompiles). Three levels of use:
     ...                                             # share batches
   out_tiles = fuser.fuse_tiles(ms_tiles, guide_tiles)  # any number of tiles of one shape
 
-`fuse_tiles` is the building block for windows of a large scene: cut windows with margins, fuse
-them as batches of tiles, keep their centres.
+`fuse_tiles` is the building block for windows of a large scene (`u2net_jax.scene`): `cut_window`
+cuts the tiles of a block of the grid reading only the pixels they need (margins from the
+neighbouring real pixels, reflected only at the image border), so a scene fused window by window
+equals the scene fused at once.
 """
 
 from __future__ import annotations
@@ -101,6 +103,62 @@ def extract_tiles(
     _cut(ms, rows, cols, tile // scale, pad // scale),
     _cut(guide, rows, cols, tile, pad),
   )
+
+
+def canvas_index(start: int, stop: int, size: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+  """Image indices of positions [start, stop) of one side of the official canvas.
+
+  Canvas position p holds image index p - pad, reflected at both borders as `np.pad(mode=
+  'reflect')` (the edge sample not repeated) and zero from size + 2 pad on: what `_cut` builds in
+  memory, computed for any range of it, so a window of a large image can be cut exactly.
+
+  Args:
+    start, stop: canvas positions (0 is the first margin pixel).
+    size: the image side.
+    pad: the margin (it must be smaller than `size`).
+
+  Returns:
+    (index, valid): image indices (0 where not valid) and False where the canvas is zero.
+  """
+  i = np.arange(start, stop) - pad
+  i = np.where(i < 0, -i, i)
+  valid = i < size + pad
+  i = np.where(i >= size, 2 * (size - 1) - i, i)
+  return np.where(valid, i, 0), valid
+
+
+def cut_window(
+  read, height: int, width: int, rows: range, cols: range, *, tile: int, pad: int
+) -> np.ndarray:
+  """The official tiles of rows x cols of the tile grid, reading only the pixels they need.
+
+  Equal to the corresponding tiles of `_cut` of the whole image (margins from the neighbouring
+  real pixels inside the image, reflected at its borders): windows of a scene give the same
+  tiles as the scene cut at once.
+
+  Args:
+    read: `read(y0, y1, x0, x1)` -> image[y0:y1, x0:x1] as (y1 - y0, x1 - x0, C) float32.
+    height, width: the image size.
+    rows, cols: tile rows and columns (step 1) of `tile_grid(height, width, tile)`.
+    tile, pad: tile side and margin on this image's grid.
+
+  Returns:
+    (len(rows) * len(cols), tile + 2 pad, same, C) float32, row-major.
+  """
+  iy, vy = canvas_index(rows.start * tile, rows.stop * tile + 2 * pad, height, pad)
+  ix, vx = canvas_index(cols.start * tile, cols.stop * tile + 2 * pad, width, pad)
+  side = tile + 2 * pad
+  if not (vy.any() and vx.any()):  # Only the extra row/column of zero tiles (pad 0).
+    channels = np.asarray(read(0, 1, 0, 1)).shape[-1]
+    return np.zeros((len(rows) * len(cols), side, side, channels), np.float32)
+  y0, y1 = int(iy[vy].min()), int(iy[vy].max()) + 1
+  x0, x1 = int(ix[vx].min()), int(ix[vx].max()) + 1
+  block = np.asarray(read(y0, y1, x0, x1), np.float32)
+  canvas = block[np.ix_(np.clip(iy - y0, 0, y1 - y0 - 1), np.clip(ix - x0, 0, x1 - x0 - 1))]
+  canvas = np.where((vy[:, None] & vx[None, :])[..., None], canvas, np.float32(0))
+  windows = sliding_window_view(canvas, (side, side), axis=(0, 1))[::tile, ::tile]
+  n = len(rows) * len(cols)
+  return np.ascontiguousarray(windows.transpose(0, 1, 3, 4, 2)).reshape(n, side, side, -1)
 
 
 def assemble_tiles(
@@ -204,6 +262,42 @@ class Fuser:
     if not batches:
       return np.zeros(guide_tiles.shape[:3] + (self.model.spectral_bands,), np.float32)
     return np.concatenate([np.asarray(x)[:n] for x, n in batches])
+
+  def fuse_tiles_at(
+    self, ms_tiles: np.ndarray, guide_tiles: np.ndarray, slots: np.ndarray
+  ) -> np.ndarray:
+    """`fuse_tiles` with tile i run at position `slots[i]` of its batch.
+
+    XLA may round a tile's result differently in the last bit depending on its position in the
+    batch (seen on CPU: 7e-8 at position 3 of 4). A tile of a scene window placed at the
+    position the whole-image cut gives it (its row-major index in the grid mod `tile_batch`)
+    therefore gives the same bits as the whole image fused at once, whatever the windows.
+
+    Args:
+      ms_tiles, guide_tiles: as in `fuse_tiles`.
+      slots: (T,) batch positions in [0, tile_batch).
+
+    Returns:
+      (T, scale*m, scale*m, C) float32 in [0, 1], in input order.
+    """
+    b = self.tile_batch
+    slots = np.asarray(slots) % b
+    # The k-th tile of each slot goes to batch k; slots without one that deep run zeros.
+    depth = np.zeros(len(slots), np.int64)
+    for s in range(b):
+      here = slots == s
+      depth[here] = np.arange(here.sum())
+    batches = []
+    for k in range(int(depth.max()) + 1 if len(slots) else 0):
+      take = np.flatnonzero(depth == k)
+      ms = np.zeros((b,) + ms_tiles.shape[1:], np.float32)
+      guide = np.zeros((b,) + guide_tiles.shape[1:], np.float32)
+      ms[slots[take]], guide[slots[take]] = ms_tiles[take], guide_tiles[take]
+      batches.append((take, self._run(ms, guide, sharding.batch_sharding(self.mesh))))
+    out = np.zeros(guide_tiles.shape[:3] + (self.model.spectral_bands,), np.float32)
+    for take, fused in batches:
+      out[take] = np.asarray(fused)[slots[take]]
+    return out
 
   def _run(self, ms: np.ndarray, guide: np.ndarray, placement) -> jax.Array:
     ms, guide = jax.device_put(ms, placement), jax.device_put(guide, placement)

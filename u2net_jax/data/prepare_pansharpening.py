@@ -3,7 +3,7 @@ r"""Wald's protocol for your own scenes: full-resolution PAN/MS pairs -> PanColl
   python -m u2net_jax.data.prepare_pansharpening --pan P.mat --ms M.mat --sensor WV3 --out DIR
 
 Inputs (one or more pairs: repeat `--pan` and `--ms`, in the same order): `.mat` (MATLAB v5 or
-v7.3), `.h5`, `.npy`, or GeoTIFF when `rasterio` is installed; arrays as the MATLAB toolbox
+v7.3), `.h5`, `.npy`, or GeoTIFF (through rasterio); arrays as the MATLAB toolbox
 stores them, PAN H x W and MS h x w x C (GeoTIFF bands first), on the sensor scale (0..2047 for
 11-bit sensors). A `.mat`/`.h5` holding several arrays is searched for `--pan-key`/`--ms-key`,
 else the one 2-D (PAN) or 3-D (MS) array. A pair whose PAN is not exactly 4x the MS is refused,
@@ -66,16 +66,26 @@ def _tiff_array(path: Path) -> np.ndarray:
   return a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)
 
 
-def load_array(path: str | Path, key: str | None, ndim: int) -> np.ndarray:
+def _single(a: np.ndarray) -> np.ndarray:
+  """A PanCollection one-image dataset (1, C, H, W) -> (H, W, C), or (H, W) when C is 1."""
+  if a.ndim == 4 and a.shape[0] == 1:
+    a = a[0].transpose(1, 2, 0)
+    return a[..., 0] if a.shape[2] == 1 else a
+  return a
+
+
+def load_array(path: str | Path, key: str | None, ndim: int, dtype=np.float64) -> np.ndarray:
   """Loads the PAN (ndim 2) or MS (ndim 3) array of a file.
 
   Args:
-    path: `.mat`, `.h5`/`.hdf5`, `.npy` or `.tif`/`.tiff`.
+    path: `.mat`, `.h5`/`.hdf5` (also a PanCollection file of one image), `.npy` or
+      `.tif`/`.tiff`.
     key: the variable/dataset name; None to pick a known name or the only array of that rank.
     ndim: 2 for a PAN (H x W), 3 for an MS (h x w x C).
+    dtype: the returned dtype; None keeps the file's.
 
   Returns:
-    The array, float64.
+    The array.
 
   Raises:
     DataError: the file or the array is missing or ambiguous.
@@ -90,7 +100,7 @@ def load_array(path: str | Path, key: str | None, ndim: int) -> np.ndarray:
     arrays = _mat_arrays(path)
   elif suffix in ('.h5', '.hdf5'):
     with pancollection.open_h5(path) as f:
-      arrays = {k: np.asarray(v) for k, v in f.items() if isinstance(v, h5py.Dataset)}
+      arrays = {k: _single(np.asarray(v)) for k, v in f.items() if isinstance(v, h5py.Dataset)}
   elif suffix in ('.tif', '.tiff'):
     arrays = {'': _tiff_array(path)}
   else:
@@ -105,7 +115,7 @@ def load_array(path: str | Path, key: str | None, ndim: int) -> np.ndarray:
   a = np.squeeze(a) if ndim == 2 and a.ndim == 3 and 1 in (a.shape[0], a.shape[-1]) else a
   if a.ndim != ndim:
     raise DataError(f'{path}: the {what} has shape {a.shape}; expected {ndim} dimensions')
-  return np.asarray(a, np.float64)
+  return np.asarray(a, dtype)
 
 
 def _pick(path, arrays, ndim, names):

@@ -1,0 +1,73 @@
+r"""Fuses a whole scene of any size: PAN + MS files -> a georeferenced fused image.
+
+  python -m u2net_jax.convert --checkpoint u2net_wv3_200000_iter.pth --config configs/wv3.py \
+      --workdir workdirs/official_wv3
+  python fuse.py --workdir=workdirs/official_wv3 --pan=pan.tif --ms=ms.tif --out=fused.tif
+
+Inputs: GeoTIFF (read window by window), `.npy`, `.mat` or PanCollection `.h5` single images, on
+the sensor scale (divided by `config.data.max_value` or `--max_value`). The pair is checked before
+any work: same CRS, PAN pixel = MS pixel / 4, top-left corners within half a PAN pixel, PAN 4x the
+MS, band counts of the model; the output must not exist (`--overwrite`) and be writable.
+The scene is fused with the official tiling (64-px tiles, 4-px margins) in windows of `--window`
+PAN pixels, memory bounded by the window; the output (GeoTIFF with the PAN's georeference, or
+`.npy`/`.mat`) appears under its name only when complete. The logic lives in `u2net_jax.scene`.
+"""
+
+import json
+import sys
+
+import jax
+from absl import app, flags, logging
+
+from u2net_jax import fileio, scene
+from u2net_jax.data import DataError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Workdir of a training run or of converted official weights.')
+flags.DEFINE_string('pan', None, 'PAN (or RGB guide) file: .tif, .npy, .mat or .h5.')
+flags.DEFINE_string('ms', None, 'MS (or HSI) file: .tif, .npy, .mat or .h5.')
+flags.DEFINE_string('out', None, 'Output file: .tif (GeoTIFF), .npy or .mat.')
+flags.DEFINE_integer('step', None, 'Checkpoint step (default: the best one, else the latest).')
+flags.DEFINE_enum('which', 'best', ['best', 'latest'], 'Checkpoint to use when --step is unset.')
+flags.DEFINE_float('max_value', None, 'Sensor maximum (default: config.data.max_value).')
+flags.DEFINE_string('dtype', None, 'Output dtype, e.g. float32 (default: the MS dtype).')
+flags.DEFINE_integer('window', 1024, 'PAN pixels per window side (a multiple of the tile size).')
+flags.DEFINE_integer('tile_batch', None, 'Tiles per jitted call (default: config.eval.tile_batch).')
+flags.DEFINE_bool('overwrite', False, 'Replace an existing output file.')
+flags.DEFINE_bool('cog', False, 'Write a Cloud-Optimized GeoTIFF (with overviews).')
+flags.DEFINE_string('pan_key', None, 'PAN array name inside .mat/.h5 inputs.')
+flags.DEFINE_string('ms_key', None, 'MS array name inside .mat/.h5 inputs.')
+flags.DEFINE_bool('progress', True, 'Show a progress bar (tiles/s, ETA) on stderr.')
+for _name in ('workdir', 'pan', 'ms', 'out'):
+  flags.mark_flag_as_required(_name)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.info('JAX devices: %s', jax.devices())
+  try:
+    result = scene.fuse_files(
+      FLAGS.workdir,
+      FLAGS.pan,
+      FLAGS.ms,
+      FLAGS.out,
+      step=FLAGS.step,
+      which=FLAGS.which,
+      max_value=FLAGS.max_value,
+      dtype=FLAGS.dtype,
+      window=FLAGS.window,
+      tile_batch=FLAGS.tile_batch,
+      overwrite=FLAGS.overwrite,
+      cog=FLAGS.cog,
+      pan_key=FLAGS.pan_key,
+      ms_key=FLAGS.ms_key,
+      progress=FLAGS.progress,
+    )
+  except (FileNotFoundError, DataError, fileio.OutputError) as e:
+    sys.exit(f'error: {e} (nothing written)')
+  print(json.dumps(result), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,611 @@
+"""Fusing whole scenes of any size: windowed, georeferenced reading and writing around `tiling`.
+
+  result = scene.fuse_files('workdirs/official_wv3', 'pan.tif', 'ms.tif', 'fused.tif')
+
+Inputs (`open_raster`): GeoTIFF through rasterio, read window by window; `.npy` (memory-mapped),
+`.mat` and PanCollection `.h5` single images (loaded whole: they are test-image sized). Before any
+work, `check_pair` refuses a pair that does not overlay (CRS, pixel sizes, origins, sizes) or does
+not fit the model (band counts), and the output is checked writable and not silently replaced.
+
+Streaming (`fuse_scene`): the official tile grid (`tiling.tile_grid`) is walked in square windows
+of `window` PAN pixels; each window's tiles are cut by `tiling.cut_window` from a read of the
+window plus its halo (so a tile takes its margins from the neighbouring real pixels and the result
+does not depend on the window size), fused as batches of tiles on every local device
+(`tiling.Fuser.fuse_tiles`, one compiled function per tile shape) and written. Memory is bounded by
+the window, not the scene. Nodata pixels (the PAN's or the MS's nodata mask, or a PAN of 0 when
+the files declare none) are written as nodata.
+
+Outputs (`open_sink`): a tiled, compressed GeoTIFF with the PAN's CRS and transform, the MS band
+descriptions and nodata, written window by window (`cog=True` converts it to a Cloud-Optimized
+GeoTIFF with overviews); `.npy` (written through a memory map) or `.mat` (`sr`, H x W x C, as
+`evaluate.py` saves it). Every output is written under a temporary name and renamed at the end
+(`fileio.atomic_file`): a killed run leaves no file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.io
+
+from u2net_jax import checkpointing, config_utils, fileio, tiling
+from u2net_jax.data import DataError
+from u2net_jax.data import prepare_pansharpening as prep
+
+TIFF_SUFFIXES = ('.tif', '.tiff')
+ARRAY_SUFFIXES = ('.npy', '.mat', '.h5', '.hdf5')
+OUTPUT_SUFFIXES = TIFF_SUFFIXES + ('.npy', '.mat')
+BLOCK = 256  # GeoTIFF internal tile side; the default window is a multiple of it.
+
+
+def _rasterio():
+  try:
+    import rasterio
+  except ImportError as e:  # A real dependency (requirements.txt); the message is for partial
+    raise DataError('GeoTIFF input/output needs rasterio: pip install rasterio') from e  # installs.
+  return rasterio
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers.
+
+
+class Raster:
+  """One image read by windows: (height, width, bands) in its own dtype, with a georeference.
+
+  Attributes:
+    path: the file.
+    role: 'PAN' or 'MS', for messages.
+    height, width, bands, dtype: the image.
+    crs, transform: the georeference (rasterio CRS and Affine), None for plain arrays.
+    nodata: the declared nodata value or None.
+    descriptions: per-band names (None each when the file has none).
+  """
+
+  path: Path
+  role: str
+  height: int
+  width: int
+  bands: int
+  dtype: np.dtype
+  crs: Any = None
+  transform: Any = None
+  nodata: float | None = None
+  has_mask = False  # Whether `valid` can be False somewhere.
+
+  @property
+  def descriptions(self) -> tuple[str | None, ...]:
+    return (None,) * self.bands
+
+  def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """image[y0:y1, x0:x1] as (y1 - y0, x1 - x0, bands), in the file's dtype."""
+    raise NotImplementedError
+
+  def valid(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """(y1 - y0, x1 - x0) bool, False where every band is nodata (the file's mask)."""
+    return np.ones((y1 - y0, x1 - x0), bool)
+
+  def close(self) -> None:
+    """Releases the file."""
+
+  def describe(self) -> str:
+    return f'{self.role} {self.path} ({self.height}x{self.width}x{self.bands} {self.dtype})'
+
+
+class GeoTiffRaster(Raster):
+  """A GeoTIFF (or any GDAL raster) read window by window with rasterio."""
+
+  def __init__(self, path: Path, role: str):
+    rasterio = _rasterio()
+    self.path, self.role = path, role
+    try:
+      self._src = rasterio.open(path)
+    except rasterio.errors.RasterioIOError as e:
+      raise DataError(f'{role} {path}: cannot read it as a raster ({e})') from e
+    src = self._src
+    self.height, self.width, self.bands = src.height, src.width, src.count
+    self.dtype = np.dtype(src.dtypes[0])
+    self.crs = src.crs
+    self.transform = src.transform if src.crs is not None or not src.transform.is_identity else None
+    self.nodata = src.nodata
+    flags = src.mask_flag_enums[0] if src.count else ()
+    self.has_mask = rasterio.enums.MaskFlags.all_valid not in flags
+
+  @property
+  def descriptions(self) -> tuple[str | None, ...]:
+    return tuple(self._src.descriptions)
+
+  def read(self, y0, y1, x0, x1):
+    from rasterio.windows import Window
+
+    return self._src.read(window=Window(x0, y0, x1 - x0, y1 - y0)).transpose(1, 2, 0)
+
+  def valid(self, y0, y1, x0, x1):
+    if not self.has_mask:
+      return super().valid(y0, y1, x0, x1)
+    from rasterio.windows import Window
+
+    return self._src.dataset_mask(window=Window(x0, y0, x1 - x0, y1 - y0)) > 0
+
+  def close(self):
+    self._src.close()
+
+
+class ArrayRaster(Raster):
+  """An image held as an array (`.npy` memory-mapped, `.mat`, PanCollection `.h5`)."""
+
+  def __init__(self, path: Path, role: str, array: np.ndarray):
+    self.path, self.role = path, role
+    self._array = array if array.ndim == 3 else array[..., None]
+    self.height, self.width, self.bands = self._array.shape
+    self.dtype = self._array.dtype
+
+  def read(self, y0, y1, x0, x1):
+    return np.asarray(self._array[y0:y1, x0:x1])
+
+
+def open_raster(path: str | os.PathLike, role: str, key: str | None = None) -> Raster:
+  """Opens the PAN (`role='PAN'`) or the MS (`role='MS'`) of a scene.
+
+  Args:
+    path: GeoTIFF (`.tif`/`.tiff`), `.npy`, `.mat` or PanCollection `.h5` (one image).
+    role: 'PAN' or 'MS'.
+    key: the array's name inside a `.mat`/`.h5` (default: a known name or the only array).
+
+  Returns:
+    The `Raster`.
+
+  Raises:
+    DataError: a missing, unreadable or unsupported file.
+  """
+  path = Path(path)
+  if not path.exists():
+    raise DataError(f'{role} {path}: file not found')
+  suffix = path.suffix.lower()
+  if suffix in TIFF_SUFFIXES:
+    return GeoTiffRaster(path, role)
+  if suffix == '.npy':
+    array = np.load(path, mmap_mode='r')
+    if array.ndim not in (2, 3):
+      raise DataError(f'{role} {path}: shape {array.shape}; expected (H, W) or (H, W, C)')
+    return ArrayRaster(path, role, array)
+  if suffix in ARRAY_SUFFIXES:
+    ndim = 2 if role == 'PAN' else 3
+    return ArrayRaster(path, role, prep.load_array(path, key, ndim, dtype=None))
+  known = ', '.join(TIFF_SUFFIXES + ARRAY_SUFFIXES)
+  raise DataError(f'{role} {path}: unsupported format {suffix!r} (use {known})')
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks.
+
+
+def check_pair(pan: Raster, ms: Raster, *, scale: int, bands: int, guide_bands: int) -> None:
+  """Refuses a pair that does not overlay exactly or does not fit the model.
+
+  Georeferenced pairs: the same CRS, the PAN pixel size = the MS pixel size / scale (1e-6
+  relative), no rotation difference, top-left corners within half a PAN pixel. Every pair: the
+  PAN exactly `scale` x the MS, band counts equal to the model's.
+
+  Raises:
+    DataError: naming both files and the found vs expected values.
+  """
+  pair = f'{pan.describe()} and {ms.describe()}'
+  if (pan.crs is None) != (ms.crs is None):
+    having, lacking = (pan, ms) if pan.crs is not None else (ms, pan)
+    raise DataError(
+      f'{pair}: the {having.role} has a coordinate system ({having.crs}) but the '
+      f'{lacking.role} has none; give both georeferenced or both plain'
+    )
+  if pan.crs is not None:
+    if pan.crs != ms.crs:
+      raise DataError(
+        f'{pair}: different coordinate systems: PAN {pan.crs}, MS {ms.crs}; reproject one '
+        '(e.g. gdalwarp -t_srs) so both share a CRS'
+      )
+    p, m = pan.transform, ms.transform
+    for name, pv, mv in (('x', p.a, m.a), ('y', p.e, m.e)):
+      if not math.isclose(mv, scale * pv, rel_tol=1e-6):
+        raise DataError(
+          f'{pair}: MS pixel {name}-size {mv:g} is {mv / pv:g}x the PAN pixel {name}-size {pv:g}; '
+          f'expected {scale}x'
+        )
+    if not (math.isclose(m.b, scale * p.b, abs_tol=1e-9) and math.isclose(m.d, scale * p.d)):
+      raise DataError(f'{pair}: the transforms are rotated differently: PAN {p}, MS {m}')
+    dx, dy = (m.c - p.c) / abs(p.a), (m.f - p.f) / abs(p.e)
+    if abs(dx) > 0.5 or abs(dy) > 0.5:
+      raise DataError(
+        f'{pair}: top-left corners differ by ({dx:+.3g}, {dy:+.3g}) PAN pixels (x, y): PAN '
+        f'({p.c:.10g}, {p.f:.10g}), MS ({m.c:.10g}, {m.f:.10g}); expected within half a pixel'
+      )
+  if (pan.height, pan.width) != (scale * ms.height, scale * ms.width):
+    raise DataError(
+      f'{pair}: the PAN is {pan.height}x{pan.width}; expected exactly {scale}x the MS '
+      f'{ms.height}x{ms.width}, i.e. {scale * ms.height}x{scale * ms.width}'
+    )
+  if ms.bands != bands:
+    raise DataError(f'{pair}: the MS has {ms.bands} bands; the model takes {bands}')
+  if pan.bands != guide_bands:
+    raise DataError(f'{pair}: the PAN has {pan.bands} bands; the model takes {guide_bands}')
+
+
+def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
+  """Refuses an unsupported, existing (without `overwrite`) or unwritable output path.
+
+  Raises:
+    fileio.OutputError: naming the path.
+  """
+  path = Path(path)
+  if path.suffix.lower() not in OUTPUT_SUFFIXES:
+    raise fileio.OutputError(
+      f'{path}: unsupported output format {path.suffix!r} (use {", ".join(OUTPUT_SUFFIXES)})'
+    )
+  if path.is_dir():
+    raise fileio.OutputError(f'{path} is a folder; give the output file name')
+  if path.exists() and not overwrite:
+    raise fileio.OutputError(f'{path} exists; pass --overwrite to replace it')
+  fileio.ensure_writable_dir(path.parent)
+  return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Writers.
+
+
+class Sink:
+  """Receives the fused windows of a scene; `finish` completes the (temporary) file."""
+
+  def __init__(self, tmp: Path, height: int, width: int, bands: int, dtype: np.dtype):
+    self.tmp, self.dtype = tmp, np.dtype(dtype)
+    self.shape = (height, width, bands)
+
+  def write(self, y0: int, x0: int, block: np.ndarray) -> None:
+    raise NotImplementedError
+
+  def finish(self, nodata: float | None) -> None:
+    """Completes the file (`nodata`: the value written at nodata pixels, None when none)."""
+
+
+class GeoTiffSink(Sink):
+  """A tiled, compressed GeoTIFF written block by block; optionally converted to a COG."""
+
+  def __init__(self, tmp, height, width, bands, dtype, *, crs, transform, descriptions, cog):
+    super().__init__(tmp, height, width, bands, dtype)
+    rasterio = _rasterio()
+    self.cog = cog
+    self._plain = tmp.with_name(tmp.name + '.gtiff.tif') if cog else tmp
+    float_data = self.dtype.kind == 'f'
+    self._dst = rasterio.open(
+      self._plain,
+      'w',
+      driver='GTiff',
+      height=height,
+      width=width,
+      count=bands,
+      dtype=self.dtype.name,
+      crs=crs,
+      transform=transform,
+      tiled=True,
+      blockxsize=BLOCK,
+      blockysize=BLOCK,
+      compress='deflate',
+      predictor=3 if float_data else 2,
+      BIGTIFF='IF_SAFER',
+    )
+    for i, d in enumerate(descriptions):
+      if d:
+        self._dst.set_band_description(i + 1, d)
+
+  def write(self, y0, x0, block):
+    from rasterio.windows import Window
+
+    h, w = block.shape[:2]
+    self._dst.write(block.transpose(2, 0, 1), window=Window(x0, y0, w, h))
+
+  def finish(self, nodata):
+    if nodata is not None:
+      self._dst.nodata = nodata
+    self._dst.close()
+    if self.cog:
+      import rasterio.shutil
+
+      try:
+        rasterio.shutil.copy(
+          self._plain, self.tmp, driver='COG', compress='DEFLATE', blocksize=512, overviews='AUTO'
+        )
+      finally:
+        self._plain.unlink(missing_ok=True)
+
+  def abort(self):
+    with contextlib.suppress(Exception):
+      self._dst.close()
+    if self.cog:
+      self._plain.unlink(missing_ok=True)
+
+
+class NpySink(Sink):
+  """An `.npy` file (H, W, C) written through a memory map."""
+
+  def __init__(self, tmp, height, width, bands, dtype):
+    super().__init__(tmp, height, width, bands, dtype)
+    self._map = np.lib.format.open_memmap(tmp, 'w+', self.dtype, self.shape)
+
+  def write(self, y0, x0, block):
+    self._map[y0 : y0 + block.shape[0], x0 : x0 + block.shape[1]] = block
+
+  def finish(self, nodata):
+    self._map.flush()
+    del self._map
+
+
+class MatSink(Sink):
+  """A `.mat` file with `sr` (H, W, C), as `evaluate.py` writes; held in memory (MATLAB files
+  cannot be written by parts), so for test-image-sized scenes."""
+
+  def __init__(self, tmp, height, width, bands, dtype):
+    super().__init__(tmp, height, width, bands, dtype)
+    self._array = np.zeros(self.shape, self.dtype)
+
+  def write(self, y0, x0, block):
+    self._array[y0 : y0 + block.shape[0], x0 : x0 + block.shape[1]] = block
+
+  def finish(self, nodata):
+    scipy.io.savemat(self.tmp, {'sr': self._array})
+
+
+@contextlib.contextmanager
+def open_sink(
+  path: Path, pan: Raster, ms: Raster, dtype: np.dtype, *, cog: bool = False
+) -> Iterator[Sink]:
+  """The output of a scene under a temporary name, renamed onto `path` when the block succeeds.
+
+  Args:
+    path: `.tif`/`.tiff` (GeoTIFF with the PAN's georeference), `.npy` or `.mat`.
+    pan, ms: the inputs (size, georeference, band descriptions).
+    dtype: the stored dtype.
+    cog: write a Cloud-Optimized GeoTIFF (GeoTIFF outputs only).
+  """
+  suffix = path.suffix.lower()
+  with fileio.atomic_file(path, suffix=suffix) as tmp:
+    size = (pan.height, pan.width, ms.bands, dtype)
+    if suffix in TIFF_SUFFIXES:
+      sink = GeoTiffSink(
+        tmp,
+        *size,
+        crs=pan.crs,
+        transform=pan.transform,
+        descriptions=ms.descriptions,
+        cog=cog,
+      )
+    elif cog:
+      raise fileio.OutputError(f'{path}: --cog needs a .tif output')
+    else:
+      sink = (NpySink if suffix == '.npy' else MatSink)(tmp, *size)
+    try:
+      yield sink
+    except BaseException:
+      if isinstance(sink, GeoTiffSink):
+        sink.abort()
+      raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming.
+
+
+def _to_output(fused: np.ndarray, max_value: float, dtype: np.dtype) -> np.ndarray:
+  """[0, 1] float32 -> the sensor scale in `dtype` (as `evaluate.py`: x max value in float32)."""
+  sr = fused * np.float32(max_value)
+  if dtype.kind in 'ui':
+    info = np.iinfo(dtype)
+    return np.clip(np.rint(sr), info.min, info.max).astype(dtype)
+  return sr.astype(dtype)
+
+
+class _Progress:
+  """Tiles done, tiles/s and ETA on stderr (tqdm, installed with tensorflow-datasets)."""
+
+  def __init__(self, total: int, enabled: bool):
+    self._bar = None
+    if enabled:
+      from tqdm import tqdm
+
+      self._bar = tqdm(total=total, unit='tile', file=sys.stderr, smoothing=0.1, desc='fusing')
+
+  def update(self, n: int) -> None:
+    if self._bar is not None:
+      self._bar.update(n)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+
+
+def fuse_scene(
+  fuser: tiling.Fuser,
+  pan: Raster,
+  ms: Raster,
+  sink: Sink,
+  *,
+  max_value: float,
+  window: int = 1024,
+  nodata: float | None = None,
+  progress: bool = True,
+) -> dict[str, Any]:
+  """Fuses a checked PAN/MS pair window by window into `sink`.
+
+  Args:
+    fuser: the model (`tiling.Fuser`; its tile geometry is used).
+    pan, ms: the inputs (`check_pair` passed).
+    sink: where the fused windows go (`sink.dtype`).
+    max_value: the sensor maximum the inputs are divided by.
+    window: PAN pixels per window side, a multiple of the tile (memory grows with its square).
+    nodata: the value of nodata pixels; None: MS's, else PAN's nodata, else 0.
+    progress: show a progress bar on stderr.
+
+  Returns:
+    {'tiles', 'windows', 'seconds', 'nodata_pixels', 'nodata'}.
+  """
+  tile, pad, scale = fuser.tile, fuser.pad, fuser.scale
+  if window <= 0 or window % tile:
+    raise ValueError(f'window ({window}) must be a positive multiple of the tile size {tile}')
+  if nodata is None:
+    nodata = ms.nodata if ms.nodata is not None else pan.nodata
+  declared = pan.has_mask or ms.has_mask
+  fill = 0 if nodata is None else nodata
+  height, width = pan.height, pan.width
+  rows, cols = tiling.tile_grid(height, width, tile)
+  step = window // tile
+  mx = np.float32(max_value)
+
+  def scaled(raster):  # As `pancollection.H5Source`: float32(x) / float32(max).
+    return lambda y0, y1, x0, x1: raster.read(y0, y1, x0, x1).astype(np.float32) / mx
+
+  bar = _Progress(rows * cols, progress)
+  masked = windows = 0
+  start = time.perf_counter()
+  try:
+    for r0 in range(0, rows, step):
+      for c0 in range(0, cols, step):
+        rr, cc = range(r0, min(r0 + step, rows)), range(c0, min(c0 + step, cols))
+        ms_tiles = tiling.cut_window(
+          scaled(ms), ms.height, ms.width, rr, cc, tile=tile // scale, pad=pad // scale
+        )
+        guide_tiles = tiling.cut_window(scaled(pan), height, width, rr, cc, tile=tile, pad=pad)
+        slots = (np.asarray(rr)[:, None] * cols + np.asarray(cc)[None, :]).reshape(-1)
+        out = fuser.fuse_tiles_at(ms_tiles, guide_tiles, slots)[
+          :, pad : pad + tile, pad : pad + tile
+        ]
+        out = out.reshape(len(rr), len(cc), tile, tile, -1).transpose(0, 2, 1, 3, 4)
+        y0, x0 = r0 * tile, c0 * tile
+        y1, x1 = min(height, rr.stop * tile), min(width, cc.stop * tile)
+        block = _to_output(out.reshape(len(rr) * tile, len(cc) * tile, -1), max_value, sink.dtype)
+        block = block[: y1 - y0, : x1 - x0]
+        valid = _valid(pan, ms, y0, y1, x0, x1, scale, declared)
+        if not valid.all():
+          masked += int((~valid).sum())
+          block[~valid] = fill
+        sink.write(y0, x0, block)
+        windows += 1
+        bar.update(len(rr) * len(cc))
+  finally:
+    bar.close()
+  seconds = time.perf_counter() - start
+  if masked and nodata is None:
+    nodata = fill  # All-zero PAN pixels were masked: declare the value they hold.
+  return {
+    'tiles': rows * cols,
+    'windows': windows,
+    'seconds': seconds,
+    'nodata_pixels': masked,
+    'nodata': nodata,
+  }
+
+
+def _valid(pan, ms, y0, y1, x0, x1, scale, declared) -> np.ndarray:
+  """Valid output pixels of a window: the files' masks, or a nonzero PAN when none is declared."""
+  if not declared:
+    return np.any(pan.read(y0, y1, x0, x1) != 0, axis=-1)
+  valid = pan.valid(y0, y1, x0, x1)
+  if ms.has_mask:  # MS pixel (i, j) covers PAN pixels scale*i .. scale*i + scale - 1.
+    m = ms.valid(y0 // scale, -(-y1 // scale), x0 // scale, -(-x1 // scale))
+    m = np.repeat(np.repeat(m, scale, axis=0), scale, axis=1)
+    valid &= m[y0 % scale : y0 % scale + y1 - y0, x0 % scale : x0 % scale + x1 - x0]
+  return valid
+
+
+def fuse_files(
+  workdir: str | os.PathLike,
+  pan_path: str | os.PathLike,
+  ms_path: str | os.PathLike,
+  out_path: str | os.PathLike,
+  *,
+  step: int | None = None,
+  which: str = 'best',
+  max_value: float | None = None,
+  dtype: str | None = None,
+  window: int = 1024,
+  tile_batch: int | None = None,
+  overwrite: bool = False,
+  cog: bool = False,
+  pan_key: str | None = None,
+  ms_key: str | None = None,
+  progress: bool = True,
+) -> dict[str, Any]:
+  """Fuses a PAN/MS scene with a workdir's checkpoint into `out_path` (what `fuse.py` runs).
+
+  Every check (inputs, output, checkpoint) happens before the model runs; on any failure nothing
+  is left under `out_path`.
+
+  Args:
+    workdir: a training run's or converted weights' workdir (`config.json` + checkpoints).
+    pan_path, ms_path: the inputs (`open_raster`).
+    out_path: `.tif`/`.tiff`, `.npy` or `.mat`.
+    step, which: the checkpoint (`checkpointing.select_step`).
+    max_value: the sensor maximum (default `config.data.max_value`).
+    dtype: stored dtype, e.g. 'float32' (default: the MS's dtype).
+    window: PAN pixels per window side (a multiple of the tile size).
+    tile_batch: tiles per jitted call (default `config.eval.tile_batch`).
+    overwrite: replace an existing `out_path`.
+    cog: write a Cloud-Optimized GeoTIFF.
+    pan_key, ms_key: array names inside `.mat`/`.h5` inputs.
+    progress: show a progress bar on stderr.
+
+  Returns:
+    `fuse_scene`'s summary plus 'output', 'step', 'shape', 'dtype', 'megapixels_per_s'.
+
+  Raises:
+    FileNotFoundError: no config or checkpoint in the workdir.
+    DataError: inputs that do not overlay or do not fit the model.
+    fileio.OutputError: an existing (without `overwrite`) or unwritable output.
+  """
+  config = config_utils.load_config(workdir)
+  model = config.model
+  scale = int(model.get('scale', 4))
+  with contextlib.ExitStack() as stack:
+    pan = open_raster(pan_path, 'PAN', pan_key)
+    stack.callback(pan.close)
+    ms = open_raster(ms_path, 'MS', ms_key)
+    stack.callback(ms.close)
+    check_pair(
+      pan, ms, scale=scale, bands=int(model.spectral_bands), guide_bands=int(model.guide_bands)
+    )
+    out = check_output(out_path, overwrite)
+    tile = int(config.eval.tile_size)
+    if window <= 0 or window % tile:
+      raise DataError(f'--window {window} must be a positive multiple of the tile size {tile}')
+    out_dtype = np.dtype(dtype) if dtype else ms.dtype
+    if out_dtype.kind not in 'uif':
+      raise DataError(f'--dtype {out_dtype} is not numeric')
+    step = checkpointing.select_step(workdir, step, which)
+    params, step, _ = checkpointing.restore_params(workdir, model, step=step)
+    fuser = tiling.Fuser(
+      model,
+      params,
+      tile_size=tile,
+      tile_pad=int(config.eval.tile_pad),
+      tile_batch=tile_batch or int(config.eval.tile_batch),
+    )
+    max_value = float(config.data.max_value if max_value is None else max_value)
+    with open_sink(out, pan, ms, out_dtype, cog=cog) as sink:
+      result = fuse_scene(
+        fuser, pan, ms, sink, max_value=max_value, window=window, progress=progress
+      )
+      sink.finish(result['nodata'])
+  megapixels = pan.height * pan.width / 1e6
+  return dict(
+    result,
+    output=str(out),
+    step=int(step),
+    shape=[pan.height, pan.width, ms.bands],
+    dtype=out_dtype.name,
+    megapixels_per_s=megapixels / result['seconds'],
+  )
