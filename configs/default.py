@@ -26,13 +26,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.task = ml_collections.config_dict.placeholder(str)  # 'pansharpening' | 'hisr'.
   config.seed = 1  # The official code seeds everything with 1.
 
-  # Arguments of `models.U2Net`: `models.U2Net(**config.model)`.
+  # Fields of `models.U2Net`, built by `models.create_model(config.model)`. A field left unset
+  # (None) takes the variant's value (`models.VARIANTS`: u2net_l sets width 12, head_dim 6), else
+  # the official one; any field set here, in a dataset config or on the command line wins.
+  unset = ml_collections.config_dict.placeholder  # None, but typed: `--config.model.width=16`.
   config.model = ml_collections.ConfigDict()
-  unset = ml_collections.config_dict.placeholder  # None, but typed for command-line overrides.
   config.model.spectral_bands = unset(int)  # C, from the sensor: 8 (WV3/WV2), 4, 31 (HISR).
   config.model.guide_bands = unset(int)  # c, from the sensor: 1 (PAN) or 3 (RGB).
-  config.model.width = 32  # S: 32 for pansharpening, 64 for HISR.
-  config.model.head_dim = 16  # S': the S2Block head width.
+  # S: unset = the official 32 with a PAN guide (pansharpening), 64 with an RGB guide (HISR).
+  config.model.width = unset(int)
+  config.model.head_dim = unset(int)  # S': the S2Block head width; unset = 16.
   config.model.mlp_ratio = 0.5
   config.model.resblock_ratio = 0.5
   config.model.scale = 4
@@ -46,11 +49,12 @@ def get_config() -> ml_collections.ConfigDict:
   # float32; its effect on the metrics is in benchmarks/README.md).
   config.model.dtype = 'float32'
   # The paper's ablations and lightweight model (`models.VARIANTS`, configs/ablation.py); 'u2net'
-  # is the official network. The three switches give the alternative reading of V1, V2, V3/V4.
+  # is the official network. The three switches give the alternative readings of V1, V2 and
+  # V3/V4; setting one for a variant it does not apply to is an error.
   config.model.variant = 'u2net'
-  config.model.single_branch_resblock = True
-  config.model.concat_residual = False
-  config.model.value_projection = False
+  config.model.single_branch_resblock = unset(bool)  # V1 only; unset = True.
+  config.model.concat_residual = unset(bool)  # V2 only; unset = False.
+  config.model.value_projection = unset(bool)  # V3 and V4 only; unset = False.
 
   config.data = ml_collections.ConfigDict()
   config.data.sensor = 'WV3'  # WV3 | WV2 | QB | GF2 | IKONOS | GeoEye1 | CAVE | Harvard.

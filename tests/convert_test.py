@@ -10,9 +10,14 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import REPO, shared_path
+from conftest import REPO, run_script, shared_path
+from flax import traverse_util
+from torch_layout import flax_to_torch
 
 from u2net_jax import checkpointing, config_utils, convert, models
+
+# torch.save's legacy (pre-1.6) format starts with this pickled magic number.
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
 def _wv3_config():
@@ -88,7 +93,7 @@ def _write_pth(path, tensors, legacy=False):
     pickler.dump(state)
   if legacy:
     with open(path, 'wb') as f:
-      for header in (convert._LEGACY_MAGIC, 1001, {'little_endian': True}):
+      for header in (LEGACY_MAGIC, 1001, {'little_endian': True}):
         pickle.dump(header, f, protocol=2)
       f.write(body.getvalue())
       pickle.dump([s.key for s in storages], f, protocol=2)
@@ -150,7 +155,7 @@ def test_official_checkpoint_tensors_and_unused():
   params = convert.torch_to_flax(state_dict, _wv3_config().model)
   assert models.count_params(params) == 536_248
   # The inverse mapping gives back every used tensor exactly.
-  back = convert.flax_to_torch(params)
+  back = flax_to_torch(params)
   assert len(back) == 115
   for k, v in back.items():
     np.testing.assert_array_equal(v, state_dict[k])
@@ -172,22 +177,32 @@ def test_missing_and_unexpected_tensors_are_reported():
   rng = np.random.default_rng(0)
   shapes = convert.param_shapes(cfg.model)
   flat = {p: rng.normal(size=s).astype(np.float32) for p, s in shapes.items()}
-  state_dict = convert.flax_to_torch(convert._unflatten(flat))
+  state_dict = flax_to_torch(traverse_util.unflatten_dict(flat, sep='/'))
   state_dict.pop('to_hrms.2.bias')
   state_dict['extra.weight'] = np.zeros(3, np.float32)
   with pytest.raises(ValueError, match=r"missing tensor 'to_hrms.2.bias'.*\n.*'extra.weight'"):
     convert.torch_to_flax(state_dict, cfg.model)
 
 
-def test_cli_writes_a_workdir_that_restores(tmp_path, capsys):
+def _cli(*args):
+  return run_script('-m', 'u2net_jax.convert', *args)
+
+
+@pytest.mark.slow
+def test_cli_writes_a_workdir_that_restores(tmp_path):
   pth = shared_path('official', 'u2net_wv3_200000_iter.pth')
   workdir = tmp_path / 'official_wv3'
-  convert.main(
-    ['--checkpoint', str(pth), '--config', str(REPO / 'configs/wv3.py'), '--workdir', str(workdir)]
+  # A `--config.model.*` override reaches the saved config (absl + config_flags).
+  result = _cli(
+    f'--checkpoint={pth}',
+    '--config=configs/wv3.py',
+    f'--workdir={workdir}',
+    '--config.model.attention=direct',
   )
-  assert '536,248' in capsys.readouterr().out
+  assert result.returncode == 0, result.stderr
+  assert '536,248' in result.stdout
   config = config_utils.load_config(workdir)
-  assert config.model.spectral_bands == 8
+  assert config.model.spectral_bands == 8 and config.model.attention == 'direct'
   params, step, meta = checkpointing.restore_params(workdir, config.model)
   assert step == 0 and meta['converted_from'].endswith('u2net_wv3_200000_iter.pth')
   expected = convert.torch_to_flax(convert.load_torch_state_dict(pth), config.model)
@@ -195,3 +210,13 @@ def test_cli_writes_a_workdir_that_restores(tmp_path, capsys):
     params['s2block2']['attention']['se1']['kernel'],
     expected['s2block2']['attention']['se1']['kernel'],
   )
+
+
+@pytest.mark.slow
+def test_cli_errors_are_one_line(tmp_path):
+  pth = shared_path('official', 'u2net_wv3_200000_iter.pth')
+  result = _cli(f'--checkpoint={pth}', '--config=configs/qb.py', f'--workdir={tmp_path / "w"}')
+  assert result.returncode != 0
+  assert 'error: the checkpoint does not match the model config' in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert not (tmp_path / 'w').exists()  # Nothing written for a mismatched checkpoint.

@@ -1,4 +1,8 @@
-"""Tests of `u2net_jax.models`: shapes, errors, gradients, and the official outputs."""
+"""Tests of `u2net_jax.models`: shapes, errors, gradients, and the official outputs.
+
+The model factory and the variants are `variants_test.py`'s; the attention kernels are
+`attention_test.py`'s.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +44,8 @@ def test_param_counts_match_official():
     cfg = config_utils.load_config_file(REPO / 'configs' / f'{name}.py')
     shapes = convert.param_shapes(cfg.model)
     assert sum(int(np.prod(s)) for s in shapes.values()) == expected, name
+    model = models.create_model(cfg.model)
+    assert models.count_params(models.abstract_params(model)) == expected, name
 
 
 def test_bad_inputs_name_shapes():
@@ -64,7 +70,7 @@ def test_gradients_finite():
   params = models.init_params(model, jax.random.key(0), ms_size=4)
   gt = jax.random.uniform(jax.random.key(3), (2, 16, 16, 4))
   loss = lambda p: jnp.mean(jnp.abs(model.apply({'params': p}, ms, g) - gt))
-  grads = jax.grad(loss)(params)
+  grads = jax.jit(jax.grad(loss))(params)
   leaves = jax.tree_util.tree_leaves(grads)
   assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
   assert sum(float(jnp.abs(x).sum()) for x in leaves) > 0
@@ -89,27 +95,19 @@ def test_conv_transpose_matches_definition():
     np.testing.assert_allclose(y[0, 2 * i + a, 2 * j + b], xn[0, i, j] @ k[a, b] + bias, rtol=1e-5)
 
 
-def test_blockwise_attention_equals_direct():
-  key = jax.random.key(0)
-  for n, block in [(64, 16), (100, 32), (37, 512)]:
-    q, k, v = jax.random.normal(key, (3, 2, 2, n, 16))
-    direct = models.spatial_attention_direct(q, k, v)
-    blockwise = models.spatial_attention_blockwise(q, k, v, block)
-    np.testing.assert_allclose(blockwise, direct, atol=1e-5)
-
-
 def _official_case(npz_name, pth_name, config_name, guide_key, attention):
   ref = np.load(shared_path('official', npz_name))
   state_dict = convert.load_torch_state_dict(shared_path('official', pth_name))
   cfg = config_utils.load_config_file(REPO / 'configs' / f'{config_name}.py')
   params = convert.torch_to_flax(state_dict, cfg.model)
-  model = models.U2Net(**dict(cfg.model, attention=attention))
+  model = models.create_model(cfg.model, attention=attention)
   ms = ref['ms'].transpose(0, 2, 3, 1)
   guide = ref[guide_key].transpose(0, 2, 3, 1)
   out = np.asarray(jax.jit(model.apply)({'params': params}, ms, guide))
   return np.abs(out.transpose(0, 3, 1, 2) - ref['out']).max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('attention', ['direct', 'blockwise'])
 def test_official_wv3_weights_reproduce_official_output(attention):
   err = _official_case(
@@ -118,6 +116,7 @@ def test_official_wv3_weights_reproduce_official_output(attention):
   assert err <= 1e-4, err
 
 
+@pytest.mark.slow
 def test_official_hisr_architecture_reproduces_official_output():
   err = _official_case(
     'official_io_hisr_random_seed1.npz', 'u2net_hisr_random_seed1.pth', 'cave', 'guide', 'direct'

@@ -1,10 +1,17 @@
-"""Tests of the paper's variants (ablations V1-V4, U2Net-L): structure, counts, training, eval."""
+"""Tests of the model factory and the paper's variants (ablations V1-V4, U2Net-L).
+
+`models.create_model(config.model)`: a variant's fields wherever the variant is set, explicit
+fields over them, errors for switches a variant lacks; structure, parameter counts, training and
+evaluation of each variant; the command-line and `config.json` paths to the same model.
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO
+from absl import flags
+from conftest import REPO, load_config, run_script
+from ml_collections import config_flags
 
 from u2net_jax import config_utils, convert, eval_lib, models, param_count, train_lib
 
@@ -12,13 +19,17 @@ ABLATIONS = ('v1_single_branch', 'v2_concat', 'v3_spatial_only', 'v4_spectral_on
 
 
 def _ablation(variant):
-  return config_utils.load_config_file(f'{REPO}/configs/ablation.py:{variant}')
+  return load_config(f'ablation:{variant}')
 
 
 def _attention_params(variant, level=0):
   shapes = convert.param_shapes(_ablation(variant).model)
   prefix = f's2block{level}/'
   return {p[len(prefix) :] for p in shapes if p.startswith(prefix)}
+
+
+def _count(model_config, **overrides):
+  return sum(param_count.count_by_module(models.create_model(model_config, **overrides)).values())
 
 
 def test_parameter_counts():
@@ -31,7 +42,9 @@ def test_parameter_counts():
     'u2net_l': 85_658,
   }
   for variant, n in expected.items():
-    assert sum(param_count.count_by_module(_ablation(variant).model).values()) == n, variant
+    assert _count(_ablation(variant).model) == n, variant
+    # The same count when the variant is set on any pansharpening config (not only here).
+    assert _count(load_config('wv3', **{'model.variant': variant}).model) == n, variant
   assert expected['u2net_l'] < 100_000  # The paper's lightweight class boundary.
 
 
@@ -63,7 +76,7 @@ def test_alternative_readings_are_one_switch_away():
   no_res = dict(_ablation('v1_single_branch').model, single_branch_resblock=False)
   assert not any(p.startswith('resblock') for p in convert.param_shapes(no_res))
   cfg = dict(_ablation('v2_concat').model, concat_residual=True, width=16, spectral_bands=4)
-  model = models.U2Net(**cfg)
+  model = models.create_model(cfg)
   params = models.init_params(model, jax.random.key(0), ms_size=2)
   ms, pan = jnp.ones((1, 2, 2, 4)), jnp.ones((1, 8, 8, 1))
   assert model.apply({'params': params}, ms, pan).shape == (1, 8, 8, 4)
@@ -73,14 +86,111 @@ def test_unknown_variant_is_an_error():
   model = models.U2Net(spectral_bands=4, width=16, variant='v9')
   with pytest.raises(ValueError, match="variant 'v9'"):
     models.init_params(model, jax.random.key(0), ms_size=2)
+  with pytest.raises(ValueError, match=r"variant 'v9'; expected one of \('u2net', "):
+    models.create_model({'variant': 'v9'})
 
 
-@pytest.mark.parametrize('variant', ABLATIONS)
+def test_u2net_l_widths_come_from_the_variant_alone():
+  model = models.create_model(load_config('wv3', **{'model.variant': 'u2net_l'}).model)
+  assert (model.width, model.head_dim, model.variant) == (12, 6, 'u2net_l')
+  assert models.create_model({'variant': 'u2net_l'}).width == 12  # No config needed.
+  official = models.create_model(load_config('wv3').model)
+  assert (official.width, official.head_dim) == (32, 16)
+  # An RGB guide (HISR) makes the official width 64 (paper Sec. 5.1), not U2Net-L's.
+  assert models.create_model({'spectral_bands': 31, 'guide_bands': 3}).width == 64
+  assert models.create_model({'guide_bands': 3, 'variant': 'u2net_l'}).width == 12
+
+
+def test_explicit_fields_override_the_variant():
+  cfg = load_config('wv3', **{'model.variant': 'u2net_l', 'model.width': 16})
+  model = models.create_model(cfg.model)
+  assert (model.width, model.head_dim) == (16, 6)
+  assert models.create_model(cfg.model, head_dim=8).head_dim == 8  # Keyword overrides too.
+  assert models.create_model({'variant': 'v1_single_branch'}).single_branch_resblock
+  v1 = models.create_model({'variant': 'v1_single_branch', 'single_branch_resblock': False})
+  assert not v1.single_branch_resblock
+
+
+@pytest.mark.parametrize(
+  'switch,value,variant',
+  [
+    ('concat_residual', True, 'u2net'),
+    ('concat_residual', False, 'v1_single_branch'),
+    ('value_projection', True, 'v2_concat'),
+    ('value_projection', True, 'u2net_l'),
+    ('single_branch_resblock', False, 'v3_spatial_only'),
+  ],
+)
+def test_switch_outside_its_variant_is_an_error(switch, value, variant):
+  message = rf"model\.{switch}={value} does not apply to variant '{variant}'"
+  with pytest.raises(ValueError, match=message):
+    models.create_model({'variant': variant, switch: value})
+
+
+def test_unknown_field_attention_and_dtype_are_errors():
+  with pytest.raises(ValueError, match=r"unknown model field\(s\) \['widht'\]"):
+    models.create_model({'widht': 16})
+  with pytest.raises(ValueError, match='attention must be one of'):
+    models.create_model(attention='flash')
+  with pytest.raises(ValueError, match='dtype must be one of'):
+    models.create_model(dtype='float16')
+
+
+def test_command_line_overrides_reach_the_factory():
+  """`--config.model.*` flags set the unset (typed None) fields through config_flags."""
+  argv = [
+    'train.py',
+    f'--config={REPO / "configs" / "wv3.py"}',
+    '--config.model.variant=u2net_l',
+    '--config.model.width=16',
+  ]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'config', flag_values=flag_values, sys_argv=argv)
+  flag_values(argv)
+  config = config_utils.finalize(flag_values.config)
+  model = models.create_model(config.model)
+  assert (model.width, model.head_dim, model.variant, model.spectral_bands) == (16, 6, 'u2net_l', 8)
+
+
+def test_saved_config_rebuilds_the_same_model(tmp_path):
+  for overrides in ({'model.variant': 'u2net_l'}, {'model.variant': 'v2_concat', 'model.width': 8}):
+    config = load_config('wv3', **overrides)
+    config_utils.save_config(config, tmp_path)
+    loaded = config_utils.load_config(tmp_path)
+    assert models.model_fields(loaded.model) == models.model_fields(config.model)
+    assert loaded.model.head_dim is None  # Unset fields stay unset: the variant still decides.
+  # And an override of the loaded config still works.
+  with loaded.unlocked():
+    loaded.model.width = 12
+  assert models.create_model(loaded.model).width == 12
+
+
+@pytest.mark.slow
+def test_param_count_cli():
+  run = lambda *args: run_script('-m', 'u2net_jax.param_count', *args)
+
+  light = run('--config=configs/wv3.py', '--config.model.variant=u2net_l')
+  assert light.returncode == 0, light.stderr
+  assert 'u2net_l' in light.stdout and '85,658 parameters (width 12, head_dim 6)' in light.stdout
+  every = run('--config=configs/ablation.py', '--all')
+  assert every.returncode == 0, every.stderr
+  for n in ('536,248', '536,216', '427,992', '483,000', '85,658'):
+    assert n in every.stdout
+  hisr = run('--config=configs/cave.py')
+  assert '2,254,351 parameters (width 64, head_dim 16)' in hisr.stdout, hisr.stderr
+  bad = run('--config=configs/wv3.py', '--config.model.concat_residual=True')
+  assert bad.returncode != 0 and 'Traceback' not in bad.stderr
+  assert "model.concat_residual=True does not apply to variant 'u2net'" in bad.stderr
+
+
+# One variant in the fast subset (the single branch, the furthest from the official network); the
+# others compile a training step each (~5 s) and run with the slow tests.
+@pytest.mark.parametrize(
+  'variant',
+  [v if v == 'v1_single_branch' else pytest.param(v, marks=pytest.mark.slow) for v in ABLATIONS],
+)
 def test_variant_trains_a_few_steps(variant):
-  config = config_utils.load_config_file(REPO / 'configs' / 'tiny.py')
-  config.unlock()
-  config.model.variant = variant
-  config.lock()
+  config = load_config('tiny', **{'model.variant': variant})
   state = train_lib.create_train_state(config, jax.random.key(0), steps_per_epoch=4)
   rng = np.random.default_rng(0)
   batch = {
@@ -96,13 +206,16 @@ def test_variant_trains_a_few_steps(variant):
   assert np.isfinite(losses).all() and losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_a_variant_trains_and_evaluates_end_to_end(tmp_path):
-  config = config_utils.load_config_file(REPO / 'configs' / 'tiny.py')
-  config.unlock()
-  config.model.variant = 'v2_concat'
-  config.train.num_epochs = 1
-  config.data.demo_test_size = 96  # A 21-px crop on each side must leave one 32-px block.
-  config.lock()
+  config = load_config(
+    'tiny',
+    **{
+      'model.variant': 'v2_concat',
+      'train.num_epochs': 1,
+      'data.demo_test_size': 96,  # A 21-px crop on each side must leave one 32-px block.
+    },
+  )
   workdir = tmp_path / 'v2'
   train_lib.train_and_evaluate(config, workdir)
   results = eval_lib.evaluate(None, workdir, verbose=False)

@@ -5,13 +5,15 @@ format) with a restricted unpickler that rebuilds tensors and ordered dicts and 
 a checkpoint that tries to run code is refused before anything runs.
 
 `torch_to_flax` maps the official state-dict (`PSRben/U2Net`, `model/u2net.py`) onto the Flax
-parameter tree of `models.U2Net` through a table of rules, checking a one-to-one match of names
-and shapes. The same mapping converts gradients (they have the state-dict's keys).
+parameter tree of `models.create_model(config.model)` through a table of rules, checking a
+one-to-one match of names and shapes. The same mapping converts gradients (they have the
+state-dict's keys).
 
-CLI (writes an orbax checkpoint and `config.json` in the layout training uses):
+CLI (writes an orbax checkpoint and `config.json` in the layout training uses; any config field
+can be overridden, e.g. `--config.model.attention=direct`):
 
-  python -m u2net_jax.convert --checkpoint u2net_wv3_200000_iter.pth \
-      --config configs/wv3.py --workdir workdirs/official_wv3
+  python -m u2net_jax.convert --checkpoint=u2net_wv3_200000_iter.pth \
+      --config=configs/wv3.py --workdir=workdirs/official_wv3
 """
 
 from __future__ import annotations
@@ -20,11 +22,17 @@ import collections
 import io
 import pickle
 import re
+import sys
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+from absl import app, flags, logging
+from flax import traverse_util
+from ml_collections import config_flags
+
+from u2net_jax import checkpointing, config_utils, models
 
 # --------------------------------------------------------------------------------------------
 # Reading .pth files.
@@ -217,25 +225,16 @@ def load_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
 # Official state-dict <-> Flax parameters.
 
 
-def _oihw_to_hwio(w):
-  return np.transpose(w, (2, 3, 1, 0))
-
-
-def _iohw_to_hwio(w):  # ConvTranspose2d weights are (in, out, kH, kW).
-  return np.transpose(w, (2, 3, 0, 1))
-
-
-def _linear(w):  # nn.Linear weights are (out, in).
-  return np.transpose(w, (1, 0))
-
-
-def _same(w):
-  return w
+# Layout changes, as the axes argument of `np.transpose(torch_array, axes)` giving the Flax array
+# (None: unchanged). Conv kernels OIHW -> HWIO (depth-wise (C, 1, 3, 3) -> (3, 3, 1, C) by the
+# same rule), transposed convolutions IOHW -> HWIO, Linear (out, in) -> (in, out).
+CONV = (2, 3, 1, 0)
+CONV_TRANSPOSE = (2, 3, 0, 1)
+LINEAR = (1, 0)
 
 
 # (regex on the Flax path 'a/b/c', template of the torch key). Order matters: first match wins.
-# Conv kernels OIHW -> HWIO (depth-wise (C,1,3,3) -> (3,3,1,C) by the same rule), transposed
-# convolutions IOHW -> HWIO, Linear (out, in) -> (in, out), LayerNorm weight -> scale.
+# A LayerNorm's `weight` is Flax's `scale`.
 _RULES: list[tuple[str, str]] = [
   (r'upsample/conv/kernel', 'upsample.upsamle.0.weight'),  # The official key's typo.
   (r'raise_ms_dim/(kernel|bias)', 'raise_ms_dim.0.{p}'),
@@ -263,14 +262,18 @@ UNUSED_PATTERNS = (r'down\d\.maxpool_conv\.', r'up\d\.up0\.')
 _TORCH_PARAM_NAME = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias'}
 
 
-def torch_key(flax_path: str) -> tuple[str, callable]:
-  """The official state-dict key of a Flax parameter path, and the array transform.
+def torch_key(flax_path: str) -> tuple[str, tuple[int, ...] | None]:
+  """The official state-dict key of a Flax parameter path, and the layout change.
 
   Args:
     flax_path: e.g. 's2block0/attention/sa1/kernel'.
 
   Returns:
-    (torch key, function mapping the torch array to the Flax layout).
+    (torch key, axes): the Flax array is `np.transpose(torch_array, axes)` (`CONV`,
+    `CONV_TRANSPOSE`, `LINEAR`), or the torch array itself when axes is None.
+
+  Raises:
+    KeyError: no rule matches the path.
   """
   for pattern, template in _RULES:
     m = re.fullmatch(pattern, flax_path)
@@ -278,46 +281,23 @@ def torch_key(flax_path: str) -> tuple[str, callable]:
       leaf = flax_path.rsplit('/', 1)[1]
       key = template.format(*m.groups(), p=_TORCH_PARAM_NAME[leaf])
       if leaf != 'kernel':
-        return key, _same
+        return key, None
       if '/up/' in flax_path:
-        return key, _iohw_to_hwio
+        return key, CONV_TRANSPOSE
       if '/attention/' in flax_path or '/mlp/' in flax_path:
-        return key, _linear
-      return key, _oihw_to_hwio
+        return key, LINEAR
+      return key, CONV
   raise KeyError(f'no conversion rule for Flax parameter {flax_path!r}')
 
 
-def _flatten(tree: Mapping, prefix: str = '') -> dict[str, object]:
-  flat = {}
-  for k, v in tree.items():
-    path = f'{prefix}{k}'
-    if isinstance(v, Mapping):
-      flat.update(_flatten(v, path + '/'))
-    else:
-      flat[path] = v
-  return flat
-
-
-def _unflatten(flat: Mapping[str, object]) -> dict:
-  tree: dict = {}
-  for path, v in flat.items():
-    node = tree
-    *parents, leaf = path.split('/')
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return tree
-
-
 def param_shapes(model_config) -> dict[str, tuple[int, ...]]:
-  """Flat Flax parameter path -> shape for `models.U2Net(**model_config)` (no computation)."""
-  import jax
+  """Flat Flax parameter path 'a/b/c' -> shape for `models.create_model(model_config)`.
 
-  from u2net_jax import models
-
-  model = models.U2Net(**dict(model_config))
-  abstract = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), ms_size=4))
-  return {k: tuple(v.shape) for k, v in _flatten(abstract).items()}
+  No computation: the shapes come from `models.abstract_params`.
+  """
+  abstract = models.abstract_params(models.create_model(model_config))
+  flat = traverse_util.flatten_dict(abstract, sep='/')
+  return {path: tuple(leaf.shape) for path, leaf in flat.items()}
 
 
 def torch_to_flax(state_dict: Mapping[str, np.ndarray], model_config) -> dict:
@@ -325,7 +305,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], model_config) -> dict:
 
   Args:
     state_dict: official key -> array, e.g. from `load_torch_state_dict`.
-    model_config: `config.model` (a ConfigDict or mapping of `models.U2Net` arguments).
+    model_config: `config.model` (a ConfigDict or mapping of `models.U2Net` fields).
 
   Returns:
     The nested Flax 'params' tree (float32 numpy arrays).
@@ -337,15 +317,18 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], model_config) -> dict:
   shapes = param_shapes(model_config)
   flat, used, errors = {}, set(), []
   for path, shape in shapes.items():
-    key, transform = torch_key(path)
+    key, axes = torch_key(path)
     if key not in state_dict:
       errors.append(f'missing tensor {key!r} (for {path}, Flax shape {shape})')
       continue
-    value = transform(np.asarray(state_dict[key]))
+    value = np.asarray(state_dict[key])
+    value = value if axes is None else np.transpose(value, axes)
     if tuple(value.shape) != shape:
+      # The torch layout of the expected shape: the inverse permutation of `axes`.
+      expected = shape if axes is None else tuple(shape[i] for i in np.argsort(axes))
       errors.append(
         f'tensor {key!r} has shape {tuple(np.shape(state_dict[key]))}; the model config expects '
-        f'{_torch_shape(shape, transform)} (Flax {path} {shape})'
+        f'{expected} (Flax {path} {shape})'
       )
       continue
     flat[path] = np.asarray(value, np.float32)
@@ -360,40 +343,12 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], model_config) -> dict:
       'the checkpoint does not match the model config '
       f'{dict(model_config)}:\n  ' + '\n  '.join(errors)
     )
-  return _unflatten(flat)
-
-
-def _torch_shape(shape, transform):
-  """The torch layout of a Flax shape (inverse of the transform's axis permutation)."""
-  if transform is _oihw_to_hwio:
-    return (shape[3], shape[2], shape[0], shape[1])
-  if transform is _iohw_to_hwio:
-    return (shape[2], shape[3], shape[0], shape[1])
-  if transform is _linear:
-    return (shape[1], shape[0])
-  return shape
+  return traverse_util.unflatten_dict(flat, sep='/')
 
 
 def unused_keys(state_dict: Mapping[str, np.ndarray]) -> list[str]:
   """The official tensors that the forward pass never uses (`maxpool_conv`, `up0`)."""
   return [k for k in state_dict if any(re.match(p, k) for p in UNUSED_PATTERNS)]
-
-
-def flax_to_torch(params: Mapping) -> dict[str, np.ndarray]:
-  """Inverse mapping: Flax params -> the official state-dict keys and layouts (used tensors)."""
-  out = {}
-  for path, value in _flatten(params).items():
-    key, transform = torch_key(path)
-    value = np.asarray(value)
-    # Every transform is an axis permutation; invert it by applying its inverse permutation.
-    if transform is _oihw_to_hwio:
-      value = np.transpose(value, (3, 2, 0, 1))
-    elif transform is _iohw_to_hwio:
-      value = np.transpose(value, (2, 3, 0, 1))
-    elif transform is _linear:
-      value = value.T
-    out[key] = value
-  return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,14 +358,18 @@ def flax_to_torch(params: Mapping) -> dict[str, np.ndarray]:
 def convert_to_workdir(checkpoint: str | Path, config, workdir: str | Path) -> dict:
   """Converts `checkpoint` for `config.model` into an orbax checkpoint in `workdir`.
 
-  Writes `workdir/config.json` and a step-0 checkpoint (params only) in `workdir/checkpoints`,
-  the layout that training writes, so `evaluate.py --workdir` and `--config.init_from` accept it.
+  Writes `workdir/config.json` (`config_utils.save_config`) and a step-0 checkpoint (params only)
+  in `workdir/checkpoints`, the layout that training writes, so `evaluate.py --workdir` and
+  `--config.init_from` accept it.
+
+  Args:
+    checkpoint: the official `.pth` state-dict.
+    config: the full config (its `model` section must match the checkpoint).
+    workdir: the output workdir.
 
   Returns:
     The converted Flax params.
   """
-  from u2net_jax import checkpointing, config_utils
-
   params = torch_to_flax(load_torch_state_dict(checkpoint), config.model)
   config_utils.save_config(config, workdir)
   checkpointing.save_params(
@@ -419,19 +378,26 @@ def convert_to_workdir(checkpoint: str | Path, config, workdir: str | Path) -> d
   return params
 
 
-def main(argv=None) -> None:
-  import argparse
+def _define_flags() -> None:
+  """The CLI's flags (defined only when run as a program, so that importing defines none)."""
+  flags.DEFINE_string('checkpoint', None, 'Official .pth state-dict.')
+  config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/wv3.py.')
+  flags.DEFINE_string('workdir', None, 'Output workdir.')
+  flags.mark_flags_as_required(['checkpoint', 'config', 'workdir'])
 
-  from u2net_jax import config_utils, models
 
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--checkpoint', required=True, help='official .pth state-dict')
-  parser.add_argument('--config', required=True, help='config file, e.g. configs/wv3.py')
-  parser.add_argument('--workdir', required=True, help='output workdir')
-  args = parser.parse_args(argv)
-  config = config_utils.load_config_file(args.config)
-  skipped = unused_keys(load_torch_state_dict(args.checkpoint))
-  params = convert_to_workdir(args.checkpoint, config, args.workdir)
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  args = flags.FLAGS
+  logging.set_verbosity(logging.WARNING)  # orbax's INFO chatter; the result is printed below.
+  try:
+    # The command-line overrides are applied by now: derive and validate the config once.
+    config = config_utils.finalize(args.config)
+    skipped = unused_keys(load_torch_state_dict(args.checkpoint))
+    params = convert_to_workdir(args.checkpoint, config, args.workdir)
+  except (ValueError, OSError, UnsafeCheckpointError) as e:  # One line, no traceback.
+    sys.exit(f'error: {e}')
   print(
     f'converted the official weights into {models.count_params(params):,} Flax parameters '
     f'in {args.workdir}'
@@ -440,4 +406,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == '__main__':
-  main()
+  _define_flags()
+  app.run(main)

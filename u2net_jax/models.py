@@ -9,17 +9,24 @@ paper differ, the code is followed and the comment says so. Layout is NHWC throu
   out:   (B, 4h, 4w, C)
 
 Sub-module names mirror the official state-dict names (`s2block0`, `down0`, `up1`, `to_hrms`,
-...) so that the converter is a readable table of rules.
+...) so that the converter is a readable table of rules. The attention kernels live in
+`u2net_jax.attention`; `create_model(config.model)` builds the network or one of the paper's
+variants (`VARIANTS`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from u2net_jax import attention as attention_lib
 
 # The official code uses nn.LeakyReLU() everywhere: negative slope 0.01.
 leaky_relu = functools.partial(nn.leaky_relu, negative_slope=0.01)
@@ -38,15 +45,6 @@ def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
   bound = 1.0 / math.sqrt(fan_in)
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
-
-# 'direct' materialises the (HW)x(HW) spatial matrix (the official computation); 'blockwise' never
-# does (exact); 'cudnn' is jax.nn.dot_product_attention's fused GPU kernel (bfloat16 mode only);
-# 'auto' picks 'direct' up to AUTO_DIRECT_MAX_TOKENS tokens per image and 'blockwise' above.
-ATTENTION_KINDS = ('direct', 'blockwise', 'cudnn', 'auto')
-# On CPU the blockwise form is already 4-5x faster than the direct one at N = 256 and 1024
-# (forward + backward of 16 images x 8 heads x 256 tokens, 16 x 4 x 1024); below, the direct
-# form's few small ops are cheap and its (N x N) matrix is small.
-AUTO_DIRECT_MAX_TOKENS = 64
 
 # Compute dtypes of the `dtype` attribute (parameters always stay float32).
 DTYPES = ('float32', 'bfloat16')
@@ -213,246 +211,8 @@ class Up(nn.Module):
     return leaky_relu(conv(f, f, dtype=self.dtype, name='conv')(x + skip))
 
 
-def _split_heads(t: jax.Array, head_dim: int) -> jax.Array:
-  """(B, N, heads*head_dim) -> (B, heads, N, head_dim), channel = head*head_dim + j (einops)."""
-  b, n, d = t.shape
-  return t.reshape(b, n, d // head_dim, head_dim).transpose(0, 2, 1, 3)
-
-
-def spatial_attention_direct(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """softmax(q k^T / sqrt(d)) v with the (N x N) matrix materialised (the official computation).
-
-  Logits and softmax are float32 whatever the input dtype (bfloat16 mode); the result has q's
-  dtype.
-
-  Args:
-    q, k, v: (B, heads, N, d).
-
-  Returns:
-    (B, heads, N, d).
-  """
-  logits = jnp.einsum('bhnd,bhmd->bhnm', q, k, preferred_element_type=jnp.float32)
-  p = jax.nn.softmax(logits / math.sqrt(q.shape[-1]), axis=-1).astype(v.dtype)
-  return jnp.einsum('bhnm,bhmd->bhnd', p, v, preferred_element_type=jnp.float32).astype(q.dtype)
-
-
-# The blockwise form computes one (groups x query block x key block) tile of logits at a time,
-# groups being (batch, head) pairs. The defaults keep a tile (and its exp) within a core's L2
-# cache on CPU: a (1 x 128 x 4096) float32 tile is 2 MiB. Measured on the 2-core benchmark CPU
-# for a WV3 training step's level-0 attention (16 images x 2 heads x 4096 tokens, forward +
-# backward: 1.13 s), query blocks of 128 beat 64 and 256 by 15% and 70%; two key blocks of 2048
-# cost the same as one of 4096.
-KEY_BLOCK_SIZE = 4096
-TILE_ENTRIES = 128 * 4096
-
-
-def _pad_tokens(x: jax.Array, size: int) -> jax.Array:
-  """Zero-pads axis 1 of (G, N, ...) to `size` tokens."""
-  pad = [(0, 0)] * x.ndim
-  pad[1] = (0, size - x.shape[1])
-  return jnp.pad(x, pad)
-
-
-def _tiles(x: jax.Array, groups: int, num_blocks: int, block: int) -> jax.Array:
-  """(G, N, c) -> (G / groups, num_blocks, groups, block, c), zero-padded to num_blocks * block."""
-  g, _, c = x.shape
-  x = _pad_tokens(x, num_blocks * block).reshape(g // groups, groups, num_blocks, block, c)
-  return x.transpose(0, 2, 1, 3, 4)
-
-
-def _untile(x: jax.Array, n: int) -> jax.Array:
-  """Inverse of `_tiles`: (G / groups, num_blocks, groups, block, c) -> (G, n, c)."""
-  chunks, num_blocks, groups, block, c = x.shape
-  x = x.transpose(0, 2, 1, 3, 4).reshape(chunks * groups, num_blocks * block, c)
-  return x[:, :n]
-
-
-def _balanced_block(n: int, max_block: int) -> tuple[int, int]:
-  """(block, count): the fewest blocks of at most `max_block` covering n, of equal size.
-
-  Equal blocks (rounded up to a multiple of 8) waste little padding: a 72 x 72 tile's 5184
-  tokens make 2 key blocks of 2592, not 4096 + 1088 padded to 4096 (58% more work).
-  """
-  count = -(-n // max_block)
-  if count == 1:
-    return n, 1
-  block = -(-n // count)  # ceil(n / count), then up to a multiple of 8:
-  block = -(-block // 8) * 8
-  return block, -(-n // block)
-
-
-def _geometry(g: int, n: int, block_size: int, key_block_size: int):
-  """Query block, key block, their counts and the groups per tile for G groups of n tokens."""
-  bq, nq = _balanced_block(n, block_size)
-  bk, nk = _balanced_block(n, key_block_size)
-  target = max(1, TILE_ENTRIES // (bq * bk))
-  groups = max(c for c in range(1, min(target, g) + 1) if g % c == 0)
-  return bq, bk, nq, nk, groups
-
-
-def _key_bias(n: int, bk: int, nk: int) -> jax.Array:
-  """(nk, 1, 1, bk): 0 for real keys, -inf for the zero padding of the last key block."""
-  idx = jnp.arange(nk * bk).reshape(nk, 1, 1, bk)
-  return jnp.where(idx < n, 0.0, -jnp.inf).astype(jnp.float32)
-
-
-def _logits(q_blk: jax.Array, k_blk: jax.Array, bias: jax.Array) -> jax.Array:
-  """(g, bq, d) x (g, bk, d) -> float32 (g, bq, bk) logits (q is pre-scaled by 1/sqrt(d))."""
-  s = jnp.einsum('gqd,gkd->gqk', q_blk, k_blk, preferred_element_type=jnp.float32)
-  return s + bias
-
-
-def _flash_forward(q, k, v, block_size, key_block_size):
-  """Online-softmax attention over (G, N, d) arrays; returns the output and the logsumexp."""
-  g, n, d = q.shape
-  bq, bk, nq, nk, groups = _geometry(g, n, block_size, key_block_size)
-  # Scaling q by 1/sqrt(16) = 1/4 is exact, so the logits equal the direct form's.
-  qt = _tiles(q * jnp.asarray(1.0 / math.sqrt(d), q.dtype), groups, nq, bq)
-  kt, vt = _tiles(k, groups, nk, bk), _tiles(v, groups, nk, bk)
-  bias = _key_bias(n, bk, nk)
-
-  def query_block(q_blk, k_all, v_all):
-    def key_block(carry, kvb):
-      m, l, acc = carry
-      s = _logits(q_blk, kvb[0], kvb[2])
-      m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
-      p = jnp.exp(s - m_new)
-      corr = jnp.exp(m - m_new)
-      l = l * corr + jnp.sum(p, axis=-1, keepdims=True)
-      pv = jnp.einsum('gqk,gkd->gqd', p.astype(v.dtype), kvb[1], preferred_element_type=jnp.float32)
-      return (m_new, l, acc * corr + pv), None
-
-    init = (
-      jnp.full((groups, bq, 1), -jnp.inf, jnp.float32),
-      jnp.zeros((groups, bq, 1), jnp.float32),
-      jnp.zeros((groups, bq, d), jnp.float32),
-    )
-    if nk == 1:  # One key block: a plain softmax, no rescaling.
-      (m, l, acc), _ = key_block(init, (k_all[0], v_all[0], bias[0]))
-    else:
-      (m, l, acc), _ = jax.lax.scan(key_block, init, (k_all, v_all, bias))
-    return (acc / l).astype(q.dtype), m + jnp.log(l)
-
-  def chunk(_, xs):
-    q_c, k_c, v_c = xs
-    out, lse = jax.lax.map(lambda q_blk: query_block(q_blk, k_c, v_c), q_c)
-    return None, (out, lse)
-
-  _, (out, lse) = jax.lax.scan(chunk, None, (qt, kt, vt))
-  return _untile(out, n), _untile(lse, n)[..., 0]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _flash_attention(q, k, v, block_size, key_block_size):
-  return _flash_forward(q, k, v, block_size, key_block_size)[0]
-
-
-def _flash_attention_fwd(q, k, v, block_size, key_block_size):
-  out, lse = _flash_forward(q, k, v, block_size, key_block_size)
-  return out, (q, k, v, out, lse)  # O(N d) residuals: never the N x N matrix.
-
-
-def _flash_attention_bwd(block_size, key_block_size, residuals, g_out):
-  """Recomputes each tile's probabilities from the saved logsumexp (FlashAttention-2 backward).
-
-  dP = dO V^T, dS = P * (dP - rowsum(dO * O)); dQ = dS K / sqrt(d), dK = dS^T Q / sqrt(d),
-  dV = P^T dO. dK and dV are accumulated transposed, (d, keys): on XLA:CPU the product
-  contracting the query axis is ~7x faster in that layout.
-  """
-  q, k, v, out, lse = residuals
-  g, n, d = q.shape
-  bq, bk, nq, nk, groups = _geometry(g, n, block_size, key_block_size)
-  scale = 1.0 / math.sqrt(d)
-  delta = jnp.sum(g_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-  qt = _tiles(q * jnp.asarray(scale, q.dtype), groups, nq, bq)
-  gt = _tiles(g_out, groups, nq, bq)
-  lse_t, delta_t = _tiles(lse[..., None], groups, nq, bq), _tiles(delta, groups, nq, bq)
-  kt, vt = _tiles(k, groups, nk, bk), _tiles(v, groups, nk, bk)
-  bias = _key_bias(n, bk, nk)
-
-  def chunk(_, xs):
-    q_c, g_c, lse_c, delta_c, k_c, v_c = xs
-
-    def query_block(carry, ys):
-      dk_acc, dv_acc = carry  # (nk, groups, d, bk)
-      q_blk, g_blk, lse_blk, delta_blk = ys
-
-      def key_block(dq, kvb):
-        k_blk, v_blk, bias_blk = kvb
-        p = jnp.exp(_logits(q_blk, k_blk, bias_blk) - lse_blk)
-        dp = jnp.einsum('gqd,gkd->gqk', g_blk, v_blk, preferred_element_type=jnp.float32)
-        ds = (p * (dp - delta_blk)).astype(q.dtype)
-        dq = dq + jnp.einsum('gqk,gkd->gqd', ds, k_blk, preferred_element_type=jnp.float32)
-        dk_t = jnp.einsum('gqd,gqk->gdk', q_blk, ds, preferred_element_type=jnp.float32)
-        dv_t = jnp.einsum(
-          'gqd,gqk->gdk', g_blk, p.astype(g_blk.dtype), preferred_element_type=jnp.float32
-        )
-        return dq, (dk_t, dv_t)
-
-      dq0 = jnp.zeros((groups, bq, d), jnp.float32)
-      if nk == 1:
-        dq, (dk_t, dv_t) = key_block(dq0, (k_c[0], v_c[0], bias[0]))
-        dk_t, dv_t = dk_t[None], dv_t[None]
-      else:
-        dq, (dk_t, dv_t) = jax.lax.scan(key_block, dq0, (k_c, v_c, bias))
-      return (dk_acc + dk_t, dv_acc + dv_t), dq
-
-    zeros = jnp.zeros((nk, groups, d, bk), jnp.float32)
-    (dk_t, dv_t), dq = jax.lax.scan(query_block, (zeros, zeros), (q_c, g_c, lse_c, delta_c))
-    return None, (dq, dk_t.swapaxes(-1, -2), dv_t.swapaxes(-1, -2))
-
-  _, (dq, dk, dv) = jax.lax.scan(chunk, None, (qt, gt, lse_t, delta_t, kt, vt))
-  dq = _untile(dq, n) * scale
-  return dq.astype(q.dtype), _untile(dk, n).astype(k.dtype), _untile(dv, n).astype(v.dtype)
-
-
-_flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd)
-
-
-def spatial_attention_blockwise(
-  q: jax.Array,
-  k: jax.Array,
-  v: jax.Array,
-  block_size: int = 128,
-  key_block_size: int = KEY_BLOCK_SIZE,
-) -> jax.Array:
-  """Exact softmax(q k^T / sqrt(d)) v that never forms the N x N matrix (flash attention).
-
-  The (N x N) logits are computed one (query block x key block) tile at a time, for a few
-  (batch, head) groups at once, with an online softmax across key blocks (running maximum and
-  sum, FlashAttention). Only the output and the per-query logsumexp are saved for the backward
-  pass (a `jax.custom_vjp`), which recomputes each tile's probabilities, so memory is O(N d) at
-  any N: whole-image inference is limited by time, not memory. Token counts that do not divide
-  the blocks are zero-padded; padded keys get -inf logits and padded queries are cropped.
-  Equal to `spatial_attention_direct` up to float32 rounding (tests/attention_test.py).
-
-  Args:
-    q, k, v: (B, heads, N, d).
-    block_size: at most this many queries per tile (N is split into equal blocks).
-    key_block_size: at most this many keys per tile (one block when N <= key_block_size: a
-      plain softmax, no rescaling).
-
-  Returns:
-    (B, heads, N, d).
-  """
-  b, h, n, d = q.shape
-  flat = lambda t: t.reshape(b * h, n, t.shape[-1])
-  out = _flash_attention(flat(q), flat(k), flat(v), block_size, key_block_size)
-  return out.reshape(b, h, n, v.shape[-1])
-
-
-def spatial_attention_cudnn(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """`jax.nn.dot_product_attention` with cuDNN's fused kernel (GPU only, bfloat16/float16 q, k, v).
-
-  Args:
-    q, k, v: (B, heads, N, d).
-
-  Returns:
-    (B, heads, N, d).
-  """
-  bthd = lambda t: t.transpose(0, 2, 1, 3)
-  out = jax.nn.dot_product_attention(bthd(q), bthd(k), bthd(v), implementation='cudnn')
-  return bthd(out)
+# S2Attention's forms: the official one, and ablations V3 and V4.
+S2_MODES = ('full', 'spatial_only', 'spectral_only')
 
 
 class S2Attention(nn.Module):
@@ -465,7 +225,8 @@ class S2Attention(nn.Module):
   Spectral matrix: C_spe = softmax(x1^T x2 / sqrt(head_dim) / (N / head_dim)), (hd x hd) per head.
     The extra 1/(N/head_dim) is the official code's scaling, not the paper's Eq. 2; the released
     weights need it, and it makes the function depend on the input size (tiled != whole image).
-  Output: to_out(merge((C_spa x1) * (y1 C_spe))).
+  Output: to_out(merge((C_spa x1) * (y1 C_spe))). The two products are
+  `attention_lib.spatial_attention` (in the form `attention` selects) and `spectral_attention`.
 
   Ablations (paper Sec. 4.5, Table 3), `mode`:
     'spatial_only' (V3): only C_spa, combined with the spectral feature map: to_out(C_spa x). No
@@ -479,7 +240,7 @@ class S2Attention(nn.Module):
   attention: str = 'auto'
   block_size: int = 128
   dtype: str = 'float32'
-  mode: str = 'full'  # 'full' | 'spatial_only' | 'spectral_only'.
+  mode: str = 'full'  # One of S2_MODES.
   value_projection: bool = False
 
   @nn.compact
@@ -487,48 +248,25 @@ class S2Attention(nn.Module):
     b, n, dim = x.shape
     inner = self.heads * self.head_dim
     proj = functools.partial(dense, inner, dim, use_bias=False, dtype=self.dtype)
-    heads = functools.partial(_split_heads, head_dim=self.head_dim)
-    mode = self.mode
-    if mode not in ('full', 'spatial_only', 'spectral_only'):
-      raise ValueError(
-        f"S2Attention mode {mode!r}; expected 'full', 'spatial_only' or 'spectral_only'"
-      )
-    if mode == 'spatial_only':
+    # (B, N, heads * hd) -> (B, N, heads, hd): channel head * hd + j, the official einops split.
+    heads = lambda t: t.reshape(b, n, self.heads, self.head_dim)
+    spatial = functools.partial(
+      attention_lib.spatial_attention, kind=self.attention, block_size=self.block_size
+    )
+    spectral = attention_lib.spectral_attention
+    if self.mode not in S2_MODES:
+      raise ValueError(f'S2Attention mode {self.mode!r}; expected one of {S2_MODES}')
+    if self.mode == 'spatial_only':
       y1, y2 = heads(proj(name='sa1')(y)), heads(proj(name='sa2')(y))
-      value = heads(proj(name='se1')(x) if self.value_projection else x)
-      out = self._spatial(y1, y2, value, n)
-    elif mode == 'spectral_only':
+      out = spatial(y1, y2, heads(proj(name='se1')(x) if self.value_projection else x))
+    elif self.mode == 'spectral_only':
       x1, x2 = heads(proj(name='se1')(x)), heads(proj(name='se2')(x))
-      value = heads(proj(name='sa1')(y) if self.value_projection else y)
-      out = self._spectral(x1, x2, value, n)
+      out = spectral(x1, x2, heads(proj(name='sa1')(y) if self.value_projection else y))
     else:
       y1, y2 = heads(proj(name='sa1')(y)), heads(proj(name='sa2')(y))
       x1, x2 = heads(proj(name='se1')(x)), heads(proj(name='se2')(x))
-      # (B, heads, N, hd): (C_spa x1) * (y1 C_spe).
-      out = self._spatial(y1, y2, x1, n) * self._spectral(x1, x2, y1, n)
-    out = out.transpose(0, 2, 1, 3).reshape(b, n, inner)
-    return dense(dim, inner, dtype=self.dtype, name='to_out')(out)
-
-  def _spectral(self, x1, x2, value, n):
-    """value C_spe, C_spe = softmax(x1^T x2 / sqrt(hd) / (N / hd)) (the official scaling)."""
-    f32 = jnp.float32
-    logits = jnp.einsum('bhnd,bhne->bhde', x1, x2, preferred_element_type=f32)
-    logits = logits / math.sqrt(self.head_dim) / (n / self.head_dim)
-    p = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-    return jnp.einsum('bhnd,bhde->bhne', value, p)
-
-  def _spatial(self, q, k, v, n):
-    """C_spa v for q, k, v (B, heads, N, hd) in the form `attention` selects."""
-    kind = self.attention
-    if kind not in ATTENTION_KINDS:
-      raise ValueError(f'attention must be one of {ATTENTION_KINDS}, got {kind!r}')
-    if kind == 'auto':
-      kind = 'direct' if n <= AUTO_DIRECT_MAX_TOKENS else 'blockwise'
-    if kind == 'direct':
-      return spatial_attention_direct(q, k, v)
-    if kind == 'cudnn':
-      return spatial_attention_cudnn(q, k, v)
-    return spatial_attention_blockwise(q, k, v, self.block_size)
+      out = spatial(y1, y2, x1) * spectral(x1, x2, y1)  # (C_spa x1) * (y1 C_spe).
+    return dense(dim, inner, dtype=self.dtype, name='to_out')(out.reshape(b, n, inner))
 
 
 class MLP(nn.Module):
@@ -598,14 +336,27 @@ class ConcatFusion(nn.Module):
     return x + fused if self.residual else fused
 
 
-VARIANTS = (
-  'u2net',
-  'v1_single_branch',
-  'v2_concat',
-  'v3_spatial_only',
-  'v4_spectral_only',
-  'u2net_l',
-)
+# The paper's network and its variants (Secs. 4.4-4.5; `U2Net` describes each), with the model
+# fields each one sets when a config leaves them unset (None). A switch (`VARIANT_SWITCHES`) is
+# listed, with its default reading, under the variants it applies to, and only there.
+VARIANTS: dict[str, dict[str, Any]] = {
+  'u2net': {},
+  'v1_single_branch': {'single_branch_resblock': True},
+  'v2_concat': {'concat_residual': False},
+  'v3_spatial_only': {'value_projection': False},
+  'v4_spectral_only': {'value_projection': False},
+  # U2Net-L: the official structure at width 12 with head width 6, i.e. the official model's
+  # 2/4/8 heads per level: 85,658 parameters for 8 bands, under the paper's 1e5-parameter class
+  # boundary. The paper's exact widths are in its supplement, which is not public: this is our
+  # reconstruction.
+  'u2net_l': {'width': 12, 'head_dim': 6},
+}
+VARIANT_SWITCHES = ('single_branch_resblock', 'concat_residual', 'value_projection')
+
+# The official base width S of an unset `width` (variants other than u2net_l), by the guide the
+# task uses: 32 for pansharpening (a 1-band PAN guide, paper Sec. 4.1), 64 for HISR (a 3-band RGB
+# guide, Sec. 5.1). Both use head width S' = 16, `U2Net.head_dim`'s default.
+OFFICIAL_WIDTHS = {1: 32, 3: 64}
 
 
 class U2Net(nn.Module):
@@ -623,10 +374,11 @@ class U2Net(nn.Module):
     'v3_spatial_only' (V3) / 'v4_spectral_only' (V4): S2Blocks whose attention forms only the
       spatial (resp. spectral) self-correlation matrices, merged with the spectral (resp. spatial)
       feature map without projecting it (`value_projection=True` projects it).
-    'u2net_l': the official structure at a lightweight width; `configs/ablation.py:u2net_l` sets
-      width 12 and head width 6 (heads 2/4/8 as the official model's): 85,658 parameters for 8
-      bands, under the paper's 1e5 class boundary. The paper's exact widths are in its
-      supplement, which is not public: this is our reconstruction.
+    'u2net_l': U2Net-L, the official structure at a lightweight width (`VARIANTS`).
+
+  Build it with `create_model(config.model)`, which fills the fields a config leaves unset from
+  the variant (`VARIANTS`) and checks that the switches set apply to it; the attributes' defaults
+  are the official WV3 network's.
 
   Attributes:
     spectral_bands: C, bands of the MS/HS input and of the output.
@@ -637,14 +389,14 @@ class U2Net(nn.Module):
     resblock_ratio: ResBlock hidden width / stage width.
     scale: spatial ratio between guide and MS (4).
     attention: spatial attention form: 'direct', 'blockwise', 'cudnn' or 'auto'
-      (`ATTENTION_KINDS`).
+      (`u2net_jax.attention.ATTENTION_KINDS`).
     attention_block_size: query block of the blockwise form.
     dtype: compute dtype, 'float32' (default, exact) or 'bfloat16' (for TPU/GPU: convolutions,
       projections and attention products in bfloat16 with float32 softmax and LayerNorm
       statistics). Parameters stay float32 and the output is float32 in either mode.
     variant: one of `VARIANTS` (above).
     single_branch_resblock, concat_residual, value_projection: the alternative readings of the
-      V1, V2 and V3/V4 ablations (above).
+      V1, V2 and V3/V4 ablations (above); ignored by the other variants.
   """
 
   spectral_bands: int = 8
@@ -776,31 +528,114 @@ class U2Net(nn.Module):
     return s2[4](z, z)
 
 
-def create_model(model_config) -> U2Net:
-  """The U2Net a config's `model` section describes (`U2Net(**config.model)`)."""
-  return U2Net(**dict(model_config))
+def model_fields(model_config: Mapping[str, Any] | None = None, **overrides) -> dict[str, Any]:
+  """The `U2Net` arguments that a config's `model` section means, each unset field resolved.
+
+  maxim's `Model(variant=..., **overrides)` pattern: a field left unset (None; `configs/default.py`
+  leaves `width`, `head_dim` and the switches unset) takes the variant's value (`VARIANTS`), else
+  the task's official width (`OFFICIAL_WIDTHS`, from `guide_bands`), else `U2Net`'s default; a
+  field that is set wins. So `variant='u2net_l'` gives its light widths in any config, and a
+  saved `config.json` (unset fields stay null) rebuilds the same model.
+
+  Args:
+    model_config: `config.model` (a ConfigDict or a mapping of `U2Net` fields), or None.
+    **overrides: fields replacing model_config's (e.g. `attention='direct'`).
+
+  Returns:
+    A dict of every `U2Net` field (except Flax's `parent` and `name`).
+
+  Raises:
+    ValueError: an unknown field, variant, attention form or dtype, or a switch set for a variant
+      it does not apply to; the message names the field and the variant.
+  """
+  fields = {**dict(model_config or {}), **overrides}
+  known = [f.name for f in dataclasses.fields(U2Net) if f.name not in ('parent', 'name')]
+  unknown = sorted(set(fields) - set(known))
+  if unknown:
+    raise ValueError(f'unknown model field(s) {unknown}; U2Net takes {known}')
+  variant = fields.get('variant') or 'u2net'
+  if variant not in VARIANTS:
+    raise ValueError(f'variant {variant!r}; expected one of {tuple(VARIANTS)}')
+  for switch in VARIANT_SWITCHES:
+    if fields.get(switch) is not None and switch not in VARIANTS[variant]:
+      owners = [v for v, defaults in VARIANTS.items() if switch in defaults]
+      raise ValueError(
+        f'model.{switch}={fields[switch]!r} does not apply to variant {variant!r}: it is a '
+        f'switch of {owners} only (leave it unset)'
+      )
+  defaults = {f.name: f.default for f in dataclasses.fields(U2Net) if f.name in known}
+  explicit = {k: v for k, v in fields.items() if v is not None}
+  guide_bands = explicit.get('guide_bands', defaults['guide_bands'])
+  resolved = {
+    **defaults,
+    'width': OFFICIAL_WIDTHS.get(guide_bands, defaults['width']),
+    **VARIANTS[variant],
+    **explicit,
+    'variant': variant,
+  }
+  if resolved['attention'] not in attention_lib.ATTENTION_KINDS:
+    raise ValueError(
+      f'attention must be one of {attention_lib.ATTENTION_KINDS}, got {resolved["attention"]!r}'
+    )
+  compute_dtype(resolved['dtype'])  # Raises for an unknown dtype.
+  return resolved
+
+
+def create_model(model_config: Mapping[str, Any] | None = None, **overrides) -> U2Net:
+  """The U2Net (or variant) a config's `model` section describes: the one model factory.
+
+  Args:
+    model_config: `config.model` (a ConfigDict or a mapping of `U2Net` fields), or None for the
+      official WV3 network.
+    **overrides: fields replacing model_config's, e.g. `create_model(config.model,
+      attention='direct')`.
+
+  Returns:
+    `U2Net(**model_fields(model_config, **overrides))`.
+
+  Raises:
+    ValueError: see `model_fields`.
+  """
+  return U2Net(**model_fields(model_config, **overrides))
 
 
 def abstract_params(model: U2Net) -> dict:
-  """The parameter tree's shapes and dtypes (`jax.ShapeDtypeStruct`s), computing nothing."""
+  """The parameter tree's shapes and dtypes, computing nothing (`jax.eval_shape` of the init).
+
+  Args:
+    model: a U2Net.
+
+  Returns:
+    The 'params' tree of `jax.ShapeDtypeStruct`s, e.g. a restore target.
+  """
   return jax.eval_shape(lambda: init_params(model, jax.random.key(0), ms_size=4))
 
 
 def count_params(params) -> int:
-  """Number of scalars in a parameter tree."""
+  """Number of scalars in a parameter tree (arrays or `jax.ShapeDtypeStruct`s)."""
   return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
 
 
 def init_params(model: U2Net, rng: jax.Array, ms_size: int = 16) -> dict:
   """Initialises `model` (PyTorch's default scheme); returns the 'params' collection.
 
-  Runs one jitted `model.init` on a (1, ms_size, ms_size, C) input. The non-partitionable
-  threefry lowering is used because it compiles ~3x faster on CPU for the ~150 small random
-  draws of this model; the parameters are a deterministic function of `rng` either way.
+  `model.lazy_init` on abstract (1, ms_size, ms_size, C) inputs: only the parameters' random
+  draws run, never the forward pass, op by op. Each op's program is compiled once per shape and
+  then shared by every model of the process, so that a second model (another variant, band count
+  or width) initialises in well under a second, where one jitted `model.init` per model compiles
+  ~150 random draws anew (seconds each time). The non-partitionable threefry lowering is the
+  one the parameters have always been drawn with; they are a deterministic function of `rng`.
+
+  Args:
+    model: a U2Net.
+    rng: a PRNG key.
+    ms_size: side of the abstract MS input (the parameters do not depend on it).
+
+  Returns:
+    The 'params' tree (float32 arrays).
   """
-  ms = jnp.zeros((1, ms_size, ms_size, model.spectral_bands), jnp.float32)
-  guide = jnp.zeros(
-    (1, model.scale * ms_size, model.scale * ms_size, model.guide_bands), jnp.float32
-  )
+  ms = jax.ShapeDtypeStruct((1, ms_size, ms_size, model.spectral_bands), jnp.float32)
+  size = model.scale * ms_size
+  guide = jax.ShapeDtypeStruct((1, size, size, model.guide_bands), jnp.float32)
   with jax.threefry_partitionable(False):
-    return jax.jit(model.init)(rng, ms, guide)['params']
+    return model.lazy_init(rng, ms, guide)['params']
