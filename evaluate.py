@@ -17,7 +17,7 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from u2net_jax import eval_lib, fileio, tiling
+from u2net_jax import eval_lib, fileio, logging_utils, tiling
 from u2net_jax.data import DataError
 
 FLAGS = flags.FLAGS
@@ -27,8 +27,9 @@ flags.DEFINE_enum('which', 'best', ['best', 'latest'], 'Checkpoint to use when -
 flags.DEFINE_list(
   'test_files',
   None,
-  'Test sets: name=path.h5 (HDF5 files) or names of the config test sets / TFDS splits. '
-  'Default: every test set of the config.',
+  'Test sets: HDF5 files as path.h5 (named by the file stem: results in eval/<stem>) or '
+  'name=path.h5, or names of the config test sets / TFDS splits. Default: every test set of '
+  'the config.',
 )
 flags.DEFINE_string(
   'sensor', None, 'Evaluate as data of this sensor (HQNR MTF gains), e.g. WV2 through a WV3 model.'
@@ -43,6 +44,9 @@ flags.mark_flag_as_required('workdir')
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  # Library chatter (orbax's read-only restore warnings, libtpu) stays off the console unless
+  # -v 1 / --verbosity=1.
+  logging_utils.configure()
   logging.info('JAX devices: %s', jax.devices())
   try:
     eval_lib.evaluate(
@@ -57,7 +61,7 @@ def main(argv):
       output_dir=FLAGS.output_dir,
       save_images=FLAGS.save_images,
     )
-  except (FileNotFoundError, DataError, fileio.OutputError) as e:
+  except (FileNotFoundError, DataError, fileio.OutputError, ValueError) as e:
     sys.exit(f'error: {e}')
 
 

@@ -5,7 +5,6 @@ same command resumes from the latest checkpoint in the workdir. Any config field
 overridden, e.g. `--config.optimizer.learning_rate=5e-4`; an unknown field is an error.
 """
 
-import logging as logging_std
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from u2net_jax import config_utils, fileio, train_lib
+from u2net_jax import config_utils, fileio, logging_utils, train_lib
 from u2net_jax.data import DataError
 
 FLAGS = flags.FLAGS
@@ -32,17 +31,11 @@ USER_ERRORS = (
 )
 
 
-class _QuietLibraries(logging_std.Filter):
-  """Drops the INFO chatter of orbax's checkpointing internals from the console."""
-
-  def filter(self, record):
-    return record.levelno >= logging_std.WARNING or '/orbax/' not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  # Library chatter (orbax, libtpu) stays off the console unless -v 1 / --verbosity=1.
+  logging_utils.configure()
   train_lib.initialize_distributed()
   config_path = FLAGS['config'].config_filename
   workdir = FLAGS.workdir or str(Path('workdirs') / Path(config_path.split(':')[0]).stem)

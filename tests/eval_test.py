@@ -31,6 +31,7 @@ from u2net_jax import (
   input_pipeline,
   metrics,
   models,
+  reporting,
   train_lib,
 )
 from u2net_jax.data import DataError, pancollection
@@ -129,8 +130,8 @@ def _outputs_agree(out_dir, source_file=None, roles=None, sensor='WV3', protocol
     for name in names:
       with Image.open(out_dir / f'preview_{k}_{name}.png') as im:
         assert im.size == (w, h) and im.mode == 'RGB'
-    with Image.open(out_dir / f'preview_{k}.png') as im:
-      assert im.size[1] == h
+    with Image.open(out_dir / f'preview_{k}.png') as im:  # Titled, enlarged to >= 128 px.
+      assert im.size[1] > max(h, reporting.PANEL_MIN_HEIGHT) and im.mode == 'RGB'
   assert not [p for p in out_dir.parent.iterdir() if p.name.startswith('.')]
   return result
 
@@ -142,10 +143,69 @@ def _outputs_agree(out_dir, source_file=None, roles=None, sensor='WV3', protocol
 def test_parse_test_files():
   assert eval_lib.parse_test_files('a=x.h5, b=y.h5,c') == {'a': 'x.h5', 'b': 'y.h5', 'c': ''}
   assert eval_lib.parse_test_files(['a=x.h5']) == {'a': 'x.h5'}
-  with pytest.raises(ValueError, match='twice'):
+  # Plain paths, as --help suggests: named by the file stem.
+  assert eval_lib.parse_test_files('data/a.h5,/x/test_wv2.hdf5,c=d/c.h5,tiny_test') == {
+    'a': 'data/a.h5',
+    'test_wv2': '/x/test_wv2.hdf5',
+    'c': 'd/c.h5',
+    'tiny_test': '',
+  }
+  # A clash names both items and the fix.
+  with pytest.raises(ValueError, match=r"'a=x.h5' and 'a=y.h5' are both named 'a'.*name=path"):
     eval_lib.parse_test_files('a=x.h5,a=y.h5')
+  with pytest.raises(
+    ValueError, match=r'eval/test.*--test_files=test_1=r/test.h5,test_2=f/test.h5'
+  ):
+    eval_lib.parse_test_files('r/test.h5,f/test.h5')
   with pytest.raises(ValueError, match='empty path'):
     eval_lib.parse_test_files('a=')
+
+
+@pytest.mark.slow
+def test_cli_plain_paths_write_eval_folders_named_by_stem(tiny_workdir, tmp_path):
+  # The issue's case: `evaluate.py --workdir W --test_files a.h5,b.h5` writes eval/a and eval/b,
+  # and a healthy run prints no WARNING (library chatter is off unless -v 1).
+  a = _write_pansharpening_h5(tmp_path / 'a.h5', n=1, size=96, sensor='WV3')
+  b = _write_pansharpening_h5(tmp_path / 'b.h5', n=1, size=64, gt=False, seed=1)
+  run = subprocess.run(
+    [
+      sys.executable,
+      'evaluate.py',
+      f'--workdir={tiny_workdir}',
+      f'--test_files={a},{b}',
+      f'--output_dir={tmp_path / "eval"}',
+      '--nosave_images',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+  )
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert sorted(p.name for p in (tmp_path / 'eval').iterdir()) == ['a', 'b']
+  assert json.loads((tmp_path / 'eval' / 'a' / 'metrics.json').read_text())['protocol'] == 'reduced'
+  output = run.stdout + run.stderr
+  assert output.count('WARNING') == 0 and not re.search(r'^W\d{4} ', output, re.M), output
+  assert 'orbax' not in output and 'read only' not in output
+  # -v 1 brings the library chatter back.
+  verbose = subprocess.run(
+    [
+      sys.executable,
+      'evaluate.py',
+      f'--workdir={tiny_workdir}',
+      f'--test_files={a}',
+      f'--output_dir={tmp_path / "eval_v"}',
+      '--nosave_images',
+      '-v',
+      '1',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+  )
+  assert verbose.returncode == 0, verbose.stderr[-3000:]
+  assert 'Given directory is read only' in verbose.stderr
 
 
 def test_hdf5_source_reads_the_file_values_through_one_handle(tmp_path, monkeypatch):

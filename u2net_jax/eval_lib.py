@@ -237,29 +237,56 @@ def resolve_sensor(config, sensor: str | None, *, file_sensor: str | None, where
 # Test sets.
 
 
+_HDF5_SUFFIXES = ('.h5', '.hdf5', '.he5')
+
+
+def _is_path(item: str) -> bool:
+  """A plain path (HDF5 suffix, a folder part or an existing file) rather than a test-set name."""
+  return (
+    item.lower().endswith(_HDF5_SUFFIXES) or '/' in item or os.sep in item or Path(item).is_file()
+  )
+
+
 def parse_test_files(spec: str | Iterable[str] | Mapping[str, str] | None) -> dict[str, str]:
-  """Parses `--test_files`: 'name=path.h5,...' (HDF5 files) and bare names (test sets of the
-  config, or TFDS splits when `config.data.source == 'tfds'`).
+  """Parses `--test_files`: HDF5 paths, 'name=path.h5' pairs and bare test-set names.
+
+  A plain path `dir/test_wv3.h5` is named by its file stem (`test_wv3`, the folder under
+  `workdir/eval`); `name=path` names it explicitly; a bare name (no '=', no HDF5 suffix, no folder)
+  is a test set of the config, or a TFDS split when `config.data.source == 'tfds'`.
+
+  Args:
+    spec: 'a.h5,b.h5', 'name=path.h5,...', a list of such items, or a dict name -> path.
 
   Returns:
     name -> path ('' for a bare name), in order.
+
+  Raises:
+    ValueError: an empty path, or two items with the same name (the message says how to name
+      them apart).
   """
   if not spec:
     return {}
   if isinstance(spec, Mapping):
     return {str(k): str(v) for k, v in spec.items()}
   items = spec.split(',') if isinstance(spec, str) else list(spec)
-  out = {}
+  out: dict[str, str] = {}
+  given: dict[str, str] = {}  # name -> the item that gave it, for the clash message.
   for item in (i.strip() for i in items):
     if not item:
       continue
     name, sep, path = item.partition('=')
-    name = name.strip()
-    if sep and not path.strip():
+    name, path = name.strip(), path.strip()
+    if sep and not path:
       raise ValueError(f'--test_files: {item!r} has an empty path (expected name=path.h5)')
+    if not sep and _is_path(item):
+      name, path = Path(item).stem, item
     if name in out:
-      raise ValueError(f'--test_files: test set {name!r} is given twice')
-    out[name] = path.strip()
+      raise ValueError(
+        f'--test_files: {given[name]!r} and {item!r} are both named {name!r} (results go to '
+        f'eval/{name}); name them apart with name=path, e.g. '
+        f'--test_files={name}_1={out[name] or name},{name}_2={path or name}'
+      )
+    out[name], given[name] = path, item
   return out
 
 
@@ -342,7 +369,7 @@ def _test_set_config(config, name: str, path: str):
     if config.data.source != 'tfds':
       raise DataError(
         f'unknown test set {name!r}: the config has {sorted(config.data.test_files.keys())}; '
-        'give a file as name=path.h5'
+        'give a file as path.h5 or name=path.h5'
       )
     with cfg.unlocked():
       cfg.data.test_files[name] = ''

@@ -9,7 +9,8 @@ Per test set, into one folder (`eval_lib` makes it atomically with `fileio.atomi
   output_mulExm_{k}.mat   `sr`, H x W x C on the sensor scale, as the official `test.py` saves it
                           (k from 0), so the MATLAB toolbox can re-check the numbers
   preview_{k}_*.png       natural-colour composites of lms / fused / gt and the guide, the
-                          absolute error map, and all of them side by side (`preview_{k}.png`)
+                          absolute error map, and all of them side by side (`preview_{k}.png`:
+                          each picture titled, the error map with its colour bar and scale)
 
 The natural-colour bands come from the sensor table (`toolbox.get_sensor(...)['rgb_bands']`).
 """
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import scipy.io
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from u2net_jax import fileio, metrics, toolbox
 
@@ -253,7 +254,81 @@ def previews(
   guide = ref['guide']
   g_bands = (0, 1, 2) if guide.shape[-1] >= 3 else (0,)
   out['guide'] = composite(guide, g_bands, stretch_limits(guide, g_bands))
-  gap = np.full((fused.shape[0], 4, 3), 255, np.uint8)
-  parts = [out[k] for k in ('lms', 'fused', 'gt', 'error', 'guide') if k in out]
-  out['panel'] = np.concatenate([p for part in parts for p in (part, gap)][:-1], axis=1)
+  out['panel'] = panel(
+    out, error_max=error_max, guide_name='PAN' if guide.shape[-1] == 1 else 'RGB'
+  )
   return out
+
+
+# The panel: every picture titled, the error map with a colour bar.
+PANEL_MIN_HEIGHT = 128  # Small pictures are enlarged (nearest neighbour) so the titles fit.
+_GAP, _BAR_WIDTH, _FONT_SIZE = 6, 10, 12
+
+
+def _font(size: int = _FONT_SIZE):
+  try:
+    return ImageFont.load_default(size=size)  # A scalable font (Pillow >= 10.1).
+  except TypeError:  # Older Pillow: the fixed bitmap font.
+    return ImageFont.load_default()
+
+
+def panel(
+  pictures: Mapping[str, np.ndarray], *, error_max: float, guide_name: str = 'guide'
+) -> np.ndarray:
+  """lms, fused, gt, error and guide side by side, titled, the error map with its colour bar.
+
+  Args:
+    pictures: name -> (H, W, 3) uint8, as `previews` makes them ('gt' and 'error' optional).
+    error_max: the top of the error map's colour scale (fraction of the sensor maximum).
+    guide_name: what the guide is ('PAN' or 'RGB').
+
+  Returns:
+    (H', W', 3) uint8 on a white background.
+  """
+  titles = {
+    'lms': 'lms (upsampled MS)',
+    'fused': 'fused (U2Net)',
+    'gt': 'gt (reference)',
+    'error': '|fused - gt| / max',
+    'guide': f'guide ({guide_name})',
+  }
+  names = [k for k in titles if k in pictures]
+  h, w = pictures[names[0]].shape[:2]
+  zoom = max(1, math.ceil(PANEL_MIN_HEIGHT / h))
+  font = _font()
+  line = _FONT_SIZE + 6
+  ticks = [0.0, error_max / 2, error_max]
+  tick_text = [f'{t:.3g}' for t in ticks]
+  bar_extra = _GAP + _BAR_WIDTH + 4 + max(int(font.getlength(t)) for t in tick_text)
+  cell_w = w * zoom
+  widths = [max(cell_w, int(font.getlength(titles[k])) + 2) for k in names]
+  widths = [wd + (bar_extra if k == 'error' else 0) for k, wd in zip(names, widths, strict=True)]
+  note = 'lms, fused and gt share one 2-98% stretch; the error is the band mean.'
+  total_w = max(sum(widths) + _GAP * (len(names) + 1), int(font.getlength(note)) + 2 * _GAP)
+  total_h = _GAP + line + h * zoom + line + _GAP
+  canvas = Image.new('RGB', (total_w, total_h), 'white')
+  draw = ImageDraw.Draw(canvas)
+  x, top = _GAP, _GAP + line
+  for name, width in zip(names, widths, strict=True):
+    draw.text((x, _GAP), titles[name], fill='black', font=font)
+    picture = Image.fromarray(pictures[name]).resize((cell_w, h * zoom), Image.Resampling.NEAREST)
+    canvas.paste(picture, (x, top))
+    if name == 'error':
+      _colour_bar(canvas, draw, x + cell_w + _GAP, top, h * zoom, ticks, tick_text, error_max, font)
+    x += width + _GAP
+  draw.text((_GAP, top + h * zoom + 3), note, fill='dimgray', font=font)
+  return np.asarray(canvas)
+
+
+def _colour_bar(
+  canvas, draw, x: int, top: int, height: int, ticks, labels, vmax: float, font
+) -> None:
+  """A vertical colour bar (`colormap` from 0 at the bottom to `vmax` at the top) with ticks."""
+  values = np.linspace(vmax, 0.0, height)[:, None].repeat(_BAR_WIDTH, axis=1)
+  canvas.paste(Image.fromarray(colormap(values, vmax)), (x, top))
+  draw.rectangle((x, top, x + _BAR_WIDTH - 1, top + height - 1), outline='black')
+  for value, label in zip(ticks, labels, strict=True):
+    y = top + round((1.0 - value / vmax) * (height - 1))
+    draw.line((x + _BAR_WIDTH, y, x + _BAR_WIDTH + 3, y), fill='black')
+    text_y = min(max(y - _FONT_SIZE // 2 - 1, top - 2), top + height - _FONT_SIZE - 1)
+    draw.text((x + _BAR_WIDTH + 5, text_y), label, fill='black', font=font)

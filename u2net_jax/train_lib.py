@@ -40,7 +40,16 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from u2net_jax import checkpointing, config_utils, fileio, input_pipeline, metrics, models, sharding
+from u2net_jax import (
+  checkpointing,
+  config_utils,
+  fileio,
+  input_pipeline,
+  metrics,
+  models,
+  sharding,
+  summaries,
+)
 
 TrainState = train_state.TrainState
 Batch = Mapping[str, jax.Array]
@@ -457,9 +466,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   manager = checkpointing.create_manager(workdir, keep=config.train.keep_checkpoints)
   state, meta = _restore_or_init(config, workdir, manager, plan.steps_per_epoch, mesh)
   p_train, p_eval = compile_steps(mesh, state.apply_fn, config.model.scale)
+  p_train = summaries.log_first_call(p_train, 'the train step')  # Says it compiles, and how long.
   writer = MetricWriter(workdir, enabled=is_main)
   log = _TrainLog(config, plan, writer, workdir)
   checkpoints = _Checkpoints(manager, config, plan, meta)
+  images = summaries.ValidationImages(config, valid_source, workdir)  # TensorBoard previews.
   start_step = int(meta.get('step', 0))
   batches = input_pipeline.train_batches(config, train_source, mesh=mesh, start_step=start_step)
   try:
@@ -471,12 +482,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       valid = None
       if plan.at_eval(step):
         valid = _validate(p_eval, state, config, valid_source, mesh, writer, step)
+        images.write(state, step)
       checkpoints.after_step(state, step, valid)
   finally:
     manager.wait_until_finished()
     manager.close()
     writer.close()
+    images.close()
   final_step = int(jax.device_get(state.step))
+  summaries.closing_summary(config, workdir, valid_source, step=final_step)
   return {
     'step': final_step,
     'epoch': final_step / plan.steps_per_epoch,
