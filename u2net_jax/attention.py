@@ -11,7 +11,8 @@ of a level, in the forms `ATTENTION_KINDS` names (`config.model.attention`):
   'auto':      'direct' up to `AUTO_DIRECT_MAX_TOKENS` tokens per image, 'blockwise' above.
 
 Arrays are (batch, tokens, heads, head_dim), `jax.nn.dot_product_attention`'s layout. In bfloat16
-mode the logits and the softmax (and the blockwise form's logsumexp) are float32 in every form.
+mode the logits and the softmax (and the blockwise form's logsumexp) are float32 in every form;
+in float64 mode (reference precision, tests) everything is float64 (`accumulation_dtype`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ ATTENTION_KINDS = ('direct', 'blockwise', 'cudnn', 'auto')
 # (forward + backward of 16 images x 8 heads x 256 tokens, 16 x 4 x 1024); below, the direct
 # form's few small ops are cheap and its (N x N) matrix is small.
 AUTO_DIRECT_MAX_TOKENS = 64
+
+
+def accumulation_dtype(dtype) -> jnp.dtype:
+  """Logits, softmax and products accumulate in float32, or float64 for float64 operands."""
+  return jnp.promote_types(dtype, jnp.float32)
 
 
 def spatial_attention(
@@ -70,7 +76,9 @@ def spectral_attention(x1: jax.Array, x2: jax.Array, value: jax.Array) -> jax.Ar
     (B, N, heads, d), value's dtype.
   """
   n, d = x1.shape[1], x1.shape[-1]
-  logits = jnp.einsum('bnhd,bnhe->bhde', x1, x2, preferred_element_type=jnp.float32)
+  logits = jnp.einsum(
+    'bnhd,bnhe->bhde', x1, x2, preferred_element_type=accumulation_dtype(x1.dtype)
+  )
   p = jax.nn.softmax(logits / math.sqrt(d) / (n / d), axis=-1).astype(value.dtype)
   return jnp.einsum('bnhd,bhde->bnhe', value, p)
 
@@ -90,6 +98,9 @@ def direct_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   Returns:
     (B, N, heads, d), q's dtype.
   """
+  if q.dtype == jnp.float64:  # dot_product_attention's softmax is float32 at most.
+    logits = jnp.einsum('bnhd,bmhd->bhnm', q, k) / math.sqrt(q.shape[-1])
+    return jnp.einsum('bhnm,bmhd->bnhd', jax.nn.softmax(logits, axis=-1), v)
   return jax.nn.dot_product_attention(q, k, v, implementation='xla')
 
 
@@ -162,18 +173,20 @@ def _geometry(g: int, n: int, block_size: int, key_block_size: int):
 def _key_bias(n: int, bk: int, nk: int) -> jax.Array:
   """(nk, 1, 1, bk): 0 for real keys, -inf for the zero padding of the last key block."""
   idx = jnp.arange(nk * bk).reshape(nk, 1, 1, bk)
-  return jnp.where(idx < n, 0.0, -jnp.inf).astype(jnp.float32)
+  return jnp.where(idx < n, 0.0, -jnp.inf).astype(jnp.float32)  # Promotes with the logits.
 
 
 def _logits(q_blk: jax.Array, k_blk: jax.Array, bias: jax.Array) -> jax.Array:
-  """(g, bq, d) x (g, bk, d) -> float32 (g, bq, bk) logits (q is pre-scaled by 1/sqrt(d))."""
-  s = jnp.einsum('gqd,gkd->gqk', q_blk, k_blk, preferred_element_type=jnp.float32)
+  """(g, bq, d) x (g, bk, d) -> (g, bq, bk) accumulation-dtype logits (q pre-scaled by 1/sqrt d)."""
+  acc = accumulation_dtype(q_blk.dtype)
+  s = jnp.einsum('gqd,gkd->gqk', q_blk, k_blk, preferred_element_type=acc)
   return s + bias
 
 
 def _flash_forward(q, k, v, block_size, key_block_size):
   """Online-softmax attention over (G, N, d) arrays; returns the output and the logsumexp."""
   g, n, d = q.shape
+  acc_dt = accumulation_dtype(q.dtype)  # float32 (float64 in float64 mode).
   bq, bk, nq, nk, groups = _geometry(g, n, block_size, key_block_size)
   # Scaling q by 1/sqrt(16) = 1/4 is exact, so the logits equal the direct form's.
   qt = _tiles(q * jnp.asarray(1.0 / math.sqrt(d), q.dtype), groups, nq, bq)
@@ -188,13 +201,13 @@ def _flash_forward(q, k, v, block_size, key_block_size):
       p = jnp.exp(s - m_new)
       corr = jnp.exp(m - m_new)
       l = l * corr + jnp.sum(p, axis=-1, keepdims=True)
-      pv = jnp.einsum('gqk,gkd->gqd', p.astype(v.dtype), kvb[1], preferred_element_type=jnp.float32)
+      pv = jnp.einsum('gqk,gkd->gqd', p.astype(v.dtype), kvb[1], preferred_element_type=acc_dt)
       return (m_new, l, acc * corr + pv), None
 
     init = (
-      jnp.full((groups, bq, 1), -jnp.inf, jnp.float32),
-      jnp.zeros((groups, bq, 1), jnp.float32),
-      jnp.zeros((groups, bq, d), jnp.float32),
+      jnp.full((groups, bq, 1), -jnp.inf, acc_dt),
+      jnp.zeros((groups, bq, 1), acc_dt),
+      jnp.zeros((groups, bq, d), acc_dt),
     )
     if nk == 1:  # One key block: a plain softmax, no rescaling.
       (m, l, acc), _ = key_block(init, (k_all[0], v_all[0], bias[0]))
@@ -230,9 +243,10 @@ def _flash_attention_bwd(block_size, key_block_size, residuals, g_out):
   """
   q, k, v, out, lse = residuals
   g, n, d = q.shape
+  acc_dt = accumulation_dtype(q.dtype)  # float32 (float64 in float64 mode).
   bq, bk, nq, nk, groups = _geometry(g, n, block_size, key_block_size)
   scale = 1.0 / math.sqrt(d)
-  delta = jnp.sum(g_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  delta = jnp.sum(g_out.astype(acc_dt) * out.astype(acc_dt), axis=-1, keepdims=True)
   qt = _tiles(q * jnp.asarray(scale, q.dtype), groups, nq, bq)
   gt = _tiles(g_out, groups, nq, bq)
   lse_t, delta_t = _tiles(lse[..., None], groups, nq, bq), _tiles(delta, groups, nq, bq)
@@ -249,16 +263,16 @@ def _flash_attention_bwd(block_size, key_block_size, residuals, g_out):
       def key_block(dq, kvb):
         k_blk, v_blk, bias_blk = kvb
         p = jnp.exp(_logits(q_blk, k_blk, bias_blk) - lse_blk)
-        dp = jnp.einsum('gqd,gkd->gqk', g_blk, v_blk, preferred_element_type=jnp.float32)
+        dp = jnp.einsum('gqd,gkd->gqk', g_blk, v_blk, preferred_element_type=acc_dt)
         ds = (p * (dp - delta_blk)).astype(q.dtype)
-        dq = dq + jnp.einsum('gqk,gkd->gqd', ds, k_blk, preferred_element_type=jnp.float32)
-        dk_t = jnp.einsum('gqd,gqk->gdk', q_blk, ds, preferred_element_type=jnp.float32)
+        dq = dq + jnp.einsum('gqk,gkd->gqd', ds, k_blk, preferred_element_type=acc_dt)
+        dk_t = jnp.einsum('gqd,gqk->gdk', q_blk, ds, preferred_element_type=acc_dt)
         dv_t = jnp.einsum(
-          'gqd,gqk->gdk', g_blk, p.astype(g_blk.dtype), preferred_element_type=jnp.float32
+          'gqd,gqk->gdk', g_blk, p.astype(g_blk.dtype), preferred_element_type=acc_dt
         )
         return dq, (dk_t, dv_t)
 
-      dq0 = jnp.zeros((groups, bq, d), jnp.float32)
+      dq0 = jnp.zeros((groups, bq, d), acc_dt)
       if nk == 1:
         dq, (dk_t, dv_t) = key_block(dq0, (k_c[0], v_c[0], bias[0]))
         dk_t, dv_t = dk_t[None], dv_t[None]
@@ -266,7 +280,7 @@ def _flash_attention_bwd(block_size, key_block_size, residuals, g_out):
         dq, (dk_t, dv_t) = jax.lax.scan(key_block, dq0, (k_c, v_c, bias))
       return (dk_acc + dk_t, dv_acc + dv_t), dq
 
-    zeros = jnp.zeros((nk, groups, d, bk), jnp.float32)
+    zeros = jnp.zeros((nk, groups, d, bk), acc_dt)
     (dk_t, dv_t), dq = jax.lax.scan(query_block, (zeros, zeros), (q_c, g_c, lse_c, delta_c))
     return None, (dq, dk_t.swapaxes(-1, -2), dv_t.swapaxes(-1, -2))
 

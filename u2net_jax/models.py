@@ -46,14 +46,17 @@ def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-# Compute dtypes of the `dtype` attribute (parameters always stay float32).
-DTYPES = ('float32', 'bfloat16')
+# Compute dtypes of the `dtype` attribute (parameters always stay float32). 'float64' is reference
+# precision for tests and analysis on CPU (it needs `jax.enable_x64`).
+DTYPES = ('float32', 'bfloat16', 'float64')
 
 
 def compute_dtype(name: str) -> jnp.dtype:
-  """The jnp dtype for a `dtype` attribute ('float32' or 'bfloat16')."""
+  """The jnp dtype for a `dtype` attribute (one of `DTYPES`)."""
   if name not in DTYPES:
     raise ValueError(f'dtype must be one of {DTYPES}, got {name!r}')
+  if name == 'float64' and not jax.config.jax_enable_x64:
+    raise ValueError("dtype='float64' needs 64-bit JAX: run it inside `with jax.enable_x64(True):`")
   return jnp.dtype(name)
 
 
@@ -393,7 +396,9 @@ class U2Net(nn.Module):
     attention_block_size: query block of the blockwise form.
     dtype: compute dtype, 'float32' (default, exact) or 'bfloat16' (for TPU/GPU: convolutions,
       projections and attention products in bfloat16 with float32 softmax and LayerNorm
-      statistics). Parameters stay float32 and the output is float32 in either mode.
+      statistics), or 'float64' (reference precision on CPU, under `jax.enable_x64`).
+      Parameters stay float32 (float64 in float64 mode, as given) and the output is float32
+      (float64 in float64 mode).
     variant: one of `VARIANTS` (above).
     single_branch_resblock, concat_residual, value_projection: the alternative readings of the
       V1, V2 and V3/V4 ablations (above); ignored by the other variants.
@@ -477,7 +482,8 @@ class U2Net(nn.Module):
       x = self._double_branch(x, guide, s2, res, (down0, down1), (up0, up1))
     x = leaky_relu(conv(s, s, dtype=dt, name='to_hrms0')(x))
     out = conv(self.spectral_bands, s, dtype=dt, name='to_hrms1')(x)
-    return out.astype(jnp.float32) + skip_out.astype(jnp.float32)
+    out_dtype = jnp.promote_types(compute_dtype(dt), jnp.float32)  # float32 unless float64 mode.
+    return out.astype(out_dtype) + skip_out.astype(out_dtype)
 
   def _double_branch(self, up_ms, guide, s2, res, downs, ups):
     """The official double U-Net: spectral branch x, spatial branch y, fused by the S2Blocks."""
