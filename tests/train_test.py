@@ -145,21 +145,33 @@ def test_restore_params_restores_the_step_select_step_chose(tmp_path):
 
 @pytest.mark.slow
 def test_training_fidelity_official_loss_and_gradients():
-  """At the released weights, loss and gradients equal the official code's on real WV2 tiles."""
+  """At the released weights, loss and gradients equal the official code's on real WV2 tiles.
+
+  The loss is compared in float32, the training precision. The gradients are compared in
+  float64: the L1 loss's gradient is sign(out - gt) / n, which float32 rounding (~1e-6 per
+  pixel, differently in XLA and PyTorch) flips wherever |out - gt| is that small, moving the
+  small-norm gradients of a few tensors by ~5e-4 relative on some CPUs. The reference itself is
+  float32 PyTorch, within 6e-6 of PyTorch float64 on every tensor (checked with the official
+  code), so float64 here leaves only the reference's own rounding.
+  """
   ref = np.load(shared_path('official', 'official_grad_wv3.npz'))
   state_dict = convert.load_torch_state_dict(shared_path('official', 'u2net_wv3_200000_iter.pth'))
   config = load_config('wv3')
   params = convert.torch_to_flax(state_dict, config.model)
   batch = {k: jnp.asarray(ref[k].transpose(0, 2, 3, 1)) for k in ('ms', 'pan', 'gt')}
   batch['guide'] = batch.pop('pan')
-  model = models.create_model(config.model)
-  loss, grads = jax.jit(jax.value_and_grad(train_lib.l1_loss), static_argnums=1)(
-    params, model.apply, batch
-  )
+  loss_and_grads = jax.jit(jax.value_and_grad(train_lib.l1_loss), static_argnums=1)
+  loss, _ = loss_and_grads(params, models.create_model(config.model).apply, batch)
   assert abs(float(loss) - float(ref['loss'])) <= 1e-6
+  with jax.enable_x64(True):
+    to64 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
+    model = models.create_model(config.model, dtype='float64')
+    loss64, grads = loss_and_grads(to64(params), model.apply, to64(batch))
+    grads = jax.device_get(grads)
+  assert abs(float(loss64) - float(ref['loss'])) <= 1e-6
   official = {k[len('grad/') :]: ref[k] for k in ref.files if k.startswith('grad/')}
   expected = convert.torch_to_flax(official, config.model)
-  flat_ours = traverse_util.flatten_dict(jax.device_get(grads), sep='/')
+  flat_ours = traverse_util.flatten_dict(grads, sep='/')
   flat_ref = traverse_util.flatten_dict(expected, sep='/')
   assert flat_ours.keys() == flat_ref.keys()
   worst = max(
