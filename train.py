@@ -3,32 +3,47 @@
 A thin entry point (flags, device logging, one call) over `u2net_jax.train_lib`. Re-running the
 same command resumes from the latest checkpoint in the workdir. Any config field can be
 overridden, e.g. `--config.optimizer.learning_rate=5e-4`; an unknown field is an error.
+
+Several processes (hosts): Cloud TPU pod slices and SLURM jobs are detected; otherwise give every
+process `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (or the environment
+variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) and one shared --workdir.
+SIGTERM saves a checkpoint and exits with status 143; the same command resumes.
 """
 
 import sys
-from pathlib import Path
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from u2net_jax import config_utils, fileio, logging_utils, train_lib
-from u2net_jax.data import DataError
+from u2net_jax import config_utils, distributed, errors, logging_utils, train_lib
+from u2net_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
-flags.DEFINE_string('workdir', None, 'Run directory (default: workdirs/<config name>).')
+flags.DEFINE_string('workdir', None, 'Run directory (default: workdirs/<config name>[_<arg>]).')
+flags.DEFINE_bool(
+  'allow_config_change',
+  False,
+  'Resume a run whose stored config.json differs in model, data, seed or optimizer fields.',
+)
+flags.DEFINE_string('coordinator_address', None, 'Process 0 host:port [$JAX_COORDINATOR_ADDRESS].')
+flags.DEFINE_integer('num_processes', None, 'Number of processes [$JAX_NUM_PROCESSES].')
+flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1 [$JAX_PROCESS_ID].')
+flags.DEFINE_integer(
+  'heartbeat_timeout',
+  distributed.DEFAULT_HEARTBEAT_TIMEOUT_S,
+  'Seconds before a silent peer ends the run with an error (several processes).',
+)
+flags.DEFINE_float(
+  'shared_workdir_timeout',
+  workdir_lib.SHARED_WAIT_S,
+  "Seconds the other processes wait to see process 0's marker in the shared workdir.",
+)
 flags.mark_flags_as_required(['config'])
 
-# What a user can fix (data, paths, config values): one line on stderr instead of a traceback.
-USER_ERRORS = (
-  DataError,
-  FileNotFoundError,
-  PermissionError,
-  fileio.OutputError,
-  FloatingPointError,
-  ValueError,
-)
+# Exit status after a preemption (SIGTERM): that of a process the signal ended.
+PREEMPTED_STATUS = 143
 
 
 def main(argv):
@@ -36,9 +51,16 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   # Library chatter (orbax, libtpu) stays off the console unless -v 1 / --verbosity=1.
   logging_utils.configure()
-  train_lib.initialize_distributed()
-  config_path = FLAGS['config'].config_filename
-  workdir = FLAGS.workdir or str(Path('workdirs') / Path(config_path.split(':')[0]).stem)
+  try:
+    distributed.initialize(
+      FLAGS.coordinator_address,
+      FLAGS.num_processes,
+      FLAGS.process_id,
+      heartbeat_timeout_s=FLAGS.heartbeat_timeout,
+    )
+  except errors.DistributedError as e:
+    sys.exit(f'error: {e}')
+  workdir = FLAGS.workdir or workdir_lib.default_workdir(FLAGS['config'].config_filename)
   logging.info(
     'JAX %s on %s: %d devices (%d local) on %d hosts; this is host %d. Workdir: %s',
     jax.__version__, jax.default_backend(), jax.device_count(), jax.local_device_count(),
@@ -47,8 +69,18 @@ def main(argv):
   try:
     # The command-line overrides are applied by now: derive and validate the config once.
     config = config_utils.finalize(FLAGS.config)
-    train_lib.train_and_evaluate(config, workdir)
-  except USER_ERRORS as e:
+    train_lib.train_and_evaluate(
+      config,
+      workdir,
+      allow_config_change=FLAGS.allow_config_change,
+      shared_wait_s=FLAGS.shared_workdir_timeout,
+    )
+  except errors.Preempted as e:
+    logging.warning('%s', e)
+    print(f'preempted: {e}', file=sys.stderr, flush=True)
+    sys.exit(PREEMPTED_STATUS)
+  except errors.user_errors() as e:
+    # What a user can fix (data, config, workdir, checkpoints): one line, no traceback.
     logging.error('%s', e)
     sys.exit(f'error: {e}')
 

@@ -46,6 +46,7 @@ from absl import logging
 from u2net_jax import (
   checkpointing,
   config_utils,
+  distributed,
   fileio,
   input_pipeline,
   metrics,
@@ -532,10 +533,12 @@ def evaluate(
     verbose: print each test set's table.
 
   Returns:
-    test set name -> its `metrics.json` contents plus 'table' and 'dir'.
+    test set name -> its `metrics.json` contents plus 'table' and 'dir'; {} on processes other
+    than the first (process 0 evaluates alone).
 
   Raises:
-    FileNotFoundError: no config or no checkpoint in the workdir.
+    FileNotFoundError: no config or no checkpoint in the workdir (`errors.CheckpointError`
+      also when every checkpoint is damaged).
     DataError: a test set is missing or does not match the model (bands, sensor, sizes).
     fileio.OutputError: the output folder cannot be written.
   """
@@ -545,35 +548,44 @@ def evaluate(
   mode = mode or config.eval.get('mode', 'tiled')  # Older workdirs may lack a field.
   if mode not in MODES:
     raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+  requested = step
   step = checkpointing.select_step(workdir, step, which)  # Fails before any data are read.
   with contextlib.ExitStack() as stack:
     test_sets = select_test_sets(config, test_files, sensor)
     for test_set in test_sets:
       stack.callback(test_set.close)
-    writer = jax.process_index() == 0  # Every process fuses; the first one writes.
-    out_dir = Path(output_dir) if output_dir else workdir / 'eval'
-    if writer:
-      reporting.prepare_output_root(out_dir)
-    params, step, _ = checkpointing.restore_params(workdir, config.model, step=step)
-    fuser = tiling.Fuser(
-      config.model,
-      params,
-      mode=mode,
-      tile_size=config.eval.tile_size,
-      tile_pad=config.eval.tile_pad,
-      tile_batch=tile_batch or config.eval.tile_batch,
-    )
-    if save_images is None:
-      save_images = bool(config.eval.get('save_images', True))
     results = {}
-    for test_set in test_sets:
-      results[test_set.name] = evaluate_test_set(
-        test_set,
-        fuser,
-        out_dir if writer else None,
-        step=step,
-        save_images=save_images,
-        error_max=float(config.eval.get('error_max', 0.1)),
-        verbose=verbose and writer,
+    # Several processes: the first one restores, fuses, scores and writes everything, so that
+    # no host repeats the work (checkpoint reads involve no other process); the others return {}.
+    if jax.process_index() == 0:
+      out_dir = Path(output_dir) if output_dir else workdir / 'eval'
+      reporting.prepare_output_root(out_dir)
+      # Onto this process's devices, whatever topology saved it; a damaged best / latest step
+      # falls back to the newest intact one (with a warning), an explicit --step does not.
+      params, step, _ = checkpointing.restore_params(
+        workdir, config.model, step=step, fallback=requested is None
       )
+      fuser = tiling.Fuser(
+        config.model,
+        params,
+        mode=mode,
+        tile_size=config.eval.tile_size,
+        tile_pad=config.eval.tile_pad,
+        tile_batch=tile_batch or config.eval.tile_batch,
+      )
+      if save_images is None:
+        save_images = bool(config.eval.get('save_images', True))
+      for test_set in test_sets:
+        results[test_set.name] = evaluate_test_set(
+          test_set,
+          fuser,
+          out_dir,
+          step=step,
+          save_images=save_images,
+          error_max=float(config.eval.get('error_max', 0.1)),
+          verbose=verbose,
+        )
+  # The other processes wait here rather than in JAX's shutdown barrier, whose timeout a long
+  # evaluation would exceed.
+  distributed.wait_for_all('evaluation')
   return results

@@ -17,7 +17,15 @@ On several hosts each one feeds only its share of every global batch.
 
 Resumption: the data order is a pure function of (seed, step) (`input_pipeline`), and a
 checkpoint holds params, the optimizer state and the step, so re-running the same command after a
-kill continues the run exactly from the latest complete checkpoint.
+kill continues the run exactly from the newest intact checkpoint (`checkpointing.restore_intact`:
+a damaged step is reported and skipped, never a silent restart). On SIGTERM (preemption) the run
+saves at a step every process agrees on and stops (`distributed.PreemptionWatch`). The workdir is
+locked, checked to be shared by all hosts and to hold the same config (`workdir`) before anything
+is written.
+
+Divergence: each step also returns the global norms of the gradients and of the new parameters;
+a non-finite loss, norm or validation figure stops the run before the next checkpoint, and
+`checkpointing.save` refuses non-finite parameters in any case.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import dataclasses
 import functools
 import json
 import math
-import os
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -43,6 +51,8 @@ from flax.training import train_state
 from u2net_jax import (
   checkpointing,
   config_utils,
+  distributed,
+  errors,
   fileio,
   input_pipeline,
   metrics,
@@ -50,6 +60,7 @@ from u2net_jax import (
   sharding,
   summaries,
 )
+from u2net_jax import workdir as workdir_lib
 
 TrainState = train_state.TrainState
 Batch = Mapping[str, jax.Array]
@@ -125,10 +136,16 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
   """One Adam step on the L1 loss of `batch` (roles 'ms', 'guide', 'gt'; NHWC in [0, 1]).
 
   Returns:
-    (the new state, {'loss': the batch's loss before the step}).
+    (the new state, {'loss': the batch's loss before the step, 'grad_norm': the gradients'
+    global norm, 'param_norm': the new parameters' global norm}); the norms feed the NaN guard.
   """
   loss, grads = jax.value_and_grad(l1_loss)(state.params, state.apply_fn, batch)
-  return state.apply_gradients(grads=grads), {'loss': loss}
+  state = state.apply_gradients(grads=grads)
+  return state, {
+    'loss': loss,
+    'grad_norm': optax.global_norm(grads),
+    'param_norm': optax.global_norm(state.params),
+  }
 
 
 def eval_step(params, batch: Batch, *, apply_fn: Callable, ratio: int = 4) -> dict[str, jax.Array]:
@@ -255,23 +272,28 @@ class _TrainLog:
     self._batch_size = config.train.batch_size
     self._lr_fn = create_learning_rate_fn(config, plan.steps_per_epoch)
     self._plan, self._writer, self._workdir = plan, writer, workdir
-    self._pending: list[jax.Array] = []
+    self._pending: list[dict[str, jax.Array]] = []
     self._start = time.perf_counter()
     self.last: dict[str, float] = {}
 
-  def add(self, loss: jax.Array) -> None:
+  def add(self, step_metrics: dict[str, jax.Array]) -> None:
     # Kept on the device: fetching every step would synchronise the host with each step.
-    self._pending.append(loss)
+    self._pending.append(step_metrics)
 
   def flush(self, step: int) -> None:
-    """Writes the mean loss since the last flush; stops the run on a non-finite loss."""
-    losses = np.asarray(jax.device_get(self._pending), np.float64)
+    """Writes the mean loss since the last flush; stops on a non-finite loss or norm."""
+    fetched = jax.device_get(self._pending)
     steps, self._pending = len(self._pending), []
-    _check_finite(losses, step, self._workdir)
+    first = step - steps + 1
+    for name in ('loss', 'grad_norm', 'param_norm'):
+      _check_finite(np.asarray([m[name] for m in fetched], np.float64), first, name, self._workdir)
+    losses = np.asarray([m['loss'] for m in fetched], np.float64)
     rate = steps / max(time.perf_counter() - self._start, 1e-9)
     plan = self._plan
     self.last = {
       'train_loss': float(losses.mean()),
+      'grad_norm': float(fetched[-1]['grad_norm']),
+      'param_norm': float(fetched[-1]['param_norm']),
       'learning_rate': float(self._lr_fn(step - 1)),
       'steps_per_sec': rate,
       'samples_per_sec': rate * self._batch_size,
@@ -287,13 +309,18 @@ class _TrainLog:
     self._start = time.perf_counter()
 
 
-def _check_finite(losses: np.ndarray, step: int, workdir: Path) -> None:
-  if not np.isfinite(losses).all():
-    raise FloatingPointError(
-      f'the training loss became {losses[~np.isfinite(losses)][0]} by step {step}; stopped '
-      f'without saving. The last good '
-      f'checkpoint in {workdir / "checkpoints"} is intact: lower --config.optimizer.learning_rate '
-      'or check the data for extreme values, then re-run to resume from it.'
+_WHAT = {'loss': 'training loss', 'grad_norm': 'gradient norm', 'param_norm': 'parameter norm'}
+
+
+def _check_finite(values: np.ndarray, first_step: int, name: str, workdir: Path) -> None:
+  """Raises `errors.DivergedError` when one of the per-step `values` is NaN or infinite."""
+  bad = np.flatnonzero(~np.isfinite(values))
+  if bad.size:
+    raise errors.DivergedError(
+      f'the {_WHAT[name]} became {values[bad[0]]} at step {first_step + int(bad[0])}; stopped '
+      f'without saving. The checkpoints in {workdir / "checkpoints"} hold only finite '
+      'parameters: lower --config.optimizer.learning_rate or check the data for extreme '
+      'values, then re-run to resume from the last one.'
     )
 
 
@@ -324,13 +351,16 @@ class _Checkpoints:
     self.best = float(meta.get('best_valid_loss', math.inf))
     self.valid: dict[str, float] = dict(meta.get('valid', {}))
 
-  def after_step(self, state: TrainState, step: int, valid: dict[str, float] | None) -> None:
-    """Saves `step` when it validated better than before or is a checkpoint step.
+  def after_step(
+    self, state: TrainState, step: int, valid: dict[str, float] | None, force: bool = False
+  ) -> None:
+    """Saves `step` when it validated better than before, is a checkpoint step or `force`.
 
     Args:
       state: the state after `step`.
       step: the step just done.
       valid: this step's validation figures, None when it did not validate.
+      force: save in any case (the run is about to stop: preemption).
     """
     if valid is not None:
       self.valid = valid
@@ -338,7 +368,7 @@ class _Checkpoints:
         self.best = valid['valid_loss']
         self._save(state, step, self.best)
         return
-    if self._plan.at_ckpt(step):
+    if force or self._plan.at_ckpt(step):
       # A checkpoint without a fresh validation never counts as the best one.
       self._save(state, step, math.inf if valid is None else valid['valid_loss'])
 
@@ -373,36 +403,67 @@ def _abstract_state(config, steps_per_epoch: int, replicated) -> TrainState:
 
 
 def _restore_or_init(config, workdir: Path, manager, steps_per_epoch: int, mesh):
-  """The latest checkpoint of this run, else `config.init_from`'s weights, else a fresh init.
+  """The newest intact checkpoint of this run, else `config.init_from`'s weights, else a fresh init.
+
+  A damaged step (unreadable, incomplete, failing its checksum) is skipped with a WARNING and,
+  on process 0, moved aside to `workdir/damaged_checkpoints/` so that the step can be saved again;
+  no intact step at all is an error, never a silent restart.
 
   Returns:
     (state, meta) with `state` placed (replicated) on the mesh and `meta` the restored
     checkpoint's facts ({} when the run starts at step 0).
   """
   replicated = sharding.replicated(mesh)
-  latest = manager.latest_step()
-  if latest is not None and checkpointing.has_opt_state(manager, latest):
-    # Restore into the state's shapes without computing an initialisation.
+  steps = sorted(manager.all_steps(), reverse=True)
+  if steps:
+    # Restore into the state's shapes and this run's mesh without computing an initialisation.
     abstract = _abstract_state(config, steps_per_epoch, replicated)
-    restored = checkpointing.restore(
-      manager, latest, abstract_params=abstract.params, abstract_opt_state=abstract.opt_state
-    )
-    meta = restored['meta']
-    state = abstract.replace(
-      step=jax.device_put(jnp.asarray(meta['step'], jnp.int32), replicated),
-      params=restored['params'],
-      opt_state=restored['opt_state'],
-    )
-    logging.info('Resumed from %s step %d (epoch %.2f).', workdir, meta['step'], meta['epoch'])
-    return state, meta
-  # A params-only checkpoint in the workdir itself (converted weights) is a starting point too.
-  source_dir = config.init_from or (workdir if latest is not None else '')
-  params = None
-  if source_dir:
-    params, step, _ = checkpointing.restore_params(source_dir, config.model, which='best')
-    logging.info('Initialised the weights from %s (checkpoint step %d).', source_dir, step)
+
+    def restore_one(step):
+      if checkpointing.is_training_step(manager, step):
+        return checkpointing.restore(
+          manager, step, abstract_params=abstract.params, abstract_opt_state=abstract.opt_state
+        )
+      return checkpointing.restore(manager, step, abstract_params=abstract.params)
+
+    step, restored, damage = checkpointing.restore_intact(manager, steps, restore_one)
+    if damage:
+      _move_aside(manager, workdir, [s for s in steps if s > step])
+    if 'opt_state' in restored:
+      meta = restored['meta']
+      state = abstract.replace(
+        step=jax.device_put(jnp.asarray(meta['step'], jnp.int32), replicated),
+        params=restored['params'],
+        opt_state=restored['opt_state'],
+      )
+      logging.info('Resumed from %s step %d (epoch %.2f).', workdir, meta['step'], meta['epoch'])
+      return state, meta
+    # A params-only checkpoint in the workdir itself (converted weights) is a starting point.
+    params = restored['params']
+    logging.info('Initialised the weights from %s (checkpoint step %d).', workdir, step)
+  elif config.init_from:
+    # Read by each process onto its own devices, then placed on the mesh like a fresh init.
+    params, step, _ = checkpointing.restore_params(config.init_from, config.model, which='best')
+    logging.info('Initialised the weights from %s (checkpoint step %d).', config.init_from, step)
+  else:
+    params = None
   state = create_train_state(config, jax.random.key(config.seed), steps_per_epoch, params=params)
   return jax.device_put(state, replicated), {}
+
+
+def _move_aside(manager, workdir: Path, steps: list[int]) -> None:
+  """Moves damaged steps out of `checkpoints/` (process 0) so that they can be saved again."""
+  if steps and jax.process_index() == 0:
+    aside = workdir / 'damaged_checkpoints'
+    aside.mkdir(exist_ok=True)
+    for step in steps:
+      target = aside / f'{step}-{time.strftime("%Y%m%d-%H%M%S")}'
+      shutil.move(str(Path(manager.directory) / str(step)), target)
+      logging.warning('Moved the damaged checkpoint step %d to %s.', step, target)
+  if steps:
+    if jax.process_count() > 1:
+      distributed.all_processes_agree(True)  # The others wait until the folders are moved.
+    manager.reload()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,9 +476,11 @@ def _prepare(config, workdir: Path):
   Returns:
     (mesh, train_source, valid_source, plan).
   """
-  fileio.ensure_writable_dir(workdir, 'workdir')
   mesh = sharding.create_mesh()
-  sharding.check_batch_divides(config.train.batch_size, mesh, 'config.train.batch_size')
+  try:
+    sharding.check_batch_divides(config.train.batch_size, mesh, 'config.train.batch_size')
+  except ValueError as e:  # A config value the user fixes: reported as a config error.
+    raise config_utils.ConfigError(str(e)) from None
   train_source = input_pipeline.get_source(config, 'train')
   valid_source = input_pipeline.get_source(config, 'valid')
   plan = Plan.create(config, input_pipeline.steps_per_epoch(config, train_source))
@@ -432,6 +495,14 @@ def _prepare(config, workdir: Path):
 
 def _validate(p_eval, state, config, source, mesh, writer: MetricWriter, step: int) -> dict:
   valid = _evaluate(p_eval, state.params, config, source, mesh)
+  bad = {k: v for k, v in valid.items() if not math.isfinite(v)}
+  if bad:
+    # A NaN loss would never be "better", but an infinite PSNR (an empty or all-zero
+    # validation set) must not pass for a result either.
+    raise errors.DivergedError(
+      f'validation at step {step} gave non-finite figures {bad}: this step is not saved. Check '
+      f'the validation data ({config.data.get("valid_file", "")}) and the learning rate.'
+    )
   writer.write(step, valid)
   if writer.enabled:
     figures = ', '.join(f'{k} {v:.5f}' for k, v in valid.items())
@@ -439,30 +510,54 @@ def _validate(p_eval, state, config, source, mesh, writer: MetricWriter, step: i
   return valid
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str | Path,
+  *,
+  allow_config_change: bool = False,
+  shared_wait_s: float = workdir_lib.SHARED_WAIT_S,
+) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`, validating and checkpointing as configured.
 
   Args:
     config: the run's config (see `configs/default.py`); finalized here if it is not yet.
-    workdir: where checkpoints, `config.json`, `metrics.jsonl` and TensorBoard logs go.
+    workdir: where checkpoints, `config.json`, `metrics.jsonl` and TensorBoard logs go; with
+      several processes, one folder that all of them share.
+    allow_config_change: resume even when the config differs from the stored one in fields
+      that define the run (model, data, seed, optimizer); the differences are logged.
+    shared_wait_s: how long the other processes wait to see process 0's marker in the workdir.
 
   Returns:
     The final state's summary: {'step', 'epoch', 'params', 'last_metrics', 'valid': {...}}.
 
   Raises:
-    config_utils.ConfigError: an invalid config (see `config_utils.finalize`).
+    config_utils.ConfigError: an invalid config, or a global batch that does not split over
+      the devices.
     fileio.OutputError: the workdir cannot be written.
-    ValueError: the global batch does not split over the devices.
+    errors.WorkdirError: the workdir is in use, not shared by all hosts, or holds another config.
+    errors.CheckpointError: the workdir's checkpoints are all damaged.
     DataError: the data are missing or invalid.
-    FloatingPointError: the loss became NaN or infinite (the last checkpoint is kept).
+    errors.DivergedError: the loss, a norm or a validation figure became NaN or infinite (the
+      checkpoints, all finite, are kept).
+    errors.Preempted: SIGTERM; a checkpoint was saved at the step every process agreed on.
   """
   # Idempotent: train.py's config is finalized already, a notebook's may not be.
   config = config_utils.finalize(config)
   workdir = Path(workdir).resolve()
-  mesh, train_source, valid_source, plan = _prepare(config, workdir)
+  fileio.ensure_writable_dir(workdir, 'workdir')
+  with workdir_lib.claim(workdir, shared_wait_s):
+    # Before anything is written: config.json must keep describing the checkpoints beside it.
+    if checkpointing.has_training_steps(workdir):
+      workdir_lib.check_config(workdir, config, allow_changes=allow_config_change)
+    mesh, train_source, valid_source, plan = _prepare(config, workdir)
+    if jax.process_index() == 0:
+      config_utils.save_config(config, workdir)
+    return _train(config, workdir, mesh, train_source, valid_source, plan)
+
+
+def _train(config, workdir: Path, mesh, train_source, valid_source, plan: Plan) -> dict[str, Any]:
+  """The training loop of `train_and_evaluate`, from the restored (or initial) state."""
   is_main = jax.process_index() == 0
-  if is_main:
-    config_utils.save_config(config, workdir)
   manager = checkpointing.create_manager(workdir, keep=config.train.keep_checkpoints)
   state, meta = _restore_or_init(config, workdir, manager, plan.steps_per_epoch, mesh)
   p_train, p_eval = compile_steps(mesh, state.apply_fn, config.model.scale)
@@ -473,22 +568,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   images = summaries.ValidationImages(config, valid_source, workdir)  # TensorBoard previews.
   start_step = int(meta.get('step', 0))
   batches = input_pipeline.train_batches(config, train_source, mesh=mesh, start_step=start_step)
+  preempted_at = None
   try:
-    for step in range(start_step + 1, plan.total_steps + 1):
-      state, step_metrics = p_train(state, next(batches))
-      log.add(step_metrics['loss'])
-      if plan.at_log(step):
-        log.flush(step)
-      valid = None
-      if plan.at_eval(step):
-        valid = _validate(p_eval, state, config, valid_source, mesh, writer, step)
-        images.write(state, step)
-      checkpoints.after_step(state, step, valid)
+    with distributed.PreemptionWatch() as watch:
+      for step in range(start_step + 1, plan.total_steps + 1):
+        state, step_metrics = p_train(state, next(batches))
+        log.add(step_metrics)
+        stop = watch.reached(step)
+        if plan.at_log(step) or stop:
+          log.flush(step)  # Before any save: a diverged state is never written.
+        valid = None
+        if plan.at_eval(step):
+          valid = _validate(p_eval, state, config, valid_source, mesh, writer, step)
+          images.write(state, step)
+        checkpoints.after_step(state, step, valid, force=stop)
+        if stop:
+          preempted_at = step
+          break
   finally:
     manager.wait_until_finished()
     manager.close()
     writer.close()
     images.close()
+  if preempted_at is not None:
+    raise errors.Preempted(
+      f'stopped by {watch.signal_name} at step {preempted_at}/{plan.total_steps}: checkpoint '
+      f'saved in {workdir / "checkpoints"}; re-run the same command to resume'
+    )
   final_step = int(jax.device_get(state.step))
   summaries.closing_summary(config, workdir, valid_source, step=final_step)
   return {
@@ -498,19 +604,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     'last_metrics': log.last,
     'valid': checkpoints.valid,
   }
-
-
-def initialize_distributed() -> None:
-  """`jax.distributed.initialize()` when this process is one of several hosts.
-
-  Cloud TPU pods, SLURM and explicit coordinators (JAX_COORDINATOR_ADDRESS) are detected from the
-  environment; a single host needs nothing.
-  """
-  env = os.environ
-  multi = (
-    'JAX_COORDINATOR_ADDRESS' in env
-    or len(env.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1
-    or int(env.get('SLURM_NTASKS', '1')) > 1
-  )
-  if multi:
-    jax.distributed.initialize()

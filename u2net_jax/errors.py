@@ -1,0 +1,51 @@
+"""The project's error types: what an entry point reports as one line instead of a traceback.
+
+Errors a user can act on (a config value, a data file, a workdir, a damaged checkpoint, a run
+that diverged) have their own types; every other exception is a bug or an environment failure
+and keeps its traceback. The data and output errors live beside the code that raises them
+(`data.DataError`, `fileio.OutputError`, `config_utils.ConfigError`); the run's own are here, and
+`user_errors()` lists them all for the entry points:
+
+  try:
+    ...
+  except errors.user_errors() as e:
+    sys.exit(f'error: {e}')
+
+Some subclass a builtin as well so that callers written against the builtin keep working
+(`CheckpointError` is a `FileNotFoundError`, `DivergedError` a `FloatingPointError`).
+"""
+
+from __future__ import annotations
+
+
+class RunError(Exception):
+  """A training or evaluation run cannot go on for a reason its message explains."""
+
+
+class WorkdirError(RunError):
+  """The workdir is locked by another run, not shared by all hosts, or holds another config."""
+
+
+class CheckpointError(RunError, FileNotFoundError):
+  """No (intact) checkpoint where one is needed; the message names the folder and the damage."""
+
+
+class DivergedError(RunError, FloatingPointError):
+  """The loss, the gradients, the parameters or the validation figures became NaN or infinite."""
+
+
+class Preempted(RunError):  # noqa: N818 (an event, not a failure)
+  """The run was asked to stop (SIGTERM) and saved a checkpoint to resume from."""
+
+
+class DistributedError(RunError):
+  """The multi-process launch is incomplete or inconsistent (coordinator, process count, id)."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+  """Every error type an entry point turns into one clear line (the rest keep a traceback)."""
+  # Imported here: this module must stay importable from every other one without cycles.
+  from u2net_jax import config_utils, fileio
+  from u2net_jax.data import DataError
+
+  return (RunError, config_utils.ConfigError, DataError, fileio.OutputError)
