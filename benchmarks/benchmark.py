@@ -150,6 +150,7 @@ def case_train(name: str, quick: bool, repeats: int, dtype: str = 'float32') -> 
     'guide': jax.random.uniform(keys[1], (b, 4 * h, 4 * h, m.guide_bands)),
     'gt': jax.random.uniform(keys[2], (b, 4 * h, 4 * h, m.spectral_bands)),
   }
+  width = models.create_model(m).width  # The built model's width (unset in most configs).
   state = train_lib.create_train_state(config, jax.random.key(1), steps_per_epoch=1000)
   step = jax.jit(train_lib.train_step, donate_argnums=0)
   start = time.perf_counter()
@@ -172,7 +173,7 @@ def case_train(name: str, quick: bool, repeats: int, dtype: str = 'float32') -> 
 
   seconds = _median_time(one_step, repeats)
   return {
-    'what': f'train step, batch {b}, MS {h}x{h}, width {m.width}, {dtype}',
+    'what': f'train step, batch {b}, MS {h}x{h}, width {width}, {dtype}',
     'time_s': seconds,
     'per_sample_s': seconds / b,
     'samples_per_s': b / seconds,
