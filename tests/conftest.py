@@ -42,6 +42,18 @@ def shared_path(*parts: str) -> Path:
   return path
 
 
+@pytest.fixture(autouse=True, scope='session')
+def _private_cache_dir(tmp_path_factory):
+  """Keeps the value-check cache (`$XDG_CACHE_HOME/u2net_jax`) of the test runs out of ~/.cache."""
+  old = os.environ.get('XDG_CACHE_HOME')
+  os.environ['XDG_CACHE_HOME'] = str(tmp_path_factory.mktemp('xdg_cache'))
+  yield
+  if old is None:
+    os.environ.pop('XDG_CACHE_HOME', None)
+  else:
+    os.environ['XDG_CACHE_HOME'] = old
+
+
 @pytest.fixture
 def shared():
   """`shared_path` as a fixture: `def test_x(shared): shared('official', 'x.npz')`."""
