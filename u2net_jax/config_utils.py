@@ -11,8 +11,9 @@ call it, and so must the absl entry points for the config `config_flags` hands t
    `--config.data.sensor=QB` alone turns the WV3 config into a QB one. A value that is set (by a
    dataset config or on the command line) must agree with the sensor's, else a `ConfigError`
    names both fields, e.g. "data.max_value=1023 disagrees with data.sensor='WV2' (2047)".
-2. Field checks (`field_rules`): today the fields with a fixed set of values; issue 15 adds ranges,
-   types and positivity to the same table.
+2. Field checks (`field_rules`): types, ranges, positivity and the fields with a fixed set of
+   values, one rule per field, each message naming the field, its value and what is allowed;
+   then the checks between fields (`_cross_checks`, e.g. tile sizes against the scale).
 
 All problems are reported together, before any data is read or any training starts. `finalize`
 is idempotent: a finalized config (and a saved `config.json`) passes it unchanged.
@@ -22,7 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import json
+import math
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -70,6 +73,91 @@ def one_of(field: str, values) -> FieldRule:
   return FieldRule(field, lambda v: v in values, f'one of {values}')
 
 
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def integer(field: str, low: int, high: int | None = None, optional: bool = False) -> FieldRule:
+  """A rule accepting integers in [low, high] (no upper bound when `high` is None).
+
+  Args:
+    field: the dotted field path.
+    low, high: the inclusive bounds.
+    optional: None (unset) is accepted too.
+
+  Returns:
+    The `FieldRule`.
+  """
+  what = f'an integer >= {low}' if high is None else f'an integer in [{low}, {high}]'
+  return FieldRule(
+    field,
+    lambda v: (optional and v is None) or (_is_int(v) and v >= low and (high is None or v <= high)),
+    what + (' (or unset)' if optional else ''),
+  )
+
+
+def number(field: str, low: float, high: float, low_open: bool = False) -> FieldRule:
+  """A rule accepting finite numbers in [low, high] ((low, high] when `low_open`).
+
+  Args:
+    field: the dotted field path.
+    low, high: the bounds.
+    low_open: exclude `low` itself.
+
+  Returns:
+    The `FieldRule`.
+  """
+  return FieldRule(
+    field,
+    lambda v: _is_number(v) and (v > low if low_open else v >= low) and v <= high,
+    f'a finite number in {"(" if low_open else "["}{_show(low)}, {_show(high)}]',
+  )
+
+
+def of_type(field: str, kind: type, what: str, optional: bool = False) -> FieldRule:
+  """A rule accepting values of one type (e.g. a bool, a string).
+
+  Args:
+    field: the dotted field path.
+    kind: the type.
+    what: its name for the message.
+    optional: None (unset) is accepted too.
+
+  Returns:
+    The `FieldRule`.
+  """
+  return FieldRule(
+    field,
+    lambda v: (optional and v is None) or isinstance(v, kind),
+    what + (' (or unset)' if optional else ''),
+  )
+
+
+def _is_mapping(v) -> bool:
+  return isinstance(v, Mapping | ml_collections.ConfigDict)
+
+
+def _mapping_of_strings(field: str, keys=None) -> FieldRule:
+  def check(v):
+    return (
+      _is_mapping(v)
+      and all(isinstance(k, str) and k and isinstance(x, str) and x for k, x in v.items())
+      and (keys is None or set(v) == set(keys))
+    )
+
+  what = 'a mapping of names to non-empty strings'
+  return FieldRule(field, check, what + (f' with exactly the keys {tuple(keys)}' if keys else ''))
+
+
+# 2**32: numpy's and the input pipeline's seed range (a larger seed overflows there).
+MAX_SEED = 2**32 - 1
+MAX_EPOCHS = 1_000_000
+
+
 def field_rules() -> list[FieldRule]:
   """The field checks `finalize` runs, the allowed values taken from the modules that use them.
 
@@ -80,15 +168,92 @@ def field_rules() -> list[FieldRule]:
   from u2net_jax import attention, models, tiling
   from u2net_jax.data import value_checks
 
+  inf = math.inf
   return [
     one_of('task', toolbox.TASKS),
-    one_of('data.source', ('hdf5', 'tfds', 'demo')),  # `input_pipeline.get_source`'s kinds.
-    one_of('data.check_values', value_checks.CHECK_VALUES),
+    integer('seed', 0, MAX_SEED),
+    # Model: every width and count positive (0 gives a division by zero deep inside the model).
+    integer('model.spectral_bands', 1, optional=True),
+    integer('model.guide_bands', 1, optional=True),
+    integer('model.width', 1, optional=True),
+    integer('model.head_dim', 1, optional=True),
+    number('model.mlp_ratio', 0, 64, low_open=True),
+    number('model.resblock_ratio', 0, 64, low_open=True),
+    integer('model.scale', 1, 16),
+    integer('model.attention_block_size', 1),
     one_of('model.variant', models.VARIANTS),
     one_of('model.dtype', models.DTYPES),
     one_of('model.attention', attention.ATTENTION_KINDS),
+    of_type('model.single_branch_resblock', bool, 'a bool', optional=True),
+    of_type('model.concat_residual', bool, 'a bool', optional=True),
+    of_type('model.value_projection', bool, 'a bool', optional=True),
+    # Data.
+    one_of('data.source', ('hdf5', 'tfds', 'demo')),  # `input_pipeline.get_source`'s kinds.
+    one_of('data.check_values', value_checks.CHECK_VALUES),
+    number('data.max_value', 0, inf, low_open=True),
+    _mapping_of_strings('data.h5_keys', ('gt', 'lms', 'ms', 'guide')),
+    _mapping_of_strings('data.test_files'),
+    of_type('data.train_file', str, 'a string'),
+    of_type('data.valid_file', str, 'a string'),
+    of_type('data.augment', bool, 'a bool'),
+    integer('data.worker_count', 0, 256),
+    integer('data.prefetch', 0, 64),
+    integer('data.read_threads', 1, 256),
+    integer('data.demo_size', 4),
+    integer('data.demo_test_size', 4),
+    integer('data.demo_num_train', 1),
+    integer('data.demo_num_valid', 1),
+    integer('data.demo_num_test', 1),
+    # Optimizer (a negative or zero learning rate trains to nonsense without an error).
+    number('optimizer.learning_rate', 0, 10, low_open=True),
+    number('optimizer.decay_factor', 0, 1, low_open=True),
+    number('optimizer.decay_every_epochs', 0, inf, low_open=True),
+    number('optimizer.b1', 0, 1 - 1e-12),
+    number('optimizer.b2', 0, 1 - 1e-12),
+    number('optimizer.eps', 0, 1, low_open=True),
+    # Schedule.
+    integer('train.batch_size', 1),
+    integer('train.num_epochs', 1, MAX_EPOCHS),
+    integer('train.log_every_steps', 1),
+    integer('train.eval_every_epochs', 1),
+    integer('train.checkpoint_every_epochs', 1),
+    integer('train.keep_checkpoints', 1),
+    of_type('init_from', str, 'a string (a workdir, or empty)'),
+    # Evaluation.
     one_of('eval.mode', tiling.MODES),
+    integer('eval.tile_size', 1),
+    integer('eval.tile_pad', 0),
+    integer('eval.tile_batch', 1),
+    integer('eval.crop', 0),
+    integer('eval.block', 1),
+    of_type('eval.save_images', bool, 'a bool'),
+    number('eval.error_max', 0, inf, low_open=True),
   ]
+
+
+def _cross_checks(config) -> list[str]:
+  """Checks between fields (run only when each field passed its own rule)."""
+  problems = []
+  scale, tile, pad = (_get(config, f) for f in ('model.scale', 'eval.tile_size', 'eval.tile_pad'))
+  if all(_is_int(v) and v > 0 for v in (scale, tile)) and _is_int(pad):
+    if tile % scale or pad % scale:
+      problems.append(
+        f'eval.tile_size={tile} and eval.tile_pad={pad} are not multiples of model.scale={scale}'
+      )
+  from u2net_jax import models  # Imported here, as in `field_rules`.
+
+  try:  # The variant's switches (a switch set for a variant it does not apply to).
+    models.model_fields(_get(config, 'model'))
+  except ValueError as e:
+    problems.append(f'model: {e}')
+  size = _get(config, 'data.demo_size')
+  if _is_int(size) and _is_int(scale) and scale > 0 and size % scale:
+    problems.append(f'data.demo_size={size} is not a multiple of model.scale={scale}')
+  return problems
+
+
+# The sections every config (and every config.json) has.
+SECTIONS = ('model', 'data', 'optimizer', 'train', 'eval')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,6 +335,11 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     ConfigError: listing every field that disagrees with the sensor or fails a `field_rules`
       check, each with the field's name, its value and what was expected.
   """
+  missing = [name for name in SECTIONS if not _is_mapping(_get(config, name))]
+  if missing:
+    raise ConfigError(
+      f'invalid config: missing section(s) {missing} (every config has {list(SECTIONS)})'
+    )
   problems = _derive_from_sensor(config)
   for rule in field_rules():
     value = _get(config, rule.field)
@@ -179,6 +349,8 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       continue
     if not rule.check(value):
       problems.append(f'{rule.field}={_show(value)} is not {rule.expected}')
+  if not problems:
+    problems = _cross_checks(config)
   if problems:
     raise ConfigError('invalid config:\n  ' + '\n  '.join(problems))
   return config
@@ -186,6 +358,45 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 # ---------------------------------------------------------------------------------------------
 # Loading and saving.
+
+
+def _config_module(spec: str | Path):
+  """Imports a config file named as `file.py[:arg]`; returns (module, arg) after checking arg."""
+  path_str, _, arg = str(spec).partition(':')
+  path = Path(path_str).resolve()
+  if not path.is_file():
+    raise FileNotFoundError(f'config file {path} does not exist')
+  root = str(path.parent.parent)
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  spec_ = importlib.util.spec_from_file_location(f'_u2net_config_{path.stem}', path)
+  module = importlib.util.module_from_spec(spec_)
+  spec_.loader.exec_module(module)
+  choices = getattr(module, 'CONFIG_ARGS', None)
+  takes_arg = bool(inspect.signature(module.get_config).parameters)
+  if arg and not takes_arg:
+    raise ConfigError(f'{path_str}:{arg}: {path.name} takes no :arg (its get_config has none)')
+  if arg and choices is not None and arg not in choices:
+    raise ConfigError(f'{path_str}:{arg}: {arg!r} is not one of {tuple(choices)}')
+  return module, arg
+
+
+def check_config_arg(spec: str | Path) -> None:
+  """Checks the `:arg` of a `--config=file.py:arg` spec against the file's `CONFIG_ARGS`.
+
+  A config file lists the arguments its `get_config` knows in a module-level `CONFIG_ARGS`;
+  an argument outside it, or any argument to a `get_config` that takes none, is an error
+  (otherwise a typo such as `configs/tiny.py:hsir` would silently give the default config).
+  The absl entry points call this with `FLAGS['config'].config_filename`.
+
+  Args:
+    spec: 'path/to/config.py' or 'path/to/config.py:arg'.
+
+  Raises:
+    ConfigError: naming the argument and the allowed ones.
+    FileNotFoundError: no such config file.
+  """
+  _config_module(spec)
 
 
 def load_config_file(
@@ -204,16 +415,7 @@ def load_config_file(
   Returns:
     The finalized, locked ConfigDict.
   """
-  path_str, _, arg = str(path).partition(':')
-  path = Path(path_str).resolve()
-  if not path.is_file():
-    raise FileNotFoundError(f'config file {path} does not exist')
-  root = str(path.parent.parent)
-  if root not in sys.path:
-    sys.path.insert(0, root)
-  spec = importlib.util.spec_from_file_location(f'_u2net_config_{path.stem}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module, arg = _config_module(path)
   config = module.get_config(arg) if arg else module.get_config()
   config.lock()
   if overrides:
@@ -251,6 +453,63 @@ def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
       f'{path} not found: {workdir} is not a u2net-jax workdir (train.py and '
       '`python -m u2net_jax.convert` write one)'
     )
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  try:
+    raw = json.loads(path.read_text(encoding='utf-8'))
+  except UnicodeDecodeError as e:
+    raise ConfigError(f'{path} is not UTF-8 text ({e})') from e
+  except json.JSONDecodeError as e:
+    raise ConfigError(
+      f'{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}'
+    ) from e
+  if not isinstance(raw, dict):
+    raise ConfigError(f'{path} holds a JSON {type(raw).__name__}, not a config object')
+  config = ml_collections.ConfigDict(raw)
   config.lock()
-  return finalize(config)
+  try:
+    return finalize(config)
+  except ConfigError as e:
+    raise ConfigError(f'{path}: {e}') from e
+
+
+# Fields of `config.model` that do not change the parameter tree (how it is computed only).
+_COMPUTE_ONLY = ('attention', 'attention_block_size', 'dtype')
+
+
+def check_init_from(config: ml_collections.ConfigDict) -> None:
+  """Checks that `config.init_from`'s weights fit `config.model`, before anything is restored.
+
+  Compares the stored `config.json` of the `init_from` workdir with `config.model`, field by
+  field (the compute-only fields `attention`, `attention_block_size` and `dtype` may differ), so
+  that fine-tuning from another model is a clear error instead of a shape error deep in the
+  restore. Does nothing when `init_from` is empty.
+
+  Args:
+    config: the finalized run config.
+
+  Raises:
+    ConfigError: `init_from` is not a workdir, or its model differs; the message names the
+      fields with both values.
+  """
+  source = config.get('init_from') or ''
+  if not source:
+    return
+  try:
+    stored = load_config(source)
+  except FileNotFoundError as e:
+    raise ConfigError(f'init_from={source!r}: {e}') from e
+  from u2net_jax import models  # jax and flax: only when there is something to compare.
+
+  try:
+    mine, theirs = (models.model_fields(c.model) for c in (config, stored))
+  except ValueError as e:
+    raise ConfigError(f'init_from={source!r}: {e}') from e
+  differences = [
+    f'model.{k}: {_show(theirs.get(k))} there, {_show(mine.get(k))} here'
+    for k in sorted(set(mine) | set(theirs))
+    if k not in _COMPUTE_ONLY and mine.get(k) != theirs.get(k)
+  ]
+  if differences:
+    raise ConfigError(
+      f'init_from={source!r} holds weights of another model ({Path(source) / "config.json"}): '
+      + '; '.join(differences)
+    )

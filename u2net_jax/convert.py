@@ -18,12 +18,8 @@ can be overridden, e.g. `--config.model.attention=direct`):
 
 from __future__ import annotations
 
-import collections
-import io
-import pickle
 import re
 import sys
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -32,194 +28,12 @@ from absl import app, flags, logging
 from flax import traverse_util
 from ml_collections import config_flags
 
-from u2net_jax import checkpointing, config_utils, models
-
-# --------------------------------------------------------------------------------------------
-# Reading .pth files.
-
-_STORAGE_DTYPES = {
-  'DoubleStorage': np.float64,
-  'FloatStorage': np.float32,
-  'HalfStorage': np.float16,
-  'LongStorage': np.int64,
-  'IntStorage': np.int32,
-  'ShortStorage': np.int16,
-  'CharStorage': np.int8,
-  'ByteStorage': np.uint8,
-  'BoolStorage': np.bool_,
-}
-
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-
-
-class UnsafeCheckpointError(pickle.UnpicklingError):
-  """A checkpoint's pickle asked for something other than tensors and ordered dicts."""
-
-
-class _StorageType:
-  """Stand-in for `torch.FloatStorage` & co.: only carries the element dtype."""
-
-  def __init__(self, name: str):
-    self.name = name
-    self.dtype = np.dtype(_STORAGE_DTYPES[name])
-
-
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, *unused_args):
-  """Stand-in for `torch._utils._rebuild_tensor_v2`: a strided view copied into numpy."""
-  itemsize = storage.dtype.itemsize
-  if not size:
-    return np.array(storage[storage_offset], copy=True)
-  view = np.lib.stride_tricks.as_strided(
-    storage[storage_offset:],
-    shape=tuple(size),
-    strides=tuple(s * itemsize for s in stride),
-    writeable=False,
-  )
-  return np.array(view, copy=True)
-
-
-def _rebuild_parameter(data, unused_requires_grad, unused_backward_hooks, *unused):
-  return data
-
-
-_SAFE_GLOBALS = {
-  ('collections', 'OrderedDict'): collections.OrderedDict,
-  ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor_v2,
-  ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-  """Resolves only the globals a state-dict needs; refuses everything else."""
-
-  def __init__(self, file, load_storage, source: str):
-    super().__init__(file)
-    self._load_storage = load_storage
-    self._source = source
-
-  def find_class(self, module, name):
-    if (module, name) in _SAFE_GLOBALS:
-      return _SAFE_GLOBALS[(module, name)]
-    if module == 'torch' and name in _STORAGE_DTYPES:
-      return _StorageType(name)
-    raise UnsafeCheckpointError(
-      f'{self._source}: refusing to load global {module}.{name}: a state-dict holds only '
-      'tensors and ordered dicts (the file may try to run code; nothing was executed)'
-    )
-
-  def persistent_load(self, pid):
-    if not (isinstance(pid, tuple) and pid and pid[0] == 'storage'):
-      raise UnsafeCheckpointError(f'{self._source}: unexpected persistent id {pid!r}')
-    _, storage_type, key, _location, numel = pid[:5]
-    if not isinstance(storage_type, _StorageType):
-      raise UnsafeCheckpointError(f'{self._source}: unexpected storage type {storage_type!r}')
-    return self._load_storage(str(key), storage_type.dtype, int(numel))
-
-
-def _load_zip(path: Path) -> dict:
-  with zipfile.ZipFile(path) as zf:
-    names = zf.namelist()
-    pkl = [n for n in names if n.endswith('/data.pkl') or n == 'data.pkl']
-    if len(pkl) != 1:
-      raise ValueError(f'{path}: not a PyTorch zip checkpoint (no single data.pkl in {names[:5]})')
-    prefix = pkl[0][: -len('data.pkl')]
-    byteorder = 'little'
-    if f'{prefix}byteorder' in names:
-      byteorder = zf.read(f'{prefix}byteorder').decode().strip()
-    cache: dict[str, np.ndarray] = {}
-
-    def load_storage(key, dtype, numel):
-      if key not in cache:
-        raw = zf.read(f'{prefix}data/{key}')
-        dt = dtype.newbyteorder('<' if byteorder == 'little' else '>')
-        cache[key] = np.frombuffer(raw, dtype=dt, count=numel).astype(dtype, copy=False)
-      return cache[key]
-
-    return _RestrictedUnpickler(io.BytesIO(zf.read(pkl[0])), load_storage, str(path)).load()
-
-
-def _load_legacy(path: Path) -> dict:
-  """The pre-1.6 format: magic, protocol, sys info, the pickle, then the raw storages."""
-  with open(path, 'rb') as f:
-    blob = f.read()
-  stream = io.BytesIO(blob)
-
-  def plain_load():
-    return _RestrictedUnpickler(stream, _no_storage, str(path)).load()
-
-  if plain_load() != _LEGACY_MAGIC:
-    raise ValueError(f'{path}: not a PyTorch checkpoint (neither zip nor legacy magic number)')
-  plain_load()  # Protocol version.
-  plain_load()  # System info.
-  storages: dict[str, tuple[np.dtype, int, np.ndarray | None]] = {}
-
-  def load_storage(key, dtype, numel):
-    buf = np.zeros(numel, dtype)  # Filled in place once the raw data is read below.
-    storages[key] = (dtype, numel, buf)
-    return buf
-
-  # Tensors are views of storages not read yet: rebuild them after filling the buffers.
-  pending = []
-
-  def deferred_rebuild(storage, offset, size, stride, *rest):
-    pending.append((storage, offset, size, stride))
-    return ('__tensor__', len(pending) - 1)
-
-  unpickler = _RestrictedUnpickler(stream, load_storage, str(path))
-  unpickler.find_class = lambda m, n: (
-    deferred_rebuild
-    if (m, n) == ('torch._utils', '_rebuild_tensor_v2')
-    else _RestrictedUnpickler.find_class(unpickler, m, n)
-  )
-  result = unpickler.load()
-  keys = plain_load()
-  for key in keys:
-    dtype, numel, buf = storages[str(key)]
-    (count,) = np.frombuffer(stream.read(8), '<i8')
-    data = np.frombuffer(stream.read(int(count) * dtype.itemsize), dtype.newbyteorder('<'))
-    buf[:] = data[:numel]
-  tensors = [_rebuild_tensor_v2(*args) for args in pending]
-
-  def resolve(obj):
-    if isinstance(obj, tuple) and len(obj) == 2 and obj[0] == '__tensor__':
-      return tensors[obj[1]]
-    if isinstance(obj, Mapping):
-      return collections.OrderedDict((k, resolve(v)) for k, v in obj.items())
-    return obj
-
-  return resolve(result)
-
-
-def _no_storage(*unused):
-  raise UnsafeCheckpointError('storage outside the checkpoint body')
-
-
-def load_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-  """Reads a PyTorch `state_dict` file into numpy arrays without importing torch.
-
-  Args:
-    path: a `.pth` file saved by `torch.save(model.state_dict(), path)` (zip or legacy format).
-      A dict wrapping the state-dict under 'state_dict' or 'model' is unwrapped.
-
-  Returns:
-    An ordered dict: state-dict key -> numpy array (the tensor's dtype and shape).
-
-  Raises:
-    UnsafeCheckpointError: the pickle references anything but tensors and ordered dicts.
-    ValueError: the file is not a PyTorch checkpoint or holds no tensors.
-  """
-  path = Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f'{path}: no such checkpoint file')
-  obj = _load_zip(path) if zipfile.is_zipfile(path) else _load_legacy(path)
-  if isinstance(obj, Mapping):
-    for wrapper in ('state_dict', 'model'):
-      if isinstance(obj.get(wrapper), Mapping):
-        obj = obj[wrapper]
-  if not isinstance(obj, Mapping) or not all(isinstance(v, np.ndarray) for v in obj.values()):
-    raise ValueError(f'{path}: expected a state-dict of tensors, found {type(obj).__name__}')
-  return collections.OrderedDict(obj)
-
+from u2net_jax import checkpointing, config_utils, fileio, models
+from u2net_jax.pth_reader import (  # noqa: F401 (re-exported: the reader's public API)
+  CheckpointFormatError,
+  UnsafeCheckpointError,
+  load_torch_state_dict,
+)
 
 # --------------------------------------------------------------------------------------------
 # Official state-dict <-> Flax parameters.
@@ -355,26 +169,69 @@ def unused_keys(state_dict: Mapping[str, np.ndarray]) -> list[str]:
 # CLI.
 
 
-def convert_to_workdir(checkpoint: str | Path, config, workdir: str | Path) -> dict:
+def existing_run(workdir: str | Path) -> list[str]:
+  """What in `workdir` a conversion would replace: a config, checkpoints, logs (empty: nothing).
+
+  Args:
+    workdir: the destination workdir.
+
+  Returns:
+    The names found (e.g. ['config.json', 'checkpoints/']), sorted.
+  """
+  workdir = Path(workdir)
+  if not workdir.is_dir():
+    return []
+  return sorted(p.name + ('/' if p.is_dir() else '') for p in workdir.iterdir())
+
+
+def convert_to_workdir(
+  checkpoint: str | Path,
+  config,
+  workdir: str | Path,
+  *,
+  overwrite: bool = False,
+  allow_non_finite: bool = False,
+) -> dict:
   """Converts `checkpoint` for `config.model` into an orbax checkpoint in `workdir`.
 
   Writes `workdir/config.json` (`config_utils.save_config`) and a step-0 checkpoint (params only)
   in `workdir/checkpoints`, the layout that training writes, so `evaluate.py --workdir` and
-  `--config.init_from` accept it.
+  `--config.init_from` accept it. The workdir is built in a temporary folder beside it and
+  renamed into place (`fileio.atomic_dir`): a failure or a kill leaves no half-written workdir.
 
   Args:
     checkpoint: the official `.pth` state-dict.
     config: the full config (its `model` section must match the checkpoint).
-    workdir: the output workdir.
+    workdir: the output workdir; it must not exist or be empty, unless `overwrite`.
+    overwrite: replace an existing workdir (a training run, other weights) as a whole.
+    allow_non_finite: convert NaN or infinite weights instead of refusing them.
 
   Returns:
     The converted Flax params.
+
+  Raises:
+    fileio.OutputError: `workdir` already holds files and `overwrite` is False (nothing is
+      read or written), or it cannot be written.
+    CheckpointFormatError, UnsafeCheckpointError, ValueError: the checkpoint is unreadable or
+      does not match `config.model`; nothing is written.
   """
-  params = torch_to_flax(load_torch_state_dict(checkpoint), config.model)
-  config_utils.save_config(config, workdir)
-  checkpointing.save_params(
-    workdir, params, meta={'converted_from': str(Path(checkpoint).resolve())}
-  )
+  workdir = Path(workdir)
+  found = existing_run(workdir)
+  if found and not overwrite:
+    raise fileio.OutputError(
+      f'workdir {workdir} already holds {", ".join(found[:6])}: converting would mix these '
+      'weights with another run; choose a new --workdir or pass --overwrite to replace it'
+    )
+  if (workdir / '.lock').exists():
+    # A training run's lock (`u2net_jax.workdir`): never pull a workdir from under a live run.
+    raise fileio.OutputError(
+      f'workdir {workdir} is locked by a run ({workdir / ".lock"}); wait for it to end'
+    )
+  state_dict = load_torch_state_dict(checkpoint, allow_non_finite=allow_non_finite)
+  params = torch_to_flax(state_dict, config.model)
+  with fileio.atomic_dir(workdir) as tmp:
+    config_utils.save_config(config, tmp)
+    checkpointing.save_params(tmp, params, meta={'converted_from': str(Path(checkpoint).resolve())})
   return params
 
 
@@ -382,7 +239,9 @@ def _define_flags() -> None:
   """The CLI's flags (defined only when run as a program, so that importing defines none)."""
   flags.DEFINE_string('checkpoint', None, 'Official .pth state-dict.')
   config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/wv3.py.')
-  flags.DEFINE_string('workdir', None, 'Output workdir.')
+  flags.DEFINE_string('workdir', None, 'Output workdir (must not hold a run, unless --overwrite).')
+  flags.DEFINE_bool('overwrite', False, 'Replace an existing workdir (its runs and weights).')
+  flags.DEFINE_bool('allow_non_finite', False, 'Convert NaN/infinite weights instead of refusing.')
   flags.mark_flags_as_required(['checkpoint', 'config', 'workdir'])
 
 
@@ -394,10 +253,18 @@ def main(argv) -> None:
   try:
     # The command-line overrides are applied by now: derive and validate the config once.
     config = config_utils.finalize(args.config)
-    skipped = unused_keys(load_torch_state_dict(args.checkpoint))
-    params = convert_to_workdir(args.checkpoint, config, args.workdir)
+    params = convert_to_workdir(
+      args.checkpoint,
+      config,
+      args.workdir,
+      overwrite=args.overwrite,
+      allow_non_finite=args.allow_non_finite,
+    )
   except (ValueError, OSError, UnsafeCheckpointError) as e:  # One line, no traceback.
     sys.exit(f'error: {e}')
+  skipped = unused_keys(
+    load_torch_state_dict(args.checkpoint, allow_non_finite=args.allow_non_finite)
+  )
   print(
     f'converted the official weights into {models.count_params(params):,} Flax parameters '
     f'in {args.workdir}'
