@@ -17,8 +17,7 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from u2net_jax import eval_lib, fileio, logging_utils, tiling
-from u2net_jax.data import DataError
+from u2net_jax import errors, eval_lib, logging_utils, tiling
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Workdir of a training run or of converted official weights.')
@@ -61,7 +60,9 @@ def main(argv):
       output_dir=FLAGS.output_dir,
       save_images=FLAGS.save_images,
     )
-  except (FileNotFoundError, DataError, fileio.OutputError, ValueError) as e:
+  except (*errors.user_errors(), FileNotFoundError, ValueError) as e:
+    # What a user can fix (a config.json, data, a checkpoint, the output folder, a --test_files
+    # item, which eval_lib reports as a ValueError): one line, no traceback.
     sys.exit(f'error: {e}')
 
 
