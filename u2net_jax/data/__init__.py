@@ -17,7 +17,13 @@ Python with its own flag values, so they can be called from a notebook or a test
 Every example is a dict with the project's roles: 'gt', 'lms', 'ms' and 'guide' (the PAN or the
 RGB image). On disk the arrays are N x C x H x W; the readers return H x W x C float32 arrays
 divided by the sensor maximum (`config.data.max_value`).
+
+Bad input is a `DataError` naming the file and what is wrong: the preparers check their arguments
+(`check_arguments`) and inputs (`load_npy` & co.) before writing, and the values they generate
+before keeping a file (`pancollection.H5Writer(check_values=True)`).
 """
+
+import os
 
 
 class DataError(ValueError):
@@ -26,3 +32,46 @@ class DataError(ValueError):
   The message names the file, the key, the expected and the found shape (or value), and for a
   missing file the command that prepares it.
   """
+
+
+def check_arguments(checks) -> None:
+  """Refuses a preparer's bad arguments together, before anything is read or written.
+
+  Args:
+    checks: (flag name, value, acceptable?, what is expected) tuples.
+
+  Raises:
+    DataError: naming every refused flag, its value and what it must be.
+  """
+  bad = [f'--{flag}={value!r} must be {expected}' for flag, value, ok, expected in checks if not ok]
+  if bad:
+    raise DataError('invalid arguments: ' + '; '.join(bad))
+
+
+def load_npy(path):
+  """Reads a numeric, non-empty `.npy` array (never a pickle) or raises `DataError`.
+
+  Args:
+    path: the file.
+
+  Returns:
+    The array.
+
+  Raises:
+    DataError: a folder, an unreadable, object-dtype (pickled) or empty array, naming the file.
+  """
+  import numpy as np  # Here: the package's import stays light.
+
+  if os.path.isdir(path):
+    raise DataError(f'{path}: is a folder; expected a .npy file')
+  try:
+    a = np.load(path, allow_pickle=False)
+  except ValueError as e:  # Object arrays need pickle, which may run code: refused.
+    raise DataError(f'{path}: not a plain numeric .npy array ({e})') from e
+  except (OSError, EOFError) as e:
+    raise DataError(f'{path}: unreadable .npy file ({e})') from e
+  if not isinstance(a, np.ndarray) or a.dtype.kind not in 'biuf':
+    raise DataError(f'{path}: holds {getattr(a, "dtype", type(a).__name__)}; expected numbers')
+  if a.size == 0:
+    raise DataError(f'{path}: the array is empty (shape {a.shape})')
+  return a

@@ -98,6 +98,14 @@ def validate_h5(
   roles = {}
   for role in ROLES:
     key = keys[role]
+    link = f.get(key, getlink=True)
+    if isinstance(link, h5py.ExternalLink):  # Data in another file: never followed.
+      raise DataError(
+        f'{name}: key {key!r} (role {role!r}) is an external link to '
+        f'{link.filename}:{link.path}; external links are not followed (copy the data in)'
+      )
+    if isinstance(link, h5py.SoftLink) and link.path not in f:
+      raise DataError(f'{name}: key {key!r} (role {role!r}) is a broken link to {link.path!r}')
     if key in f:
       if not isinstance(f[key], h5py.Dataset):
         raise DataError(f'{name}: key {key!r} (role {role!r}) is a group, expected a dataset')
@@ -289,6 +297,7 @@ class H5Writer:
     dtype: Any = np.float32,
     *,
     attrs: Mapping[str, Any] | None = None,
+    check_values: bool = False,
   ):
     """Checks the layout; the file is created by `with`.
 
@@ -297,6 +306,9 @@ class H5Writer:
       shapes: dataset name -> shape (N, ...), N the same or not across datasets.
       dtype: the stored dtype, one for all or dataset name -> dtype (numeric only).
       attrs: file attributes (provenance).
+      check_values: refuse rows holding a NaN or an infinity, or only zeros (what the readers
+        refuse; `DataError`): the preparers set it so that what they generate is checked
+        before the file is kept.
 
     Raises:
       TypeError: a non-numeric dtype.
@@ -312,6 +324,7 @@ class H5Writer:
       if not self.shapes[key]:
         raise ValueError(f'{self.path}: dataset {key!r} has shape (); expected (N, ...)')
     self.attrs = dict(attrs or {})
+    self.check_values = check_values
     self._target = None
     self._file = None
     self._written = {k: np.zeros(s[0], bool) for k, s in self.shapes.items()}
@@ -350,8 +363,27 @@ class H5Writer:
         raise ValueError(
           f'{self.path}: dataset {key!r} row has shape {x.shape}; expected {self.shapes[key][1:]}'
         )
+      self._check(key, x[None], int(i))
       ds[int(i)] = x
       self._written[key][int(i)] = True
+
+  def _check(self, key: str, rows: np.ndarray, start: int) -> None:
+    """With `check_values`: every row finite and not all zeros (else `DataError`)."""
+    if not self.check_values or not rows.size:
+      return
+    flat = rows.reshape(len(rows), -1)
+    bad = np.flatnonzero(~np.isfinite(flat).all(axis=1)) if rows.dtype.kind == 'f' else []
+    if len(bad):
+      raise DataError(
+        f'{self.path}: generated row {start + int(bad[0])} of dataset {key!r} holds NaN or '
+        'infinite values (check the preparation parameters, e.g. --sigma)'
+      )
+    empty = np.flatnonzero(~flat.any(axis=1))
+    if len(empty):
+      raise DataError(
+        f'{self.path}: generated row {start + int(empty[0])} of dataset {key!r} is all zeros '
+        '(a blank input image?)'
+      )
 
   def append(self, batch: Mapping[str, np.ndarray]) -> None:
     """Writes the next len(x) rows of each dataset named in `batch` (name -> (b, ...))."""
@@ -365,6 +397,7 @@ class H5Writer:
           f'{self.path}: cannot append {x.shape} at row {start} of dataset {key!r} of shape '
           f'{self.shapes[key]}'
         )
+      self._check(key, x, start)
       ds[start:stop] = x
       self._written[key][start:stop] = True
       self._next[key] = stop

@@ -41,6 +41,7 @@ ones.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,7 +53,7 @@ from absl import app, flags
 from PIL import Image
 
 from u2net_jax import toolbox
-from u2net_jax.data import DataError, pancollection, wald
+from u2net_jax.data import DataError, check_arguments, load_npy, pancollection, wald
 
 RATIO = 4
 BANDS = 31
@@ -96,9 +97,11 @@ def load_srf(path: str | Path, bands: int = BANDS) -> np.ndarray:
   path = Path(path)
   if not path.exists():
     raise DataError(f'{path}: SRF file not found')
+  if path.is_dir():
+    raise DataError(f'{path}: SRF is a folder; expected a .mat, .npy or .csv file')
   suffix = path.suffix.lower()
   if suffix == '.mat':
-    data = {k: v for k, v in scipy.io.loadmat(path).items() if not k.startswith('__')}
+    data = {k: v for k, v in _loadmat(path).items() if not k.startswith('__')}
     if 'R' in data:
       srf = data['R']
     else:
@@ -109,27 +112,47 @@ def load_srf(path: str | Path, bands: int = BANDS) -> np.ndarray:
         )
       srf = fits[0]
   elif suffix == '.npy':
-    srf = np.load(path)
+    srf = load_npy(path)
   elif suffix == '.csv':
     try:
-      srf = np.loadtxt(path, delimiter=',')
+      srf = np.loadtxt(path, delimiter=',', ndmin=2)
     except ValueError:
-      srf = np.loadtxt(path, delimiter=',', skiprows=1)  # A header line.
+      try:
+        srf = np.loadtxt(path, delimiter=',', skiprows=1, ndmin=2)  # A header line.
+      except ValueError as e:
+        raise DataError(f'{path}: not a CSV of numbers ({e})') from e
   else:
     raise DataError(f'{path}: unsupported SRF format {suffix!r} (use .mat, .npy or .csv)')
-  srf = np.asarray(srf, np.float64)
+  try:
+    srf = np.asarray(srf, np.float64)
+  except (TypeError, ValueError) as e:
+    raise DataError(f'{path}: the SRF is not numeric ({e})') from e
   if srf.ndim == 2 and srf.shape[0] != bands and srf.shape[1] == bands:
     srf = srf.T
   if srf.ndim != 2 or srf.shape[0] != bands:
     raise DataError(f'{path}: SRF has shape {srf.shape}; expected ({bands}, c)')
   if not np.all(np.isfinite(srf)):
     raise DataError(f'{path}: SRF holds non-finite values')
+  if not np.all(np.abs(srf).sum(axis=0) > 0):
+    raise DataError(f'{path}: an SRF column is all zeros (a channel would be black)')
   return srf
 
 
+def _loadmat(path: Path) -> dict:
+  try:
+    return scipy.io.loadmat(path)
+  except (ValueError, OSError, TypeError, NotImplementedError, EOFError) as e:
+    raise DataError(f'{path}: not a readable MATLAB file ({type(e).__name__}: {e})') from e
+
+
 def _read_png(path: Path) -> np.ndarray:
-  with Image.open(path) as im:
-    a = np.asarray(im)
+  try:
+    with Image.open(path) as im:
+      a = np.asarray(im)
+  except (OSError, ValueError, SyntaxError) as e:  # PIL: truncated or not an image.
+    raise DataError(f'{path}: unreadable PNG band ({e})') from e
+  if a.ndim not in (2, 3) or a.dtype.kind not in 'iu':
+    raise DataError(f'{path}: PNG band of shape {a.shape} and type {a.dtype}; expected integers')
   if a.ndim == 3:  # A few CAVE bands are stored as RGB(A) PNGs with equal channels.
     a = a[..., 0]
   full = 65535.0 if a.dtype == np.uint16 or a.max() > 255 else 255.0
@@ -147,7 +170,7 @@ def load_cave_scene(folder: Path, bands: int = BANDS) -> np.ndarray:
 
 def load_harvard_scene(path: Path, crop: int) -> np.ndarray:
   """Reads one Harvard `.mat` (`ref`) -> (crop, crop, 31) divided by its maximum."""
-  data = scipy.io.loadmat(path)
+  data = _loadmat(path)
   if 'ref' not in data:
     raise DataError(f'{path}: key ref missing; found keys {[k for k in data if k[0] != "_"]}')
   cube = np.asarray(data['ref'], np.float64)[:crop, :crop]
@@ -247,8 +270,16 @@ def prepare(
   Raises:
     DataError: missing or malformed input (nothing is written).
   """
-  if patch % RATIO or stride % RATIO:
-    raise DataError(f'--patch {patch} and --stride {stride} must be multiples of {RATIO}')
+  check_arguments([
+    ('format', fmt, fmt in ('cave', 'harvard'), "'cave' or 'harvard'"),
+    ('patch', patch, patch > 0 and patch % RATIO == 0, f'a positive multiple of {RATIO}'),
+    ('stride', stride, stride > 0 and stride % RATIO == 0, f'a positive multiple of {RATIO}'),
+    ('grid', grid, grid is None or grid > 0, 'positive (0: as many as fit)'),
+    ('valid_fraction', valid_fraction, 0 < valid_fraction < 1, 'strictly between 0 and 1'),
+    ('kernel_size', kernel_size, kernel_size > 0 and kernel_size % 2 == 1, 'a positive odd size'),
+    ('sigma', sigma, math.isfinite(sigma) and sigma > 0, 'a positive number'),
+    ('crop', crop, crop > 0 and crop % RATIO == 0, f'a positive multiple of {RATIO}'),
+  ])  # fmt: skip
   name = name or fmt
   response = load_srf(srf)
   scenes = list_scenes(Path(src), fmt)
@@ -284,6 +315,11 @@ def prepare(
   slots = [(si, p) for si in range(len(train)) for p in positions]
   order = np.random.default_rng(seed).permutation(len(slots))
   n_valid = int(round(valid_fraction * len(slots)))
+  if not 0 < n_valid < len(slots):
+    raise DataError(
+      f'--valid_fraction={valid_fraction} of {len(slots)} patches leaves '
+      f'{len(slots) - n_valid} for training and {n_valid} for validation; both need some'
+    )
   where = {}  # Slot -> (file, row).
   for rank, k in enumerate(order):
     where[int(k)] = (
@@ -317,7 +353,9 @@ def prepare(
     with contextlib.ExitStack() as stack:
       writers = {
         k: stack.enter_context(
-          pancollection.H5Writer(paths[k], _shapes(n, size, BANDS, c), np.float32, attrs=attrs)
+          pancollection.H5Writer(
+            paths[k], _shapes(n, size, BANDS, c), np.float32, attrs=attrs, check_values=True
+          )
         )
         for k, (n, size) in sizes.items()
       }

@@ -40,7 +40,7 @@ import scipy.io
 from absl import app, flags
 
 from u2net_jax import toolbox
-from u2net_jax.data import DataError, pancollection, wald
+from u2net_jax.data import DataError, check_arguments, load_npy, pancollection, wald
 
 RATIO = 4
 _PAN_NAMES = ('I_PAN', 'PAN', 'pan', 'I_pan', 'P')
@@ -93,11 +93,16 @@ def load_array(path: str | Path, key: str | None, ndim: int, dtype=np.float64) -
   path = Path(path)
   if not path.exists():
     raise DataError(f'{path}: file not found')
+  if path.is_dir():
+    raise DataError(f'{path}: is a folder; expected a .mat, .h5, .npy or .tif file')
   suffix = path.suffix.lower()
   if suffix == '.npy':
-    arrays = {'': np.load(path)}
+    arrays = {'': load_npy(path)}
   elif suffix == '.mat':
-    arrays = _mat_arrays(path)
+    try:
+      arrays = _mat_arrays(path)
+    except (OSError, ValueError, TypeError, EOFError) as e:
+      raise DataError(f'{path}: not a readable MATLAB file ({type(e).__name__}: {e})') from e
   elif suffix in ('.h5', '.hdf5'):
     with pancollection.open_h5(path) as f:
       arrays = {k: _single(np.asarray(v)) for k, v in f.items() if isinstance(v, h5py.Dataset)}
@@ -115,6 +120,8 @@ def load_array(path: str | Path, key: str | None, ndim: int, dtype=np.float64) -
   a = np.squeeze(a) if ndim == 2 and a.ndim == 3 and 1 in (a.shape[0], a.shape[-1]) else a
   if a.ndim != ndim:
     raise DataError(f'{path}: the {what} has shape {a.shape}; expected {ndim} dimensions')
+  if a.size == 0 or np.asarray(a).dtype.kind not in 'biuf':
+    raise DataError(f'{path}: the {what} is empty or not numeric ({a.shape}, {a.dtype})')
   return np.asarray(a, dtype)
 
 
@@ -271,8 +278,12 @@ def prepare(
   """
   if len(pans) != len(mss):
     raise DataError(f'{len(pans)} PAN files but {len(mss)} MS files; give them in pairs')
-  if patch % RATIO or stride % RATIO:
-    raise DataError(f'--patch {patch} and --stride {stride} must be multiples of {RATIO}')
+  check_arguments([
+    ('patch', patch, patch > 0 and patch % RATIO == 0, f'a positive multiple of {RATIO}'),
+    ('stride', stride, stride > 0 and stride % RATIO == 0, f'a positive multiple of {RATIO}'),
+    ('valid_fraction', valid_fraction, 0 < valid_fraction < 1, 'strictly between 0 and 1'),
+    ('outputs', list(outputs), bool(outputs), f'some of {list(OUTPUTS)}'),
+  ])  # fmt: skip
   unknown = sorted(set(outputs) - set(OUTPUTS))
   if unknown:
     raise DataError(f'unknown outputs {unknown}; expected some of {list(OUTPUTS)}')
@@ -333,7 +344,9 @@ def prepare(
   try:
     with contextlib.ExitStack() as stack:
       writers = {
-        k: stack.enter_context(pancollection.H5Writer(paths[k], sizes[k], np.float64, attrs=attrs))
+        k: stack.enter_context(
+          pancollection.H5Writer(paths[k], sizes[k], np.float64, attrs=attrs, check_values=True)
+        )
         for k in kinds
       }
       k = 0

@@ -13,6 +13,8 @@ of the sensor maximum (catching 11-bit data given to a 10-bit config, or data al
             'sample' check uses a cached full result when there is one. A cache that cannot be
             read or written is ignored;
   'off'     skips the values.
+Both modes also reject an all-zero example (declared in the file but never written: HDF5 reads
+unwritten examples as zeros); 'sample' catches a partly written file through its last example.
 """
 
 from __future__ import annotations
@@ -128,6 +130,11 @@ def _dataset_stats(ds: h5py.Dataset, name: str, starts, per: int, progress) -> d
       bad = np.argwhere(~finite)[0]
       bad[0] += s
       return {'nonfinite': [int(i) for i in bad]}
+    # An all-zero example is one the file declares but never received (HDF5's fill value):
+    # a writer that stopped early, or a dataset made larger than what was written into it.
+    empty = np.flatnonzero(~x.reshape(len(x), -1).any(axis=1))
+    if empty.size:
+      return {'nonfinite': None, 'zero_example': int(empty[0]) + s}
     if x.size:
       lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
     progress(min(s + per, ds.shape[0]))
@@ -191,6 +198,10 @@ def value_stats(
       stats[key] = _dataset_stats(ds, name, [int(i) for i in rows], 1, lambda _: None)
     return stats
   progress = _Progress(name, sum(f[key].shape[0] for key in names))
+  logging.info(
+    'checking every value of %s (%d examples over %d keys; progress every %.0f s)',
+    name, progress.total, len(names), PROGRESS_SECONDS,
+  )  # fmt: skip
   for key in names:
     ds = f[key]
     per = max(1, _SCAN_ELEMENTS // max(1, int(np.prod(ds.shape[1:]))))
@@ -232,6 +243,11 @@ def scan_values(
     if s['nonfinite'] is not None:
       where = tuple(int(i) for i in s['nonfinite'])
       raise DataError(f'{name}: key {key!r} holds non-finite values (first at index {where})')
+    if s.get('zero_example') is not None:
+      raise DataError(
+        f'{name}: key {key!r} example {s["zero_example"]} of {f[key].shape[0]} is all zeros: '
+        'declared but never written (an interrupted or too-large file?)'
+      )
     top, lo = float(s['max']), float(s['min'])
     limit = max_value * (_LMS_OVERSHOOT if role == 'lms' else 1.0) * (1 + 1e-6)
     if top > limit:
