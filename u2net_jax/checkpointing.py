@@ -198,6 +198,13 @@ def restore(
     items['opt_state'] = ocp.args.StandardRestore(abstract_opt_state)
   try:
     restored = manager.restore(step, args=ocp.args.Composite(**items))
+  except ValueError as e:
+    if 'do not match' in str(e) or 'shape' in str(e).lower():
+      # Not damage: another model or optimizer than the one that saved it.
+      raise errors.CheckpointMismatchError(
+        f'{directory} does not fit the config (model / optimizer): {_brief(e)}'
+      ) from e
+    raise errors.CheckpointError(f'{directory}: data unreadable ({_brief(e)})') from e
   except Exception as e:  # noqa: BLE001 (tensorstore, orbax and asyncio errors alike)
     raise errors.CheckpointError(f'{directory}: data unreadable ({_brief(e)})') from e
   result = {k: restored[k] for k in items}

@@ -30,6 +30,10 @@ class CheckpointError(RunError, FileNotFoundError):
   """No (intact) checkpoint where one is needed; the message names the folder and the damage."""
 
 
+class CheckpointMismatchError(RunError):
+  """An intact checkpoint whose arrays do not fit the config's model or optimizer."""
+
+
 class DivergedError(RunError, FloatingPointError):
   """The loss, the gradients, the parameters or the validation figures became NaN or infinite."""
 
