@@ -26,10 +26,12 @@ from absl import logging
 # Loggers or source folders whose INFO chatter is internal (matched against the record's logger
 # name and its source path).
 _CHATTY_SOURCES = ('orbax', 'libtpu', 'jax._src.xla_bridge', 'jax/_src/xla_bridge')
-# Warnings about what the project does on purpose (a read-only CheckpointManager for restores).
+# Warnings about what the project does on purpose: a read-only CheckpointManager for restores, a
+# params-only checkpoint (converted weights) saved without the best-checkpoint metric.
 _EXPECTED_WARNINGS = (
   'CheckpointManagerOptions.read_only=True',
   'Given directory is read only',
+  'Requested `tracked_metric`; did not provide metrics',
 )
 
 

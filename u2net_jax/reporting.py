@@ -303,7 +303,11 @@ def panel(
   cell_w = w * zoom
   widths = [max(cell_w, int(font.getlength(titles[k])) + 2) for k in names]
   widths = [wd + (bar_extra if k == 'error' else 0) for k, wd in zip(names, widths, strict=True)]
-  note = 'lms, fused and gt share one 2-98% stretch; the error is the band mean.'
+  note = (
+    'lms, fused and gt share one 2-98% stretch (of gt); the error is the band mean.'
+    if 'gt' in pictures
+    else 'lms and fused share one 2-98% stretch (of lms).'
+  )
   total_w = max(sum(widths) + _GAP * (len(names) + 1), int(font.getlength(note)) + 2 * _GAP)
   total_h = _GAP + line + h * zoom + line + _GAP
   canvas = Image.new('RGB', (total_w, total_h), 'white')
