@@ -33,6 +33,7 @@ import collections
 import io
 import math
 import pickle
+import struct
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -271,7 +272,9 @@ def _read_entry(zf: zipfile.ZipFile, name: str, size: int, source: str) -> bytes
       # zipfile yields at most the directory's size, compares the CRC-32 stored in the zip once
       # the entry's end is reached, and fails on a short entry: one read does all three.
       raw = f.read(size + 1)
-  except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, ValueError) as e:
+  # RuntimeError: zipfile's "encrypted, password required" (a flipped flag bit).
+  except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, ValueError,
+          RuntimeError) as e:  # fmt: skip
     raise CheckpointFormatError(f'{source}: entry {name} is damaged ({e})') from e
   if len(raw) != size:
     raise CheckpointFormatError(f'{source}: entry {name} is not {size:,} bytes long')
@@ -418,14 +421,18 @@ def load_torch_state_dict(
     with open(path, 'rb') as f:
       return load_torch_state_dict(f, allow_non_finite=allow_non_finite, max_bytes=max_bytes)
   source = getattr(path, 'name', None) or '<checkpoint>'
-  if zipfile.is_zipfile(path):
+  try:
+    is_zip = zipfile.is_zipfile(path)
+  except (zipfile.BadZipFile, OSError, ValueError, struct.error) as e:  # A damaged end record.
+    raise CheckpointFormatError(f'{source}: damaged zip archive ({e})') from e
+  if is_zip:
     path.seek(0)
     try:
       with zipfile.ZipFile(path) as zf:
         tensors = _load_zip(zf, source, max_bytes)
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as e:
       raise CheckpointFormatError(f'{source}: damaged zip archive ({e})') from e
-    except (ValueError, OSError, OverflowError) as e:  # zipfile's own checks on bad headers.
+    except (ValueError, OSError, OverflowError, struct.error) as e:  # zipfile's header checks.
       if isinstance(e, CheckpointFormatError | FileNotFoundError):
         raise
       raise CheckpointFormatError(f'{source}: damaged zip archive ({e})') from e

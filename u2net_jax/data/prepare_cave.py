@@ -51,6 +51,7 @@ import numpy as np
 import scipy.io
 from absl import app, flags
 from PIL import Image
+from scipy.io.matlab import MatReadError
 
 from u2net_jax import toolbox
 from u2net_jax.data import DataError, check_arguments, load_npy, pancollection, wald
@@ -141,7 +142,7 @@ def load_srf(path: str | Path, bands: int = BANDS) -> np.ndarray:
 def _loadmat(path: Path) -> dict:
   try:
     return scipy.io.loadmat(path)
-  except (ValueError, OSError, TypeError, NotImplementedError, EOFError) as e:
+  except (ValueError, OSError, TypeError, NotImplementedError, EOFError, MatReadError) as e:
     raise DataError(f'{path}: not a readable MATLAB file ({type(e).__name__}: {e})') from e
 
 

@@ -101,7 +101,7 @@ def load_array(path: str | Path, key: str | None, ndim: int, dtype=np.float64) -
   elif suffix == '.mat':
     try:
       arrays = _mat_arrays(path)
-    except (OSError, ValueError, TypeError, EOFError) as e:
+    except (OSError, ValueError, TypeError, EOFError, scipy.io.matlab.MatReadError) as e:
       raise DataError(f'{path}: not a readable MATLAB file ({type(e).__name__}: {e})') from e
   elif suffix in ('.h5', '.hdf5'):
     with pancollection.open_h5(path) as f:
