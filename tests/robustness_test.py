@@ -129,6 +129,11 @@ PTH_CASES = [
   ('bad_byteorder', _one(byteorder='middle'), r"byteorder says 'middle', not 'little' or 'big'"),
   ('complex_dtype', _one(kind='ComplexFloatStorage'), r'torch.ComplexFloatStorage are not supp'),
   (
+    'huge_expanded',
+    _one(size=(2**20, 2**20), stride=(0, 0)),
+    r'declare 4,398,046,511,104 bytes',
+  ),
+  (
     'huge_declared',
     _one(numel=2**40, size=(2**20, 2**20), stride=(2**20, 1)),
     r'declare 4,398,046,511,104 bytes',

@@ -1,8 +1,8 @@
 """The authors' PyTorch checkpoints -> Flax parameters, without torch.
 
-`load_torch_state_dict` reads `.pth` files (the zip format of torch >= 1.6 and the legacy
-format) with a restricted unpickler that rebuilds tensors and ordered dicts and nothing else:
-a checkpoint that tries to run code is refused before anything runs.
+`load_torch_state_dict` (`pth_reader`) reads `.pth` files (the zip format of torch >= 1.6 and the
+legacy format) with a restricted unpickler that rebuilds tensors and ordered dicts and nothing
+else, and validates every tensor against the bytes present (see `pth_reader`).
 
 `torch_to_flax` maps the official state-dict (`PSRben/U2Net`, `model/u2net.py`) onto the Flax
 parameter tree of `models.create_model(config.model)` through a table of rules, checking a
@@ -10,7 +10,9 @@ one-to-one match of names and shapes. The same mapping converts gradients (they 
 state-dict's keys).
 
 CLI (writes an orbax checkpoint and `config.json` in the layout training uses; any config field
-can be overridden, e.g. `--config.model.attention=direct`):
+can be overridden, e.g. `--config.model.attention=direct`; a workdir that already holds files is
+refused unless `--overwrite`, which replaces it as a whole; NaN/infinite weights are refused
+unless `--allow_non_finite`):
 
   python -m u2net_jax.convert --checkpoint=u2net_wv3_200000_iter.pth \
       --config=configs/wv3.py --workdir=workdirs/official_wv3
@@ -225,7 +227,8 @@ def convert_to_workdir(
   if (workdir / '.lock').exists():
     # A training run's lock (`u2net_jax.workdir`): never pull a workdir from under a live run.
     raise fileio.OutputError(
-      f'workdir {workdir} is locked by a run ({workdir / ".lock"}); wait for it to end'
+      f'workdir {workdir} is locked by a run ({workdir / ".lock"}); wait for it to end (if '
+      'that run is dead, delete the lock file)'
     )
   state_dict = load_torch_state_dict(checkpoint, allow_non_finite=allow_non_finite)
   params = torch_to_flax(state_dict, config.model)

@@ -241,10 +241,12 @@ def _check_sizes(tensors: Mapping[str, _Tensor], source: str, max_bytes: int) ->
         f'{source}: storage {s.key!r} declares {nbytes:,} bytes but its tensors use {viewed:,}'
       )
     total += nbytes
-  if total > max_bytes:
+  # The arrays built: a stride-0 (expanded) view can be far larger than its storage.
+  built = sum(math.prod(t.size) * t.storage.dtype.itemsize for t in tensors.values())
+  if max(total, built) > max_bytes:
     raise CheckpointFormatError(
-      f'{source}: the tensors declare {total:,} bytes of data, more than the {max_bytes:,} '
-      'allowed (max_bytes)'
+      f'{source}: the tensors declare {max(total, built):,} bytes of data, more than the '
+      f'{max_bytes:,} allowed (max_bytes)'
     )
   return storages
 
