@@ -56,3 +56,71 @@ def test_benchmark_quick_one_case_writes_table_and_json(tmp_path):
   assert whole['time_s'] > 0 and whole['peak_rss_gb'] > 0 and whole['achieved_gflops'] > 0
   assert report['platform']['backend'] in ('cpu', 'gpu', 'tpu')
   assert report['quick'] is True
+
+
+# The official side-by-side mode (benchmarks/official_compare.py).
+
+COMPARE = REPO / 'benchmarks' / 'official_compare.py'
+
+
+def _compare_module():
+  spec = importlib.util.spec_from_file_location('u2net_official_compare', COMPARE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_side_by_side_skips_with_the_reason_without_torch(tmp_path, monkeypatch, capsys):
+  compare = _compare_module()
+  find_spec = compare.importlib.util.find_spec
+  monkeypatch.setattr(
+    compare.importlib.util,
+    'find_spec',
+    lambda name, *a: None if name == 'torch' else find_spec(name, *a),
+  )
+  out = tmp_path / 'compare.json'
+  assert compare.main(['--quick', f'--out={out}']) == 0
+  assert 'skipped: torch is not installed' in capsys.readouterr().out
+  report = json.loads(out.read_text())
+  assert report['status'] == 'skipped' and 'pip install torch' in report['reason']
+
+
+def test_side_by_side_skips_with_the_reason_without_shared(tmp_path, monkeypatch, capsys):
+  compare = _compare_module()
+  monkeypatch.setattr(compare, 'OFFICIAL_CODE', tmp_path / 'absent' / 'code')
+  out = tmp_path / 'compare.json'
+  assert compare.main(['--cases=train', f'--out={out}']) == 0
+  assert 'skipped: the official code is absent' in capsys.readouterr().out
+  assert json.loads(out.read_text())['status'] == 'skipped'
+
+
+def test_side_by_side_interleaves_and_takes_the_median_ratio():
+  compare = _compare_module()
+  calls = []
+  official = lambda: calls.append('official')
+  project = lambda: calls.append('project')
+  compare._sgemm_gflops = lambda n=2048: 100.0  # The yardstick is not what is tested here.
+  result = compare.interleave(official, project, rounds=3, project_repeats=2, log=lambda s: None)
+  # Warm-up of each, then rounds alternating which side goes first.
+  assert calls[:2] == ['project', 'official']
+  first_official = ['official', 'project', 'project']
+  first_project = ['project', 'project', 'official']
+  assert calls[2:] == first_official + first_project + first_official
+  assert len(result['rounds']) == 3
+  ratios = sorted(r['ratio'] for r in result['rounds'])
+  assert result['median_ratio'] == ratios[1]
+
+
+@pytest.mark.slow
+def test_side_by_side_quick_round_runs_both_sides(tmp_path):
+  reason = _compare_module().unavailable_reason(['train'])
+  if reason:
+    pytest.skip(reason)
+  out = tmp_path / 'compare.json'
+  proc = run_script(str(COMPARE), '--quick', f'--out={out}', env=os.environ, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  report = json.loads(out.read_text())
+  train = report['results']['train']
+  assert report['status'] == 'ok' and len(train['rounds']) == 1
+  assert train['official_s'] > 0 and train['project_s'] > 0 and train['median_ratio'] > 0
+  assert 0 < train['project_pct_sgemm'] < 100
