@@ -114,7 +114,8 @@ def number(field: str, low: float, high: float, low_open: bool = False) -> Field
   return FieldRule(
     field,
     lambda v: _is_number(v) and (v > low if low_open else v >= low) and v <= high,
-    f'a finite number in {"(" if low_open else "["}{_show(low)}, {_show(high)}]',
+    f'a finite number in {"(" if low_open else "["}{_show(low)}, {_show(high)}'
+    + (')' if math.isinf(high) else ']'),
   )
 
 
@@ -204,8 +205,9 @@ def field_rules() -> list[FieldRule]:
     integer('data.demo_num_train', 1),
     integer('data.demo_num_valid', 1),
     integer('data.demo_num_test', 1),
-    # Optimizer (a negative or zero learning rate trains to nonsense without an error).
-    number('optimizer.learning_rate', 0, 10, low_open=True),
+    # Optimizer (a negative or zero learning rate trains to nonsense without an error; a huge one
+    # diverges, which training reports itself).
+    number('optimizer.learning_rate', 0, inf, low_open=True),
     number('optimizer.decay_factor', 0, 1, low_open=True),
     number('optimizer.decay_every_epochs', 0, inf, low_open=True),
     number('optimizer.b1', 0, 1 - 1e-12),
