@@ -266,6 +266,7 @@ def test_non_finite_weights_are_refused_unless_allowed(tmp_path):
   assert np.isnan(convert.load_torch_state_dict(path, allow_non_finite=True)['w'][0, 3])
 
 
+@pytest.mark.slow  # Imports torch (seconds).
 def test_genuine_half_precision_torch_files_are_read(tmp_path):
   torch = pytest.importorskip('torch', reason='torch is not installed (not a project dependency)')
   w = torch.linspace(-2, 2, 12).reshape(3, 4)
@@ -343,6 +344,7 @@ def _tiny_pth(tmp_path, config, value: float, name='w.pth'):
   return tmp_path / name
 
 
+@pytest.mark.slow  # Orbax writes / the torch import: seconds.
 def test_convert_refuses_an_existing_run_and_overwrite_replaces_it(tmp_path):
   from u2net_jax import checkpointing
 
