@@ -567,7 +567,8 @@ def _pan_main(tmp_path, pan, ms, *extra):
 
 
 PAN_FLAG_CASES = [
-  (['--sensor', 'XYZ'], r"sensor 'XYZ'|XYZ"),
+  (['--sensor', 'XYZ'], r"unknown sensor 'XYZ'; valid names are \['CAVE', 'GF2'"),
+  (['--sensor', 'CAVE'], r'sensor CAVE is a hyperspectral dataset; use .*prepare_cave'),
   (['--patch', '0'], r'--patch=0 must be a positive multiple of 4'),
   (['--patch', '-8'], r'--patch=-8 must be a positive multiple of 4'),
   (['--stride', '0'], r'--stride=0 must be a positive multiple of 4'),
@@ -710,3 +711,22 @@ def test_command_lines_turn_bad_input_into_one_line(tmp_path):
     assert 'Traceback' not in result.stderr, result.stderr[-2000:]
     assert re.search(message, result.stderr), result.stderr[-2000:]
   assert not (tmp_path / 'conv').exists() and _files(tmp_path / 'train') == []
+
+
+def test_legacy_format_fuzz_never_crashes(tmp_path):
+  """The legacy format has no checksum (a flipped weight cannot be detected): no crash, though."""
+  rng = np.random.default_rng(0)
+  tensors = {'a': ('0', 0, (3, 4), (4, 1)), 'b': ('1', 2, (2, 2), (1, 2))}
+  storages = {'0': ('FloatStorage', 12, _W.tobytes()), '1': ('DoubleStorage', 6, bytes(48))}
+  raw = _pth(tmp_path / 'w.pth', tensors, storages, legacy=True).read_bytes()
+  for i in range(300):
+    data = bytearray(raw)
+    if i % 3 == 2:
+      data = data[: int(rng.integers(0, len(raw)))]
+    else:
+      data[int(rng.integers(len(raw)))] ^= 1 << int(rng.integers(8))
+    try:
+      loaded = convert.load_torch_state_dict(io.BytesIO(bytes(data)), allow_non_finite=True)
+    except (pth_reader.CheckpointFormatError, pth_reader.UnsafeCheckpointError):
+      continue
+    assert all(isinstance(v, np.ndarray) for v in loaded.values())
