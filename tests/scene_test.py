@@ -15,7 +15,7 @@ from rasterio.transform import Affine
 from tiling_test import TINY_MODEL, random_params
 
 from u2net_jax import checkpointing, config_utils, fileio, models, scene, tiling
-from u2net_jax.data import DataError
+from u2net_jax.data import DataError, pancollection
 from u2net_jax.data import prepare_pansharpening as prep
 
 CRS = 'EPSG:32633'  # UTM 33N: a projected CRS in metres.
@@ -161,10 +161,13 @@ def test_array_inputs_and_outputs(tiny_workdir, pair, reference, tmp_path):
     tiny_workdir, tmp_path / 'pan.npy', tmp_path / 'ms.mat', tmp_path / 'o.npy', progress=False
   )
   np.testing.assert_array_equal(np.load(tmp_path / 'o.npy'), reference)
+  # A PanCollection file of one image (N x C x H x W) holds both inputs.
+  h5 = tmp_path / 'one.h5'
+  pancollection.write_h5(h5, {'pan': pan[None, None], 'ms': ms.transpose(2, 0, 1)[None]})
   result = scene.fuse_files(
     tiny_workdir,
-    tmp_path / 'pan.npy',
-    tmp_path / 'ms.mat',
+    h5,
+    h5,
     tmp_path / 'o.mat',
     dtype='float32',
     window=32,

@@ -44,6 +44,10 @@ TIFF_SUFFIXES = ('.tif', '.tiff')
 ARRAY_SUFFIXES = ('.npy', '.mat', '.h5', '.hdf5')
 OUTPUT_SUFFIXES = TIFF_SUFFIXES + ('.npy', '.mat')
 BLOCK = 256  # GeoTIFF internal tile side; the default window is a multiple of it.
+# GDAL's block cache (MB) while a scene is read and written. Its default, 5% of the RAM, would let
+# the cache of written blocks grow with the scene up to that size; windows are written whole
+# blocks at a time, so a small cache costs nothing.
+GDAL_CACHE_MB = 64
 
 
 def _rasterio():
@@ -418,7 +422,16 @@ class _Progress:
     if enabled:
       from tqdm import tqdm
 
-      self._bar = tqdm(total=total, unit='tile', file=sys.stderr, smoothing=0.1, desc='fusing')
+      self._bar = tqdm(
+        total=total,
+        unit='tile',
+        file=sys.stderr,
+        smoothing=0.1,
+        desc='fusing',
+        # Always tiles/s (tqdm inverts slow rates to s/tile by default).
+        bar_format='{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} tiles '
+        '[{elapsed}<{remaining}, {rate_noinv_fmt}]',
+      )
 
   def update(self, n: int) -> None:
     if self._bar is not None:
@@ -522,6 +535,15 @@ def _valid(pan, ms, y0, y1, x0, x1, scale, declared) -> np.ndarray:
   return valid
 
 
+def _gdal_env():
+  """A rasterio environment with a bounded block cache (a no-op without rasterio)."""
+  try:
+    import rasterio
+  except ImportError:
+    return contextlib.nullcontext()
+  return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
+
+
 def fuse_files(
   workdir: str | os.PathLike,
   pan_path: str | os.PathLike,
@@ -571,6 +593,7 @@ def fuse_files(
   model = config.model
   scale = int(model.get('scale', 4))
   with contextlib.ExitStack() as stack:
+    stack.enter_context(_gdal_env())
     pan = open_raster(pan_path, 'PAN', pan_key)
     stack.callback(pan.close)
     ms = open_raster(ms_path, 'MS', ms_key)
