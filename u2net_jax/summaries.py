@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from u2net_jax import checkpointing, metrics, reporting
+from u2net_jax import metrics, reporting
 
 # jax's compile events (`jax._src.dispatch`): tracing, lowering to StableHLO, XLA's compilation.
 _TRACE_EVENTS = (
@@ -268,11 +268,10 @@ def closing_summary(config, workdir: str | Path, source, *, step: int | None = N
       f'{_figures(baseline)}; the network is '
       f'{best["valid_psnr"] - baseline["valid_psnr"]:+.2f} dB PSNR from it'
     )
-  try:
-    best_step = checkpointing.select_step(workdir, None, 'best')
-    where = f' (the best: step {best_step})'
-  except (FileNotFoundError, ValueError):
-    where = ''
+  # The best checkpoint is the step of the lowest validation loss (train_lib saves it). Read from
+  # the log, not through orbax: a checkpoint manager opened by one process alone could wait on
+  # the others in a multi-host run.
+  where = f' (the best: step {best["step"]})' if records else ''
   lines.append(f'  checkpoints: {workdir / "checkpoints"}{where}')
   lines.append(f'  next: python evaluate.py --workdir={_shown(workdir)}')
   text = '\n'.join(lines)
