@@ -132,10 +132,10 @@ def all_processes_agree(ok: bool) -> list[bool]:
 
 
 def broadcast_int(value: int) -> int:
-  """Process 0's `value`, on every process (a collective: all must call it)."""
+  """Process 0's `value` (an int32), on every process (a collective: all must call it)."""
   if jax.process_count() == 1:
     return int(value)
-  return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int64)))
+  return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int32)))
 
 
 def wait_for_all(name: str) -> None:
@@ -172,7 +172,9 @@ class PreemptionWatch:
     del frame
     self.signal_name = signal.Signals(signum).name
     self._signalled.set()
-    logging.warning('%s received: saving a checkpoint after this step, then stopping.', signum)
+    logging.warning(
+      '%s received: saving a checkpoint after this step, then stopping.', self.signal_name
+    )
 
   def reached(self, step: int) -> bool:
     """Whether every process has been asked to stop and `step` is where they all save."""

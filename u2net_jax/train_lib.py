@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import shutil
 import time
@@ -59,6 +58,7 @@ from u2net_jax import (
   models,
   sharding,
   summaries,
+  train_log,
 )
 from u2net_jax import workdir as workdir_lib
 
@@ -223,105 +223,6 @@ class Plan:
 
   def at_log(self, step: int) -> bool:
     return step % self.log_every == 0 or self.at_eval(step) or self.at_ckpt(step)
-
-
-# ----------------------------------------------------------------------------------------------
-# Logging (host 0 writes; the others stay quiet).
-
-
-class MetricWriter:
-  """Writes scalars as JSON lines (`metrics.jsonl`) and TensorBoard events (tensorboardX)."""
-
-  def __init__(self, workdir: Path, enabled: bool):
-    self.enabled = enabled
-    self._tb = None
-    if enabled:
-      # An append-only log, one flushed line per record: a kill loses at most the line being
-      # written, and a resumed run continues the same file.
-      self._jsonl = open(workdir / 'metrics.jsonl', 'a')  # Closed in close().
-      from tensorboardX import SummaryWriter
-
-      self._tb = SummaryWriter(str(workdir / 'tensorboard'))
-
-  def write(self, step: int, scalars: Mapping[str, float]) -> None:
-    """Appends one record of `scalars` at `step` (a no-op on hosts other than 0)."""
-    if not self.enabled:
-      return
-    scalars = {k: float(v) for k, v in scalars.items()}
-    self._jsonl.write(json.dumps({'step': int(step), **scalars}) + '\n')
-    self._jsonl.flush()
-    for k, v in scalars.items():
-      self._tb.add_scalar(k, v, int(step))
-    self._tb.flush()
-
-  def close(self) -> None:
-    if self.enabled:
-      self._jsonl.close()
-      self._tb.close()
-
-
-def _format_eta(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f'{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
-
-
-class _TrainLog:
-  """Collects the per-step losses on the device and reports them every few steps."""
-
-  def __init__(self, config, plan: Plan, writer: MetricWriter, workdir: Path):
-    self._batch_size = config.train.batch_size
-    self._lr_fn = create_learning_rate_fn(config, plan.steps_per_epoch)
-    self._plan, self._writer, self._workdir = plan, writer, workdir
-    self._pending: list[dict[str, jax.Array]] = []
-    self._start = time.perf_counter()
-    self.last: dict[str, float] = {}
-
-  def add(self, step_metrics: dict[str, jax.Array]) -> None:
-    # Kept on the device: fetching every step would synchronise the host with each step.
-    self._pending.append(step_metrics)
-
-  def flush(self, step: int) -> None:
-    """Writes the mean loss since the last flush; stops on a non-finite loss or norm."""
-    fetched = jax.device_get(self._pending)
-    steps, self._pending = len(self._pending), []
-    first = step - steps + 1
-    for name in ('loss', 'grad_norm', 'param_norm'):
-      _check_finite(np.asarray([m[name] for m in fetched], np.float64), first, name, self._workdir)
-    losses = np.asarray([m['loss'] for m in fetched], np.float64)
-    rate = steps / max(time.perf_counter() - self._start, 1e-9)
-    plan = self._plan
-    self.last = {
-      'train_loss': float(losses.mean()),
-      'grad_norm': float(fetched[-1]['grad_norm']),
-      'param_norm': float(fetched[-1]['param_norm']),
-      'learning_rate': float(self._lr_fn(step - 1)),
-      'steps_per_sec': rate,
-      'samples_per_sec': rate * self._batch_size,
-      'epoch': step / plan.steps_per_epoch,
-    }
-    self._writer.write(step, self.last)
-    if self._writer.enabled:
-      logging.info(
-        '[%d/%d] epoch %.1f  loss %.5f  lr %.3g  %.2f steps/s  ETA %s',
-        step, plan.total_steps, self.last['epoch'], self.last['train_loss'],
-        self.last['learning_rate'], rate, _format_eta((plan.total_steps - step) / max(rate, 1e-9)),
-      )  # fmt: skip
-    self._start = time.perf_counter()
-
-
-_WHAT = {'loss': 'training loss', 'grad_norm': 'gradient norm', 'param_norm': 'parameter norm'}
-
-
-def _check_finite(values: np.ndarray, first_step: int, name: str, workdir: Path) -> None:
-  """Raises `errors.DivergedError` when one of the per-step `values` is NaN or infinite."""
-  bad = np.flatnonzero(~np.isfinite(values))
-  if bad.size:
-    raise errors.DivergedError(
-      f'the {_WHAT[name]} became {values[bad[0]]} at step {first_step + int(bad[0])}; stopped '
-      f'without saving. The checkpoints in {workdir / "checkpoints"} hold only finite '
-      'parameters: lower --config.optimizer.learning_rate or check the data for extreme '
-      'values, then re-run to resume from the last one.'
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -493,7 +394,9 @@ def _prepare(config, workdir: Path):
   return mesh, train_source, valid_source, plan
 
 
-def _validate(p_eval, state, config, source, mesh, writer: MetricWriter, step: int) -> dict:
+def _validate(
+  p_eval, state, config, source, mesh, writer: train_log.MetricWriter, step: int
+) -> dict:
   valid = _evaluate(p_eval, state.params, config, source, mesh)
   bad = {k: v for k, v in valid.items() if not math.isfinite(v)}
   if bad:
@@ -562,8 +465,10 @@ def _train(config, workdir: Path, mesh, train_source, valid_source, plan: Plan) 
   state, meta = _restore_or_init(config, workdir, manager, plan.steps_per_epoch, mesh)
   p_train, p_eval = compile_steps(mesh, state.apply_fn, config.model.scale)
   p_train = summaries.log_first_call(p_train, 'the train step')  # Says it compiles, and how long.
-  writer = MetricWriter(workdir, enabled=is_main)
-  log = _TrainLog(config, plan, writer, workdir)
+  writer = train_log.MetricWriter(workdir, enabled=is_main)
+  log = train_log.TrainLog(
+    config, plan, writer, workdir, create_learning_rate_fn(config, plan.steps_per_epoch)
+  )
   checkpoints = _Checkpoints(manager, config, plan, meta)
   images = summaries.ValidationImages(config, valid_source, workdir)  # TensorBoard previews.
   start_step = int(meta.get('step', 0))

@@ -183,7 +183,7 @@ def claim(workdir: str | Path, shared_wait_s: float = SHARED_WAIT_S) -> Iterator
     except errors.WorkdirError as e:
       problem, lock = str(e), None
   if jax.process_count() > 1:
-    token = distributed.broadcast_int(int.from_bytes(os.urandom(4), 'little') if main else 0)
+    token = distributed.broadcast_int(int.from_bytes(os.urandom(3), 'little') if main else 0)
     marker = workdir / f'.shared-check-{token:08x}'
     if main and problem is None:
       marker.write_text(json.dumps(lock.holder))
