@@ -124,3 +124,54 @@ def test_side_by_side_quick_round_runs_both_sides(tmp_path):
   assert report['status'] == 'ok' and len(train['rounds']) == 1
   assert train['official_s'] > 0 and train['project_s'] > 0 and train['median_ratio'] > 0
   assert 0 < train['project_pct_sgemm'] < 100
+
+
+# The profile's attribution of XLA operations (benchmarks/profile_step.py).
+
+
+def _profile_module():
+  spec = importlib.util.spec_from_file_location(
+    'u2net_profile', REPO / 'benchmarks' / 'profile_step.py'
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_profile_categories_from_op_names():
+  profile = _profile_module()
+  cat = profile.categorise
+  loop = 'jit(train_step)/jvp(U2Net)/s2block0/attention/while/body/closed_call/exp'
+  assert cat('fusion', loop) == 'spatial attention fwd'
+  assert cat('fusion', loop.replace('jvp(U2Net)', 'transpose(jvp(U2Net))')) == (
+    'spatial attention bwd'
+  )
+  assert cat('fusion', 'jit(train_step)/jvp(U2Net)/s2block0/attention/softmax') == (
+    'other S2Block attention fwd'
+  )
+  assert cat('convolution', 'jit(f)/transpose(jvp(U2Net))/down0/conv_general_dilated') == 'conv bwd'
+  assert cat('fusion', 'jit(f)/jvp(U2Net)/s2block1/attn_norm/mul') == 'layernorm fwd'
+  assert cat('fusion', 'jit(train_step)/mul') == 'optimizer'
+  assert cat('copy', '') == 'unattributed'
+
+
+def test_profile_resolves_loop_bodies_and_sums_events():
+  import jax
+  import jax.numpy as jnp
+
+  profile = _profile_module()
+
+  def f(x):
+    return jax.lax.scan(lambda c, y: (c + jnp.sin(y) @ x, None), x, x[None].repeat(3, 0))[0]
+
+  hlo = jax.jit(f).lower(jnp.ones((8, 8))).compile().as_text()
+  names = profile.hlo_op_names(hlo)
+  assert any(opcode == 'while' for opcode, _ in names.values())
+  # Every non-control instruction of the loop body gets an op_name (its own or its caller's).
+  body = [n for n, (opcode, op) in names.items() if 'while' in op and opcode != 'while']
+  assert body
+  events = [{'ph': 'X', 'name': n, 'ts': 10.0 * i, 'dur': 5.0} for i, n in enumerate(body)]
+  events.append({'ph': 'X', 'name': 'ThunkExecutor::Execute', 'ts': 0.0, 'dur': 1e6})
+  summary = profile.summarise(events, names, calls=1)
+  assert summary['ops_ms_per_call'] == pytest.approx(5e-3 * len(body))
+  assert sum(summary['share'].values()) == pytest.approx(1.0)
