@@ -183,11 +183,16 @@ def claim(workdir: str | Path, shared_wait_s: float = SHARED_WAIT_S) -> Iterator
     except errors.WorkdirError as e:
       problem, lock = str(e), None
   if jax.process_count() > 1:
-    token = distributed.broadcast_int(int.from_bytes(os.urandom(3), 'little') if main else 0)
-    marker = workdir / f'.shared-check-{token:08x}'
+    # Process 0 sends the marker's name, or -1 when it could not take the lock (the others
+    # then stop at once instead of waiting for a marker that never comes).
+    mine = int.from_bytes(os.urandom(3), 'little') if problem is None else -1
+    token = distributed.broadcast_int(mine if main else 0)
+    marker = workdir / f'.shared-check-{max(token, 0):06x}'
     if main and problem is None:
       marker.write_text(json.dumps(lock.holder))
-    if not main and not _wait_for(marker, shared_wait_s):
+    if not main and token < 0:
+      problem = f'workdir {workdir}: process 0 could not take its lock (see its message)'
+    elif not main and not _wait_for(marker, shared_wait_s):
       problem = (
         f'workdir {workdir} is not shared: process {jax.process_index()} on host '
         f'{socket.gethostname()} did not see within {shared_wait_s:.0f} s the file {marker.name} '
