@@ -214,13 +214,17 @@ def test_files_that_are_no_checkpoint(tmp_path, payload, message):
 @pytest.mark.parametrize(
   'pkl,message',
   [
-    (b'\x80\x02}q\x00', r'malformed pickle \(UnpicklingError|EOFError'),  # Truncated.
+    (
+      b'\x80\x02}q\x00',
+      r'malformed pickle \(ValueError: pickle exhausted before seeing STOP',
+    ),  # Truncated.
     (b'\x80\x02' + b'(' * 50000 + b'.', r'malformed pickle'),  # Only marks.
     (pickle.dumps({'w': 'not a tensor'}, protocol=2), r"entries that are not named tensors: \['w'"),
     (pickle.dumps([1, 2], protocol=2), r'expected a state-dict .* found list'),
+    (pickle.dumps(bytearray(b'x'), protocol=5), r'opcode BYTEARRAY8, which a state-dict never'),
     (b'\x80\x02c__builtin__\neval\nq\x00.', r'refusing to load global __builtin__.eval'),
   ],
-  ids=['truncated', 'marks', 'not_tensor', 'list', 'eval'],
+  ids=['truncated', 'marks', 'not_tensor', 'list', 'bytearray', 'eval'],
 )
 def test_malformed_pickles_are_one_clear_error(tmp_path, pkl, message):
   path = tmp_path / 'w.pth'

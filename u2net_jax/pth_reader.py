@@ -33,6 +33,7 @@ import collections
 import io
 import math
 import pickle
+import pickletools
 import struct
 import zipfile
 import zlib
@@ -200,8 +201,30 @@ def _rebuild_parameter(data, *unused):
   return data
 
 
+# Opcodes a state-dict never uses and that reach odd corners of the C unpickler: protocol 5's
+# out-of-band buffers and mutable byte arrays, and the copyreg extension registry.
+_REFUSED_OPCODES = {'BYTEARRAY8', 'NEXT_BUFFER', 'READONLY_BUFFER', 'EXT1', 'EXT2', 'EXT4'}
+
+
+def _check_opcodes(data: bytes, source: str) -> None:
+  """Parses the pickle's opcodes (without running them) and refuses the unneeded ones."""
+  try:
+    for opcode, _, _ in pickletools.genops(data):
+      if opcode.name in _REFUSED_OPCODES:
+        raise CheckpointFormatError(
+          f'{source}: the pickle uses opcode {opcode.name}, which a state-dict never needs'
+        )
+  except CheckpointFormatError:
+    raise
+  except _MALFORMED as e:
+    raise CheckpointFormatError(
+      f'{source}: malformed pickle ({type(e).__name__}: {str(e)[:200]})'
+    ) from e
+
+
 def _unpickle(data: bytes, source: str, storages: dict[str, _Storage] | None) -> Any:
   """Runs the restricted unpickler, reporting every malformed-pickle failure the same way."""
+  _check_opcodes(data, source)
   try:
     return _RestrictedUnpickler(io.BytesIO(data), source, storages).load()
   except (UnsafeCheckpointError, CheckpointFormatError):
@@ -320,12 +343,15 @@ def _load_legacy(blob: bytes, source: str, max_bytes: int) -> collections.Ordere
 
   def header():
     try:
+      _check_opcodes(blob[stream.tell() :], source)
       return _RestrictedUnpickler(stream, source, None).load()
-    except (UnsafeCheckpointError, CheckpointFormatError):
+    except UnsafeCheckpointError:
       raise
     except Exception as e:  # noqa: BLE001 (any unpickling failure of a header: not a .pth)
+      why = str(e).removeprefix(f'{source}: ') if isinstance(e, CheckpointFormatError) else ''
       raise CheckpointFormatError(
-        f'{source}: not a PyTorch checkpoint (neither zip nor legacy format: {type(e).__name__})'
+        f'{source}: not a PyTorch checkpoint (neither zip nor legacy format: '
+        f'{why or type(e).__name__})'
       ) from e
 
   if header() != _LEGACY_MAGIC:
@@ -335,6 +361,7 @@ def _load_legacy(blob: bytes, source: str, max_bytes: int) -> collections.Ordere
   little = info.get('little_endian', True) if isinstance(info, dict) else True
   storages: dict[str, _Storage] = {}
   # The body is the rest of the stream: unpickle from there (the unpickler stops at STOP).
+  _check_opcodes(blob[stream.tell() :], source)
   body = io.BytesIO(blob)
   body.seek(stream.tell())
   try:
