@@ -6,10 +6,12 @@ r"""Evaluates a workdir's checkpoint with the paper's protocols: tables, files a
   python evaluate.py --workdir=workdirs/official_wv3 \
       --test_files=wv2_reduced=test_wv2_multiExm1.h5,wv2_full=test_wv2_OrigScale_multiExm1.h5 \
       --sensor=WV2
+  python evaluate.py --workdir=workdirs/official_wv3 --test_files=a.h5,b.h5   # eval/a, eval/b
 
 Results go to `WORKDIR/eval/<test set>/` (see `u2net_jax/reporting.py`). The logic lives in
 `u2net_jax.eval_lib.evaluate`, callable from a notebook; the tiled inference in
-`u2net_jax.tiling`.
+`u2net_jax.tiling`. Library log lines (orbax, libtpu) are hidden below WARNING; `-v 1` shows
+them (`u2net_jax.logging_utils`).
 """
 
 import sys

@@ -8,6 +8,10 @@ Several processes (hosts): Cloud TPU pod slices and SLURM jobs are detected; oth
 process `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (or the environment
 variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) and one shared --workdir.
 SIGTERM saves a checkpoint and exits with status 143; the same command resumes.
+
+The console is quiet by default: library log lines (orbax, libtpu) below WARNING are hidden and
+`-v 1` shows them (`u2net_jax.logging_utils`). The first step says it compiles and how long it
+took; the run ends with a summary (best validation vs the lms baseline, checkpoints, next command).
 """
 
 import sys
