@@ -17,6 +17,9 @@ call it, and so must the absl entry points for the config `config_flags` hands t
 
 All problems are reported together, before any data is read or any training starts. `finalize`
 is idempotent: a finalized config (and a saved `config.json`) passes it unchanged.
+`check_config_arg` checks a `file.py:arg` spec and `check_init_from` the model of an `init_from`
+workdir (both read files, so the entry points call them). The module is a little over 500 lines
+because the rule table lists every field once; splitting it would scatter that one table.
 """
 
 from __future__ import annotations
