@@ -1,0 +1,126 @@
+"""End-to-end tests of `fuse.py`: the command line, and the real WorldView-2 scene with the
+released weights against `evaluate.py`'s tiled fusion of the same image (slow)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import rasterio
+import scipy.io
+from conftest import REPO, run_script, script_env, shared_path
+from rasterio.transform import Affine
+from scene_test import CRS, ORIGIN, PAN_PIXEL, make_pair, tiny_workdir, write_tiff  # noqa: F401
+
+from u2net_jax import config_utils, convert, toolbox
+from u2net_jax.data import pancollection
+
+
+@pytest.mark.slow
+def test_cli_fuses_and_reports_errors_in_one_line(tiny_workdir, tmp_path):  # noqa: F811
+  pan, ms = make_pair(np.random.default_rng(2), 64, 48)
+  write_tiff(tmp_path / 'pan.tif', pan)
+  write_tiff(tmp_path / 'ms.tif', ms, pixel=4 * PAN_PIXEL)
+  out = tmp_path / 'out' / 'fused.tif'
+  args = ['fuse.py', f'--workdir={tiny_workdir}', f'--pan={tmp_path / "pan.tif"}']
+  done = run_script(*args, f'--ms={tmp_path / "ms.tif"}', f'--out={out}')
+  assert done.returncode == 0, done.stderr
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  assert result['shape'] == [64, 48, 8] and result['output'] == str(out)
+  assert 'tile/s' in done.stderr  # The progress bar: rate and ETA.
+  with rasterio.open(out) as f:
+    assert f.crs == rasterio.crs.CRS.from_string(CRS) and f.dtypes[0] == 'uint16'
+  # An existing output without --overwrite, then a misregistered MS: one line each, nothing
+  # written.
+  again = run_script(*args, f'--ms={tmp_path / "ms.tif"}', f'--out={out}')
+  assert again.returncode == 1 and 'Traceback' not in again.stderr
+  assert again.stderr.strip().splitlines()[-1] == (
+    f'error: {out} exists; pass --overwrite to replace it (nothing written)'
+  )
+  write_tiff(tmp_path / 'ms3.tif', ms, pixel=3 * PAN_PIXEL)
+  bad = run_script(*args, f'--ms={tmp_path / "ms3.tif"}', f'--out={tmp_path / "bad.tif"}')
+  assert bad.returncode == 1 and 'Traceback' not in bad.stderr
+  last = bad.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and 'is 3x the PAN pixel' in last
+  assert not (tmp_path / 'bad.tif').exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Acceptance: the real WV2 scene (1280 x 1280 PAN, 320 x 320 x 8 MS, uint16) with the released
+# WV3 weights, as georeferenced GeoTIFFs, against evaluate.py on the same image.
+
+
+@pytest.fixture(scope='module')
+def wv2_run(tmp_path_factory):
+  """Fuses the scene with fuse.py and evaluates the same image with evaluate.py (one run of
+  each for all the asserts). Both run as scripts at XLA's default optimisation level (the
+  suite's level 0 halves compile times but makes the full model ~4x slower to run), sharing a
+  compilation cache: ~1 min each on 2 cores."""
+  data = scipy.io.loadmat(shared_path('data', 'pnn-wv2-ikonos-geoeye1', 'imgWV2.mat'))
+  checkpoint = shared_path('official', 'u2net_wv3_200000_iter.pth')
+  pan, ms = data['I_PAN'], data['I_MS']
+  folder = tmp_path_factory.mktemp('wv2_scene')
+  workdir = folder / 'official_wv3'
+  config = config_utils.load_config_file(REPO / 'configs/wv3.py')
+  convert.convert_to_workdir(checkpoint, config, workdir)
+  write_tiff(folder / 'pan.tif', pan)
+  write_tiff(folder / 'ms.tif', ms, pixel=4 * PAN_PIXEL)
+  flags = ' '.join(
+    f for f in os.environ.get('XLA_FLAGS', '').split() if 'backend_optimization_level' not in f
+  )
+  env = script_env({'XLA_FLAGS': flags}, cache_dir=folder / 'jax_cache')
+  fused = folder / 'fused.tif'
+  done = run_script(
+    'fuse.py',
+    f'--workdir={workdir}',
+    f'--pan={folder / "pan.tif"}',
+    f'--ms={folder / "ms.tif"}',
+    f'--out={fused}',
+    '--noprogress',
+    env=env,
+    timeout=1800,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  # The same image as a one-example PanCollection full-resolution file, through evaluate.py.
+  h5 = folder / 'test_wv2_scene_OrigScale_multiExm1.h5'
+  arrays = {
+    'lms': toolbox.interp23tap(ms.astype(np.float64), 4),
+    'ms': ms.astype(np.float64),
+    'pan': pan.astype(np.float64)[..., None],
+  }
+  pancollection.write_h5(h5, {k: v.transpose(2, 0, 1)[None] for k, v in arrays.items()})
+  done = run_script(
+    'evaluate.py',
+    f'--workdir={workdir}',
+    f'--test_files=wv2_scene={h5}',
+    '--sensor=WV2',
+    f'--output_dir={folder / "eval"}',
+    env=env,
+    timeout=1800,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  evaluated = scipy.io.loadmat(folder / 'eval' / 'wv2_scene' / 'output_mulExm_0.mat')['sr']
+  return folder, result, evaluated
+
+
+@pytest.mark.slow
+def test_real_wv2_scene_keeps_the_georeference(wv2_run):
+  folder, result, _ = wv2_run
+  with rasterio.open(folder / 'fused.tif') as f, rasterio.open(folder / 'pan.tif') as p:
+    assert f.crs == p.crs == rasterio.crs.CRS.from_string(CRS)
+    assert f.transform == p.transform == Affine(PAN_PIXEL, 0, ORIGIN[0], 0, -PAN_PIXEL, ORIGIN[1])
+    assert (f.height, f.width, f.count) == (1280, 1280, 8) and f.dtypes == ('uint16',) * 8
+  assert result['shape'] == [1280, 1280, 8] and result['tiles'] == 21 * 21
+
+
+@pytest.mark.slow
+def test_real_wv2_scene_equals_evaluate(wv2_run):
+  folder, _, evaluated = wv2_run
+  with rasterio.open(folder / 'fused.tif') as f:
+    fused = f.read().transpose(1, 2, 0).astype(np.float64)
+  assert evaluated.shape == (1280, 1280, 8)
+  rounded = np.clip(np.rint(evaluated.astype(np.float64)), 0, 2047)
+  assert np.abs(fused - rounded).max() <= 1
+  # Same tiles at the same batch positions: the same bits, so the rounding agrees everywhere.
+  assert np.abs(fused - rounded).max() == 0
