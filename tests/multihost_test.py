@@ -117,15 +117,21 @@ def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
   assert _max_diff(a, b) <= 1e-6
 
 
+def _records(path):
+  for line in path.read_text().splitlines():
+    try:
+      yield json.loads(line)
+    except ValueError:  # A line being written.
+      continue
+
+
 def _wait_for_step(workdir, step, procs, timeout=TIMEOUT):
   """Waits until `metrics.jsonl` records a train loss at `step` or later."""
   deadline = time.time() + timeout
   path = workdir / 'metrics.jsonl'
   while time.time() < deadline:
     assert all(p.poll() is None for p in procs), 'a process ended early'
-    if path.exists() and any(
-      r.get('step', 0) >= step for r in map(json.loads, path.read_text().splitlines()[:-1] or [])
-    ):
+    if path.exists() and any(r.get('step', 0) >= step for r in _records(path)):
       return
     time.sleep(0.1)
   pytest.fail(f'no step {step} in {path} after {timeout} s')
@@ -209,14 +215,14 @@ def test_non_shared_workdir_and_dead_peer_end_the_run_with_a_message(tmp_path):
 
 
 def _metric_means(out_dir) -> dict:
-  means = {}
+  """test set/method/image/metric -> value, from every `metrics.json` under `out_dir`."""
+  values = {}
   for path in sorted(out_dir.glob('*/metrics.json')):
-    methods = json.loads(path.read_text())['methods']
-    for method, figures in methods.items():
-      for name, value in figures.items():
-        if isinstance(value, dict) and 'mean' in value:
-          means[f'{path.parent.name}/{method}/{name}'] = value['mean']
-  return means
+    for method, summary in json.loads(path.read_text())['methods'].items():
+      for k, image in enumerate(summary['per_image']):
+        for name, value in image.items():
+          values[f'{path.parent.name}/{method}/{k}/{name}'] = value
+  return values
 
 
 def _evaluate_processes(tmp_path, workdir, out_dir, n=2):
