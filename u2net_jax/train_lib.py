@@ -343,8 +343,10 @@ def _restore_or_init(config, workdir: Path, manager, steps_per_epoch: int, mesh)
     params = restored['params']
     logging.info('Initialised the weights from %s (checkpoint step %d).', workdir, step)
   elif config.init_from:
-    # Read by each process onto its own devices, then placed on the mesh like a fresh init.
+    # Read by each process onto its own devices, then placed on the mesh from host memory like
+    # a fresh init (a device-to-device copy across processes is not possible on every backend).
     params, step, _ = checkpointing.restore_params(config.init_from, config.model, which='best')
+    params = jax.device_get(params)
     logging.info('Initialised the weights from %s (checkpoint step %d).', config.init_from, step)
   else:
     params = None
