@@ -24,7 +24,8 @@ Usage (from the repository root)::
   python benchmarks/profile_step.py --program=tiles       # 13 tiles of 72x72, released weights
   python benchmarks/profile_step.py --batch=4 --calls=1   # smaller, faster
 
-Writes `benchmarks/results/profile_<program>.json` and prints a markdown table.
+Writes `benchmarks/results/profile_<program>.json` (and the compiled HLO beside it, `.hlo.txt`)
+and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -100,11 +101,18 @@ def hlo_op_names(hlo_text: str) -> dict[str, tuple[str, str]]:
   return {name: (v[0], resolve(name)) for name, v in instr.items()}
 
 
-def categorise(opcode: str, op_name: str) -> str:
-  """The CATEGORIES entry of one operation from its opcode and JAX op_name."""
+def categorise(opcode: str, op_name: str, training: bool = True) -> str:
+  """The CATEGORIES entry of one operation from its opcode and JAX op_name.
+
+  Args:
+    opcode: the HLO opcode.
+    op_name: the JAX op_name metadata.
+    training: the program is a train step (outside `jvp(...)` is the optimizer); otherwise
+      every operation is forward.
+  """
   if not op_name:
     return 'unattributed'  # No metadata anywhere up its call chain (e.g. layout copies).
-  if 'jvp(' not in op_name:
+  if training and 'jvp(' not in op_name:
     return 'optimizer'  # Outside value_and_grad: Adam and the gradient/parameter norms.
   side = 'bwd' if 'transpose(jvp(' in op_name else 'fwd'
   if '/attention/' in op_name or op_name.endswith('/attention'):
@@ -117,7 +125,9 @@ def categorise(opcode: str, op_name: str) -> str:
   return f'other {side}'
 
 
-def summarise(trace_events, names: dict[str, tuple[str, str]], calls: int) -> dict:
+def summarise(
+  trace_events, names: dict[str, tuple[str, str]], calls: int, training: bool = True
+) -> dict:
   """Per-category milliseconds per call from Perfetto 'X' events named like HLO instructions."""
   per_cat, per_op = collections.Counter(), collections.Counter()
   starts, ends = [], []
@@ -127,7 +137,7 @@ def summarise(trace_events, names: dict[str, tuple[str, str]], calls: int) -> di
     opcode, op_name = names[e['name']]
     if opcode in _CONTROL:
       continue
-    cat = categorise(opcode, op_name)
+    cat = categorise(opcode, op_name, training)
     per_cat[cat] += e.get('dur', 0.0) / 1e3
     per_op[(cat, e['name'], op_name)] += e.get('dur', 0.0) / 1e3
     starts.append(e['ts'])
@@ -221,8 +231,10 @@ def profile(program: str, batch: int, calls: int) -> dict:
     with gzip.open(trace_file, 'rt') as f:
       trace = json.load(f)
   events = trace['traceEvents'] if isinstance(trace, dict) else trace
-  result = summarise(events, hlo_op_names(compiled.as_text()), calls)
+  hlo_text = compiled.as_text()
+  result = summarise(events, hlo_op_names(hlo_text), calls, training=program == 'train')
   result.update(
+    hlo_text=hlo_text,
     what=what,
     program=program,
     batch=batch,
@@ -271,8 +283,10 @@ def main(argv=None) -> int:
     ['python', 'benchmarks/profile_step.py'] + list(argv or sys.argv[1:])
   )
   print(format_table(result))
-  out = args.out or RESULTS / f'profile_{args.program}.json'
-  print(f'wrote {fileio.atomic_write_text(out, json.dumps(result, indent=2))}')
+  out = Path(args.out or RESULTS / f'profile_{args.program}.json')
+  hlo = result.pop('hlo_text')  # Beside the JSON: the op names of the table, to look up.
+  fileio.atomic_write_text(out.with_suffix('.hlo.txt'), hlo)
+  print(f'wrote {fileio.atomic_write_text(out, json.dumps(result, indent=2))} and the HLO')
   return 0
 
 

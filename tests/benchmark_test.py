@@ -153,6 +153,8 @@ def test_profile_categories_from_op_names():
   assert cat('fusion', 'jit(f)/jvp(U2Net)/s2block1/attn_norm/mul') == 'layernorm fwd'
   assert cat('fusion', 'jit(train_step)/mul') == 'optimizer'
   assert cat('copy', '') == 'unattributed'
+  # Inference: no value_and_grad, everything is forward.
+  assert cat('fusion', 'jit(f)/U2Net/down0/conv_general_dilated', training=False) == 'conv fwd'
 
 
 def test_profile_resolves_loop_bodies_and_sums_events():
