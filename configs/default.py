@@ -82,7 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.read_threads = 4  # grain threads reading examples in each process.
   # Value checks (finite, on the scale of max_value) when an HDF5 file is opened: 'sample' reads
   # a deterministic spread of examples, 'full' every value once (the result cached per file),
-  # 'off' none (`data.pancollection.CHECK_VALUES`).
+  # 'off' none (`data.value_checks.CHECK_VALUES`).
   config.data.check_values = 'sample'
   # SYNTHETIC demo data (source == 'demo'), generated in-process: gt side, examples per split.
   config.data.demo_size = 64
