@@ -19,7 +19,7 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from u2net_jax import errors, eval_lib, logging_utils, tiling
+from u2net_jax import distributed, errors, eval_lib, logging_utils, tiling
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Workdir of a training run or of converted official weights.')
@@ -39,6 +39,7 @@ flags.DEFINE_enum('mode', None, list(tiling.MODES), 'Inference (default: config.
 flags.DEFINE_integer('tile_batch', None, 'Tiles per jitted call (default: config.eval.tile_batch).')
 flags.DEFINE_string('output_dir', None, 'Where the results go (default: WORKDIR/eval).')
 flags.DEFINE_bool('save_images', None, 'Write the .mat and PNG files (default: config.eval).')
+distributed.define_flags()  # Several processes: see train.py; process 0 evaluates.
 flags.mark_flag_as_required('workdir')
 
 
@@ -48,6 +49,10 @@ def main(argv):
   # Library chatter (orbax's read-only restore warnings, libtpu) stays off the console unless
   # -v 1 / --verbosity=1.
   logging_utils.configure()
+  try:
+    distributed.initialize_from_flags()
+  except errors.DistributedError as e:
+    sys.exit(f'error: {e}')
   logging.info('JAX devices: %s', jax.devices())
   try:
     eval_lib.evaluate(
@@ -62,9 +67,9 @@ def main(argv):
       output_dir=FLAGS.output_dir,
       save_images=FLAGS.save_images,
     )
-  except (*errors.user_errors(), FileNotFoundError, ValueError) as e:
+  except (*errors.user_errors(), FileNotFoundError) as e:
     # What a user can fix (a config.json, data, a checkpoint, the output folder, a --test_files
-    # item, which eval_lib reports as a ValueError): one line, no traceback.
+    # item, a missing file): one line, no traceback.
     sys.exit(f'error: {e}')
 
 

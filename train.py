@@ -31,14 +31,7 @@ flags.DEFINE_bool(
   False,
   'Resume a run whose stored config.json differs in model, data, seed or optimizer fields.',
 )
-flags.DEFINE_string('coordinator_address', None, 'Process 0 host:port [$JAX_COORDINATOR_ADDRESS].')
-flags.DEFINE_integer('num_processes', None, 'Number of processes [$JAX_NUM_PROCESSES].')
-flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1 [$JAX_PROCESS_ID].')
-flags.DEFINE_integer(
-  'heartbeat_timeout',
-  distributed.DEFAULT_HEARTBEAT_TIMEOUT_S,
-  'Seconds before a silent peer ends the run with an error (several processes).',
-)
+distributed.define_flags()
 flags.DEFINE_float(
   'shared_workdir_timeout',
   workdir_lib.SHARED_WAIT_S,
@@ -56,12 +49,7 @@ def main(argv):
   # Library chatter (orbax, libtpu) stays off the console unless -v 1 / --verbosity=1.
   logging_utils.configure()
   try:
-    distributed.initialize(
-      FLAGS.coordinator_address,
-      FLAGS.num_processes,
-      FLAGS.process_id,
-      heartbeat_timeout_s=FLAGS.heartbeat_timeout,
-    )
+    distributed.initialize_from_flags()
   except errors.DistributedError as e:
     sys.exit(f'error: {e}')
   workdir = FLAGS.workdir or workdir_lib.default_workdir(FLAGS['config'].config_filename)
@@ -72,6 +60,7 @@ def main(argv):
   )  # fmt: skip
   try:
     # The command-line overrides are applied by now: derive and validate the config once.
+    config_utils.check_config_arg(FLAGS['config'].config_filename)  # `file.py:typo` is an error.
     config = config_utils.finalize(FLAGS.config)
     train_lib.train_and_evaluate(
       config,

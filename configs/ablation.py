@@ -13,6 +13,9 @@ u2net_l 85,658.
 """
 
 from configs import default
+from u2net_jax import models
+
+CONFIG_ARGS = tuple(models.VARIANTS)  # The `:arg` values, checked by config_utils.
 
 
 def get_config(variant: str = 'u2net'):

@@ -6,6 +6,8 @@ python train.py --config=configs/tiny.py:hisr --workdir=/tmp/tiny_hisr
 
 from configs import default
 
+CONFIG_ARGS = ('pansharpening', 'hisr')  # `configs/tiny.py:hisr`; checked by config_utils.
+
 
 def get_config(task: str = 'pansharpening'):
   config = default.get_config()

@@ -181,3 +181,42 @@ class PreemptionWatch:
     if self._multi:
       return multihost_utils.reached_preemption_sync_point(step)
     return self._signalled.is_set()
+
+
+def define_flags(fv=None) -> None:
+  """The launch flags of the entry points (train.py, evaluate.py), defined once here.
+
+  `--coordinator_address`, `--num_processes`, `--process_id` (default: the JAX_* environment
+  variables, or Cloud TPU / SLURM detection) and `--heartbeat_timeout`.
+  """
+  from absl import flags
+
+  fv = flags.FLAGS if fv is None else fv
+  flags.DEFINE_string(
+    'coordinator_address', None, f'Process 0 host:port [${ENV_ADDRESS}].', flag_values=fv
+  )
+  flags.DEFINE_integer(
+    'num_processes', None, f'Number of processes [${ENV_NUM_PROCESSES}].', flag_values=fv
+  )
+  flags.DEFINE_integer(
+    'process_id', None, f'This process, 0..num_processes-1 [${ENV_PROCESS_ID}].', flag_values=fv
+  )
+  flags.DEFINE_integer(
+    'heartbeat_timeout',
+    DEFAULT_HEARTBEAT_TIMEOUT_S,
+    'Seconds before a silent peer ends the run with an error (several processes).',
+    flag_values=fv,
+  )
+
+
+def initialize_from_flags(fv=None) -> None:
+  """`initialize` with the values of `define_flags`' flags."""
+  from absl import flags
+
+  fv = flags.FLAGS if fv is None else fv
+  initialize(
+    fv.coordinator_address,
+    fv.num_processes,
+    fv.process_id,
+    heartbeat_timeout_s=fv.heartbeat_timeout,
+  )

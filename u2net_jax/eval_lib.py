@@ -278,11 +278,13 @@ def parse_test_files(spec: str | Iterable[str] | Mapping[str, str] | None) -> di
     name, sep, path = item.partition('=')
     name, path = name.strip(), path.strip()
     if sep and not path:
-      raise ValueError(f'--test_files: {item!r} has an empty path (expected name=path.h5)')
+      raise config_utils.ConfigError(
+        f'--test_files: {item!r} has an empty path (expected name=path.h5)'
+      )
     if not sep and _is_path(item):
       name, path = Path(item).stem, item
     if name in out:
-      raise ValueError(
+      raise config_utils.ConfigError(
         f'--test_files: {given[name]!r} and {item!r} are both named {name!r} (results go to '
         f'eval/{name}); name them apart with name=path, e.g. '
         f'--test_files={name}_1={out[name] or name},{name}_2={path or name}'
@@ -293,7 +295,9 @@ def parse_test_files(spec: str | Iterable[str] | Mapping[str, str] | None) -> di
 
 def _check_name(name: str) -> None:
   if not name or name.startswith('.') or '/' in name or os.sep in name or name != name.strip():
-    raise ValueError(f'test set name {name!r} cannot be a folder name under workdir/eval')
+    raise config_utils.ConfigError(
+      f'test set name {name!r} cannot be a folder name under workdir/eval'
+    )
 
 
 class TestSet:

@@ -343,6 +343,7 @@ def _restore_or_init(config, workdir: Path, manager, steps_per_epoch: int, mesh)
     params = restored['params']
     logging.info('Initialised the weights from %s (checkpoint step %d).', workdir, step)
   elif config.init_from:
+    config_utils.check_init_from(config)  # Another model's weights: a clear error, not a shape one.
     # Read by each process onto its own devices, then placed on the mesh from host memory like
     # a fresh init (a device-to-device copy across processes is not possible on every backend).
     params, step, _ = checkpointing.restore_params(config.init_from, config.model, which='best')
