@@ -19,7 +19,7 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from u2net_jax import distributed, errors, eval_lib, logging_utils, tiling
+from u2net_jax import distributed, errors, eval_lib, tiling
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Workdir of a training run or of converted official weights.')
@@ -46,13 +46,7 @@ flags.mark_flag_as_required('workdir')
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  # Library chatter (orbax's read-only restore warnings, libtpu) stays off the console unless
-  # -v 1 / --verbosity=1.
-  logging_utils.configure()
-  try:
-    distributed.initialize_from_flags()
-  except errors.DistributedError as e:
-    sys.exit(f'error: {e}')
+  distributed.start()  # A quiet console (-v 1 for library logs), then the multi-process launch.
   logging.info('JAX devices: %s', jax.devices())
   try:
     eval_lib.evaluate(

@@ -20,7 +20,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from u2net_jax import config_utils, distributed, errors, logging_utils, train_lib
+from u2net_jax import config_utils, distributed, errors, train_lib
 from u2net_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
@@ -46,12 +46,7 @@ PREEMPTED_STATUS = 143
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  # Library chatter (orbax, libtpu) stays off the console unless -v 1 / --verbosity=1.
-  logging_utils.configure()
-  try:
-    distributed.initialize_from_flags()
-  except errors.DistributedError as e:
-    sys.exit(f'error: {e}')
+  distributed.start()  # A quiet console (-v 1 for library logs), then the multi-process launch.
   workdir = FLAGS.workdir or workdir_lib.default_workdir(FLAGS['config'].config_filename)
   logging.info(
     'JAX %s on %s: %d devices (%d local) on %d hosts; this is host %d. Workdir: %s',

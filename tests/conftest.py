@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import ml_collections
+import numpy as np
 import pytest
 
 # The suite compiles many small U2Net programs whose run time is negligible: XLA's backend
@@ -138,3 +139,13 @@ def run_script(
       if log:
         out.close()
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def sensor_image(h: int, w: int, c: int, seed: int = 0, smooth: bool = True) -> np.ndarray:
+  """A positive, spatially correlated (h, w, c) float64 test image on the 11-bit scale."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(h + 8, w + 8, c))
+  if smooth:
+    x = sum(np.roll(np.roll(x, i, 0), j, 1) for i in range(4) for j in range(4))
+  x = x[:h, :w]
+  return np.clip(900 + 120 * x + 60 * np.arange(c), 0, 2047)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import sensor_image
 
 from u2net_jax import metrics
 from u2net_jax.metrics import reference
@@ -155,18 +156,8 @@ def test_hisr_protocol_matches_vectors():
 # Invariants.
 
 
-def _image(h, w, c, seed=0, smooth=True):
-  """A positive, spatially correlated test image on the 11-bit scale."""
-  rng = np.random.default_rng(seed)
-  x = rng.normal(size=(h + 8, w + 8, c))
-  if smooth:
-    x = sum(np.roll(np.roll(x, i, 0), j, 1) for i in range(4) for j in range(4))
-  x = x[:h, :w]
-  return np.clip(900 + 120 * x + 60 * np.arange(c), 0, 2047)
-
-
 def test_identical_images_give_ideal_values():
-  x = _image(64, 64, 8)
+  x = sensor_image(64, 64, 8)
   assert metrics.psnr(x / 2047, x / 2047) == math.inf
   assert metrics.sam(x, x) == pytest.approx(0, abs=1e-6)
   assert metrics.ergas(x, x) == 0
@@ -186,7 +177,7 @@ def test_identical_flat_images_give_ideal_values():
 
 
 def test_sam_is_scale_invariant():
-  ref, out = _image(32, 32, 8, seed=1), _image(32, 32, 8, seed=2)
+  ref, out = sensor_image(32, 32, 8, seed=1), sensor_image(32, 32, 8, seed=2)
   base = metrics.sam(ref, out)
   assert base > 1
   assert metrics.sam(ref, 3.5 * out) == pytest.approx(base, rel=1e-12)
@@ -194,7 +185,7 @@ def test_sam_is_scale_invariant():
 
 
 def test_sam_skips_zero_pixels():
-  ref, out = _image(16, 16, 4, seed=1), _image(16, 16, 4, seed=2)
+  ref, out = sensor_image(16, 16, 4, seed=1), sensor_image(16, 16, 4, seed=2)
   ref_z, out_z = ref.copy(), out.copy()
   ref_z[0, :5] = 0
   out_z[3, 3] = 0
@@ -205,8 +196,8 @@ def test_sam_skips_zero_pixels():
 
 
 def test_qnr_is_the_product_of_its_distortions():
-  lms = _image(64, 64, 4, seed=3)
-  fused = lms + _image(64, 64, 4, seed=4, smooth=False) * 0.05
+  lms = sensor_image(64, 64, 4, seed=3)
+  fused = lms + sensor_image(64, 64, 4, seed=4, smooth=False) * 0.05
   pan = lms.mean(axis=2) + 5 * np.sin(np.arange(64))[:, None]
   dl = metrics.d_lambda(fused, lms)
   ds = metrics.d_s(fused, lms, pan)
@@ -321,15 +312,15 @@ def _q2n_loop(ref, out, block, shift):
   ],
 )
 def test_q2n_matches_literal_transcription(shape, block):
-  ref = np.round(_image(*shape, seed=5)) + 0.5  # Ties: rounding half away from zero.
-  out = ref * 0.98 + 40 * _image(*shape, seed=6, smooth=False) / 2047 - 20
+  ref = np.round(sensor_image(*shape, seed=5)) + 0.5  # Ties: rounding half away from zero.
+  out = ref * 0.98 + 40 * sensor_image(*shape, seed=6, smooth=False) / 2047 - 20
   out[:3, :4, 0] = ref[:3, :4, 0]
   exp = _q2n_loop(ref, out, block, block)
   assert metrics.q2n(ref, out, block=block, shift=block) == pytest.approx(exp, rel=1e-12)
 
 
 def test_q2n_flat_blocks_match_literal_transcription():
-  ref = _image(32, 32, 4, seed=7)
+  ref = sensor_image(32, 32, 4, seed=7)
   out = ref * 0.97 + 11
   ref[:16, :16] = 500.0  # A flat reference block: std 0 -> eps.
   out[:16, :16] = 480.0
@@ -340,9 +331,9 @@ def test_q2n_flat_blocks_match_literal_transcription():
 
 @pytest.mark.parametrize('bands', [4, 8])
 def test_q2n_identical_images_with_padding(bands):
-  x = _image(100, 100, bands, seed=8)  # 100 -> 128: mirror padding
+  x = sensor_image(100, 100, bands, seed=8)  # 100 -> 128: mirror padding
   assert metrics.q2n(x, x) == pytest.approx(1, abs=1e-12)
-  y = x + _image(100, 100, bands, seed=9, smooth=False) * 0.1
+  y = x + sensor_image(100, 100, bands, seed=9, smooth=False) * 0.1
   assert 0.5 < metrics.q2n(x, y) < 1
 
 
@@ -371,8 +362,8 @@ def _img_qi_loop(a, b, block):
 
 
 def test_q_index_matches_literal_img_qi_with_flat_windows():
-  ref = np.round(_image(20, 22, 2, seed=10))  # Integers: the literal sums are exact.
-  out = np.round(ref * 0.9 + _image(20, 22, 2, seed=11, smooth=False) * 0.02)
+  ref = np.round(sensor_image(20, 22, 2, seed=10))  # Integers: the literal sums are exact.
+  out = np.round(ref * 0.9 + sensor_image(20, 22, 2, seed=11, smooth=False) * 0.02)
   ref[:10, :10] = 300  # Flat windows in both images.
   out[:10, :10] = 320
   ref[10:, 12:, 1] = 0  # Flat zero windows in one image.
@@ -385,7 +376,7 @@ def test_q_index_matches_literal_img_qi_with_flat_windows():
 
 
 def test_bad_input_raises_clear_errors():
-  x = _image(64, 64, 4)
+  x = sensor_image(64, 64, 4)
   with pytest.raises(ValueError, match=r'out: shape \(64, 60, 4\) does not match'):
     metrics.sam(x, x[:, :60])
   nan = x.copy()
@@ -445,8 +436,8 @@ def test_aggregate_uses_n_minus_1_std_and_formats_the_table():
 
 
 def _batch():
-  ref = np.stack([_image(24, 20, 6, seed=s) / 2047 for s in (14, 15, 16)])
-  out = np.stack([_image(24, 20, 6, seed=s) / 2047 for s in (17, 18, 19)])
+  ref = np.stack([sensor_image(24, 20, 6, seed=s) / 2047 for s in (14, 15, 16)])
+  out = np.stack([sensor_image(24, 20, 6, seed=s) / 2047 for s in (17, 18, 19)])
   out[1, :2, :3] = 0  # Zero spectra, masked out of SAM.
   ref[2, 5, 5] = 0
   return ref, out

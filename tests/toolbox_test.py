@@ -11,20 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import sensor_image
 
 from u2net_jax import toolbox
 
 ARRAYS = Path(__file__).resolve().parents[1].parent / 'shared' / 'metrics' / 'metric_vectors.npz'
-
-
-def _image(h, w, c, seed=0, smooth=True):
-  """A positive, spatially correlated test image on the 11-bit scale."""
-  rng = np.random.default_rng(seed)
-  x = rng.normal(size=(h + 8, w + 8, c))
-  if smooth:
-    x = sum(np.roll(np.roll(x, i, 0), j, 1) for i in range(4) for j in range(4))
-  x = x[:h, :w]
-  return np.clip(900 + 120 * x + 60 * np.arange(c), 0, 2047)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +93,7 @@ def test_interp23tap_keeps_the_samples_at_the_toolbox_phase():
   # The 23-tap kernel interpolates (its even taps are 0 but the centre's 1): the samples come
   # back where MATLAB puts them, I(2:2:end) at x2 (0-based 1, 3, ...), then I(1:2:end) at x4,
   # so rows and columns 2 mod 4.
-  x = _image(16, 16, 2, seed=12)
+  x = sensor_image(16, 16, 2, seed=12)
   y = toolbox.interp23tap(x, ratio=4)
   np.testing.assert_allclose(y[2::4, 2::4], x, rtol=1e-13)
 
@@ -135,7 +126,7 @@ def test_mtf_kernel_construction():
 
 
 def test_mtf_filter_band_handling():
-  x = _image(48, 40, 4, seed=13)
+  x = sensor_image(48, 40, 4, seed=13)
   gains = toolbox.get_sensor('QB')['ms_gnyq']
   y = toolbox.mtf_filter(x, gains)
   assert y.shape == x.shape
@@ -151,7 +142,7 @@ def test_mtf_filter_band_handling():
 
 
 def test_bad_input_raises_clear_errors():
-  x = _image(64, 64, 4)
+  x = sensor_image(64, 64, 4)
   with pytest.raises(ValueError, match='ratio: must be a power of two'):
     toolbox.interp23tap(x, ratio=3)
   with pytest.raises(ValueError, match='expected H x W x C or H x W'):

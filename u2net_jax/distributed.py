@@ -220,3 +220,20 @@ def initialize_from_flags(fv=None) -> None:
     fv.process_id,
     heartbeat_timeout_s=fv.heartbeat_timeout,
   )
+
+
+def start(fv=None) -> None:
+  """What an entry point does first: a quiet console, then `initialize_from_flags`.
+
+  Library chatter (orbax, libtpu) stays off the console unless -v 1 / --verbosity=1
+  (`logging_utils.configure`). An incomplete launch exits with one line naming what is missing.
+  """
+  import sys
+
+  from u2net_jax import logging_utils
+
+  logging_utils.configure()
+  try:
+    initialize_from_flags(fv)
+  except errors.DistributedError as e:
+    sys.exit(f'error: {e}')
