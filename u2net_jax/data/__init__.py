@@ -24,6 +24,8 @@ before keeping a file (`pancollection.H5Writer(check_values=True)`).
 """
 
 import os
+import sys
+from collections.abc import Callable, Sequence
 
 
 class DataError(ValueError):
@@ -75,3 +77,36 @@ def load_npy(path):
   if a.size == 0:
     raise DataError(f'{path}: the array is empty (shape {a.shape})')
   return a
+
+
+def run_command(
+  name: str, define_flags: Callable, run: Callable, argv: Sequence[str] | None = None
+) -> int:
+  """Runs a data command line with its own flag values (from Python) or as `__main__`.
+
+  Args:
+    name: the program name (for messages).
+    define_flags: defines the command's flags on the `FlagValues` it is given.
+    run: runs the command from parsed flag values; returns the exit status.
+    argv: the flags (no program name), e.g. from a notebook or a test; None runs the process's
+      own command line through absl's app (`python -m u2net_jax.data.NAME --flag=...`) and exits.
+
+  Returns:
+    The exit status (0, or 2 when the input is refused), when `argv` is given.
+  """
+  from absl import app, flags  # Here: the package's import stays light.
+
+  if argv is not None:
+    fv = flags.FlagValues()
+    define_flags(fv)
+    fv([name, *argv])
+    return run(fv)
+
+  def app_main(args):
+    if len(args) > 1:
+      raise app.UsageError(f'unexpected arguments {args[1:]} (flags take the form --name=value)')
+    return run(flags.FLAGS)
+
+  define_flags(flags.FLAGS)
+  app.run(app_main, argv=[name, *sys.argv[1:]])
+  return 0  # Not reached: app.run exits.

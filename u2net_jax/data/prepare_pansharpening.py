@@ -37,10 +37,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import scipy.io
-from absl import app, flags
+from absl import flags
 
 from u2net_jax import toolbox
-from u2net_jax.data import DataError, check_arguments, load_npy, pancollection, wald
+from u2net_jax.data import DataError, check_arguments, load_npy, pancollection, run_command, wald
 
 RATIO = 4
 _PAN_NAMES = ('I_PAN', 'PAN', 'pan', 'I_pan', 'P')
@@ -432,18 +432,8 @@ def main(argv: Sequence[str]) -> int:
   Returns:
     0, or 2 when a pair is refused.
   """
-  fv = flags.FlagValues()
-  define_flags(fv)
-  fv(['prepare_pansharpening', *argv])
-  return run(fv)
-
-
-def _app_main(argv: Sequence[str]) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]} (repeat --pan/--ms for several pairs)')
-  return run(flags.FLAGS)
+  return run_command('prepare_pansharpening', define_flags, run, argv)
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(_app_main)
+  run_command('prepare_pansharpening', define_flags, run)

@@ -37,11 +37,11 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import app, flags
+from absl import flags
 from etils import epath
 from tensorflow_datasets.core import utils as tfds_utils
 
-from u2net_jax.data import DataError, demo, pancollection, prepare_cave
+from u2net_jax.data import DataError, demo, pancollection, prepare_cave, run_command
 
 ROLES = ('gt', 'lms', 'ms', 'guide')
 _SPLIT_NAMES = {'train': 'train', 'valid': 'validation'}
@@ -399,18 +399,8 @@ def main(argv: Sequence[str]) -> int:
   Returns:
     0, or 2 when the input is refused.
   """
-  fv = flags.FlagValues()
-  define_flags(fv)
-  fv(['tfds_builders', *argv])
-  return run(fv)
-
-
-def _app_main(argv: Sequence[str]) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  return run(flags.FLAGS)
+  return run_command('tfds_builders', define_flags, run, argv)
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(_app_main)
+  run_command('tfds_builders', define_flags, run)
