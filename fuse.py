@@ -19,8 +19,7 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from u2net_jax import fileio, scene
-from u2net_jax.data import DataError
+from u2net_jax import errors, scene
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Workdir of a training run or of converted official weights.')
@@ -64,7 +63,8 @@ def main(argv):
       ms_key=FLAGS.ms_key,
       progress=FLAGS.progress,
     )
-  except (FileNotFoundError, DataError, fileio.OutputError) as e:
+  except (*errors.user_errors(), FileNotFoundError) as e:
+    # What a user can fix (inputs, the output path, the workdir): one line, no traceback.
     sys.exit(f'error: {e} (nothing written)')
   print(json.dumps(result), flush=True)
 
