@@ -25,6 +25,10 @@ sensor scale (read back from the file when there is one: the toolbox sees the fi
 
 A failed run leaves no half-written results: each test set's folder is written whole or not at
 all (`fileio.atomic_dir`; an earlier result stays until the new one is complete).
+
+Size: ~600 lines: the three protocols, the sensor policy and the test-set sources (one
+interface, HDF5 and scaled adapters) are the evaluation's own concerns; inference is in `tiling`
+and every output in `reporting`.
 """
 
 from __future__ import annotations

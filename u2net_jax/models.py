@@ -12,6 +12,10 @@ Sub-module names mirror the official state-dict names (`s2block0`, `down0`, `up1
 ...) so that the converter is a readable table of rules. The attention kernels live in
 `u2net_jax.attention`; `create_model(config.model)` builds the network or one of the paper's
 variants (`VARIANTS`).
+
+Size: ~650 lines, kept in one file on purpose: the official network's modules and the paper's
+four ablations plus U2Net-L share every building block, and the variant table and factory must
+sit beside the attributes they resolve; the kernels are elsewhere.
 """
 
 from __future__ import annotations

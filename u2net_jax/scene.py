@@ -20,6 +20,9 @@ descriptions and nodata, written window by window (`cog=True` converts it to a C
 GeoTIFF with overviews); `.npy` (written through a memory map) or `.mat` (`sr`, H x W x C, as
 `evaluate.py` saves it). Every output is written under a temporary name and renamed at the end
 (`fileio.atomic_file`): a killed run leaves no file under the final name.
+
+Size: ~630 lines: readers and writers for four file kinds, the georeference checks and the
+streaming loop belong to one feature and share private helpers; the tiling itself is `tiling`.
 """
 
 from __future__ import annotations

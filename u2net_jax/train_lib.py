@@ -26,6 +26,10 @@ is written.
 Divergence: each step also returns the global norms of the gradients and of the new parameters;
 a non-finite loss, norm or validation figure stops the run before the next checkpoint, and
 `checkpointing.save` refuses non-finite parameters in any case.
+
+Size: a little over 500 lines: the state, steps and loop; logging and the NaN guard live in
+`train_log`, workdir safety in `workdir`, launch in `distributed`, checkpoints in
+`checkpointing`.
 """
 
 from __future__ import annotations
