@@ -1,4 +1,5 @@
-"""Speed and memory of U2Net training and inference, beside the official PyTorch code's figures.
+"""Speed and memory of U2Net training and inference (same-run comparisons with the official code:
+`benchmarks/official_compare.py`).
 
 Each case runs in a fresh subprocess, so that its peak host memory (VmHWM, the resident-set
 high-water mark) is its own; the parent prints one table and writes all figures as JSON.
@@ -61,12 +62,6 @@ CASES = (
   'bf16_fidelity',
 )
 QUICK_CASES = ('sgemm', 'train_wv3', 'rr256_tiled', 'rr256_whole')
-# The official PyTorch code on the same 2-core CPU (issue 7).
-OFFICIAL = {
-  'train_wv3': '31 s/step, 1.94 s/sample, 10 GB',
-  'rr256_tiled': '30-49 s, 7 GB',
-  'rr256_whole': 'fails: asks for 34 GB',
-}
 
 # ----------------------------------------------------------------------------------------------
 # Child side: one case, printed as one JSON line.
@@ -352,15 +347,15 @@ def _fmt(value, spec: str) -> str:
 
 
 def format_table(results: list[dict], sgemm_gflops, quick: bool = False) -> str:
-  """The markdown table (the official figures only beside full-size cases)."""
+  """The markdown table."""
   header = (
     '| case | what | time (s) | s/sample | samples/s | GFLOP/s (% sgemm) | compile (s) '
-    '| peak RSS (GB) | device peak (GB) | official |'
+    '| peak RSS (GB) | device peak (GB) |'
   )
-  lines = [header, '|' + '---|' * 10]
+  lines = [header, '|' + '---|' * 9]
   for r in results:
     if 'error' in r:
-      lines.append(f'| {r["case"]} | ERROR: {r["error"][:120]} |' + ' |' * 8)
+      lines.append(f'| {r["case"]} | ERROR: {r["error"][:120]} |' + ' |' * 7)
       continue
     gf = r.get('achieved_gflops') if r['case'] != 'sgemm' else r.get('gflops')
     pct = f' ({100 * gf / sgemm_gflops:.0f}%)' if gf and sgemm_gflops else ''
@@ -368,8 +363,7 @@ def format_table(results: list[dict], sgemm_gflops, quick: bool = False) -> str:
       f'| {r["case"]} | {r["what"]} | {_fmt(r.get("time_s"), ".2f")} '
       f'| {_fmt(r.get("per_sample_s"), ".3f")} | {_fmt(r.get("samples_per_s"), ".2f")} '
       f'| {_fmt(gf, ".1f")}{pct} | {_fmt(r.get("compile_s"), ".1f")} '
-      f'| {_fmt(r.get("peak_rss_gb"), ".2f")} | {_fmt(r.get("device_peak_gb"), ".2f")} '
-      f'| {"-" if quick else OFFICIAL.get(r["case"], "-")} |'
+      f'| {_fmt(r.get("peak_rss_gb"), ".2f")} | {_fmt(r.get("device_peak_gb"), ".2f")} |'
     )
   for r in results:
     if r['case'] == 'bf16_fidelity' and not r.get('skipped') and 'error' not in r:
@@ -452,7 +446,6 @@ def main(argv=None) -> int:
     'platform': info,
     'load_average_at_end': load,
     'sgemm_gflops': sgemm,
-    'official': OFFICIAL,
     'results': results,
     'table': table,
   }
