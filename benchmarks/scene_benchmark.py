@@ -1,7 +1,8 @@
 """Scene fusion (`fuse.py`, `u2net_jax.scene`): throughput and peak memory, window by window.
 
-Cases, each in a fresh subprocess whose peak resident set is read from `os.wait4` (the child's
-own `ru_maxrss`: no other case or the parent counts):
+Cases, each in a fresh subprocess that reports its own peak resident set (VmHWM, read in the
+child: no other case or the parent counts; `os.wait4`'s `ru_maxrss` would not do, as Linux carries
+the parent's high-water mark into a child started by fork/vfork + exec):
 
   wv2_scene       the real WorldView-2 scene of ../shared/data/pnn-wv2-ikonos-geoeye1/imgWV2.mat
                   (PAN 1280 x 1280, MS 320 x 320 x 8, uint16) as GeoTIFFs, the released WV3
@@ -12,7 +13,8 @@ own `ru_maxrss`: no other case or the parent counts):
   synthetic_2048, synthetic_8192
                   synthetic 8-band scenes (PAN 2048^2 and 8192^2) through a tiny-width model
                   (the V2 variant at width 4,
-                  random weights, 64 tiles per call): peak RSS must not grow with the scene.
+                  random weights, 16 tiles per call, the default): peak RSS must not grow with
+                  the scene.
   official_wv2    the official PyTorch code's test.py tiling (loaded at run time from
                   ../shared/official/code, 2 threads) on the first `--official_tiles` tiles of
                   the real scene: its rate in megapixels of PAN per second (extrapolated; all 441
@@ -52,7 +54,7 @@ PAN_PIXEL = 0.5
 # width 4, so that 8192^2 (16,641 tiles) runs in minutes on 2 cores; what is measured is the
 # memory of the streaming, not of the model.
 TINY_MODEL = {'width': 4, 'head_dim': 4, 'variant': 'v2_concat'}
-TINY_TILE_BATCH = 64  # Fewer, larger calls: the tiny model's run time is mostly per-call.
+TINY_TILE_BATCH = 16  # The default tile batch: square 16 x 16-tile windows, as in real use.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,18 +281,11 @@ def _spawn(case: str, args, root: Path) -> dict:
     f'--official_tiles={args.official_tiles}',
   ]
   log = folder / 'child.log'
-  with open(log, 'w') as out:
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=out, text=True)
-    stdout = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)  # Reaped here, not by Popen.
-  scale = 1 if sys.platform == 'darwin' else 1024  # ru_maxrss: bytes on macOS, KiB on Linux.
-  peak_gb = usage.ru_maxrss * scale / 1e9
-  if os.waitstatus_to_exitcode(status) != 0:
-    tail = log.read_text()[-2000:]
-    return {'case': case, 'error': f'exit {os.waitstatus_to_exitcode(status)}: {tail}'}
-  result = json.loads(stdout.strip().splitlines()[-1])
-  return dict(result, case=case, peak_rss_gb=peak_gb)
+  with open(log, 'w') as err:
+    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
+  if proc.returncode != 0:
+    return {'case': case, 'error': f'exit {proc.returncode}: {log.read_text()[-2000:]}'}
+  return dict(json.loads(proc.stdout.strip().splitlines()[-1]), case=case)
 
 
 def format_table(results: list[dict]) -> str:
@@ -326,7 +321,10 @@ def main(argv=None) -> int:
   sys.path.insert(0, str(REPO))
   if args.child:
     result = run_case(args.child, json.loads(args.inputs), Path(args.folder), args.official_tiles)
-    print(json.dumps(result), flush=True)
+    sys.path.insert(0, str(REPO / 'benchmarks'))
+    import benchmark  # noqa: E402  (benchmarks/benchmark.py: the peak-RSS reader)
+
+    print(json.dumps(dict(result, peak_rss_gb=benchmark._peak_rss_gb())), flush=True)
     return 0
   from u2net_jax import fileio
 

@@ -21,6 +21,7 @@ from u2net_jax.data import prepare_pansharpening as prep
 CRS = 'EPSG:32633'  # UTM 33N: a projected CRS in metres.
 PAN_PIXEL = 0.5
 SIZE = (136, 104)  # PAN pixels: 9 x 7 tiles of 16 px, the last row and column partly outside.
+TILE_BATCH = 4
 TILE = 16  # Tiles of 16 px (24 with margins) keep the tiny model fast; the geometry is general.
 ORIGIN = (500000.0, 4600000.0)
 
@@ -63,7 +64,7 @@ def tiny_workdir(tmp_path_factory):
   with config.unlocked():
     config.model.update(TINY_MODEL)
     config.eval.tile_size = TILE
-    config.eval.tile_batch = 4
+    config.eval.tile_batch = TILE_BATCH
   workdir = tmp_path_factory.mktemp('tiny_wv3')
   config_utils.save_config(config, workdir)
   checkpointing.save_params(workdir, random_params(models.create_model(config.model)))
@@ -132,6 +133,23 @@ def test_cut_window_equals_the_whole_image_cut(height, width, tile, pad):
 # Streaming: the same pixels whatever the window, georeference kept.
 
 
+def test_window_tiles_fill_every_batch_position():
+  """Windows as wide as a multiple of the batch put equally many tiles at every batch position."""
+  assert scene.window_tiles(1024, 64, 16) == (16, 16)  # The defaults: square windows.
+  assert scene.window_tiles(1024, 64, 64) == (4, 64)
+  assert scene.window_tiles(32, 16, 4) == (1, 4)
+  for window, tile, batch, grid_cols in [
+    (1024, 64, 64, 129),
+    (1024, 64, 16, 21),
+    (256, 16, 12, 50),
+  ]:
+    rows, cols = scene.window_tiles(window, tile, batch)
+    for r0, c0 in [(0, 0), (rows, cols), (3 * rows, 2 * cols)]:
+      index = (np.arange(r0, r0 + rows)[:, None] * grid_cols + np.arange(c0, c0 + cols)).ravel()
+      counts = np.bincount(index % batch, minlength=batch)
+      assert (counts == rows * cols // batch).all(), (window, tile, batch, counts)
+
+
 @pytest.mark.parametrize('window', [32, 1024])
 def test_streamed_windows_equal_the_whole_image_fusion(tiny_workdir, pair, reference, window):
   folder, pan, _ = pair
@@ -140,9 +158,9 @@ def test_streamed_windows_equal_the_whole_image_fusion(tiny_workdir, pair, refer
     tiny_workdir, folder / 'pan.tif', folder / 'ms.tif', out, window=window, progress=False
   )
   rows, cols = tiling.tile_grid(*SIZE, TILE)
-  step = window // TILE
+  win_rows, win_cols = scene.window_tiles(window, TILE, TILE_BATCH)
   assert result['tiles'] == rows * cols
-  assert result['windows'] == -(-rows // step) * -(-cols // step)
+  assert result['windows'] == -(-rows // win_rows) * -(-cols // win_cols)
   with rasterio.open(out) as f:
     fused = f.read().transpose(1, 2, 0)
     assert f.crs == rasterio.crs.CRS.from_string(CRS)

@@ -7,13 +7,15 @@ Inputs (`open_raster`): GeoTIFF through rasterio, read window by window; `.npy` 
 work, `check_pair` refuses a pair that does not overlay (CRS, pixel sizes, origins, sizes) or does
 not fit the model (band counts), and the output is checked writable and not silently replaced.
 
-Streaming (`fuse_scene`): the official tile grid (`tiling.tile_grid`) is walked in square windows
-of `window` PAN pixels; each window's tiles are cut by `tiling.cut_window` from a read of the
-window plus its halo (so a tile takes its margins from the neighbouring real pixels and the result
-does not depend on the window size), fused as batches of tiles on every local device
-(`tiling.Fuser.fuse_tiles`, one compiled function per tile shape) and written. Memory is bounded by
-the window, not the scene. Nodata pixels (the PAN's or the MS's nodata mask, or a PAN of 0 when
-the files declare none) are written as nodata.
+Streaming (`fuse_scene`): the official tile grid (`tiling.tile_grid`) is walked in windows of
+about `window` x `window` PAN pixels (square with the default tile batch, `window_tiles`); each
+window's tiles are cut by `tiling.cut_window` from a read of the window plus its halo (so a tile
+takes its margins from the neighbouring real pixels and the result does not depend on the window
+size), fused as full batches of tiles on every local device (`tiling.Fuser.fuse_tiles_at`, one
+compiled function per tile shape) and written. Memory is bounded by the window, not the scene:
+freed memory is handed back to the system after each window (`_release_free_heap`). Nodata
+pixels (the PAN's or the MS's nodata mask, or a PAN of 0 when the files declare none) are written
+as nodata.
 
 Outputs (`open_sink`): a tiled, compressed GeoTIFF with the PAN's CRS and transform, the MS band
 descriptions and nodata, written window by window (`cog=True` converts it to a Cloud-Optimized
@@ -28,8 +30,11 @@ streaming loop belong to one feature and share private helpers; the tiling itsel
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import math
 import os
+import platform
 import sys
 import time
 from collections.abc import Iterator
@@ -445,6 +450,32 @@ class _Progress:
       self._bar.close()
 
 
+def window_tiles(window: int, tile: int, tile_batch: int) -> tuple[int, int]:
+  """(rows, cols) of tiles per window: about (window / tile)^2 tiles, cols a multiple of tile_batch.
+
+  `Fuser.fuse_tiles_at` runs tile t of the grid at batch position t mod tile_batch (the position
+  the whole-image cut gives it). Along a row of the grid, tile indices are consecutive, so a
+  window whose width is a multiple of tile_batch tiles fills every position equally and every
+  batch is full. A width that is not would stack a window's tiles on a few positions (e.g. a
+  16-tile-wide window, 64-tile batches and a grid 129 tiles wide put 256 tiles on 31 positions):
+  up to 4x the batches, mostly padding, and their results held at once (peak memory that grew
+  with the scene). With the defaults (1024-px windows of 64-px tiles, 16 tiles per batch) the
+  window is square, 16 x 16 tiles.
+
+  Args:
+    window: the window side in PAN pixels, a multiple of `tile`.
+    tile: the tile side.
+    tile_batch: tiles per jitted call.
+
+  Returns:
+    (rows, cols): cols = tile_batch * max(1, round(side / tile_batch)) with side = window / tile,
+    rows = max(1, side^2 // cols).
+  """
+  side = window // tile
+  cols = tile_batch * max(1, round(side / tile_batch))
+  return max(1, side * side // cols), cols
+
+
 def fuse_scene(
   fuser: tiling.Fuser,
   pan: Raster,
@@ -463,7 +494,8 @@ def fuse_scene(
     pan, ms: the inputs (`check_pair` passed).
     sink: where the fused windows go (`sink.dtype`).
     max_value: the sensor maximum the inputs are divided by.
-    window: PAN pixels per window side, a multiple of the tile (memory grows with its square).
+    window: PAN pixels per window side, a multiple of the tile (memory grows with its square);
+      the window's width is rounded to a multiple of the tile batch (`window_tiles`).
     nodata: the value of nodata pixels; None: MS's, else PAN's nodata, else 0.
     progress: show a progress bar on stderr.
 
@@ -479,7 +511,7 @@ def fuse_scene(
   fill = 0 if nodata is None else nodata
   height, width = pan.height, pan.width
   rows, cols = tiling.tile_grid(height, width, tile)
-  step = window // tile
+  win_rows, win_cols = window_tiles(window, tile, fuser.tile_batch)
   mx = np.float32(max_value)
 
   def scaled(raster):  # As `pancollection.H5Source`: float32(x) / float32(max).
@@ -489,27 +521,28 @@ def fuse_scene(
   masked = windows = 0
   start = time.perf_counter()
   try:
-    for r0 in range(0, rows, step):
-      for c0 in range(0, cols, step):
-        rr, cc = range(r0, min(r0 + step, rows)), range(c0, min(c0 + step, cols))
+    for r0 in range(0, rows, win_rows):
+      for c0 in range(0, cols, win_cols):
+        rr, cc = range(r0, min(r0 + win_rows, rows)), range(c0, min(c0 + win_cols, cols))
         ms_tiles = tiling.cut_window(
           scaled(ms), ms.height, ms.width, rr, cc, tile=tile // scale, pad=pad // scale
         )
         guide_tiles = tiling.cut_window(scaled(pan), height, width, rr, cc, tile=tile, pad=pad)
         slots = (np.asarray(rr)[:, None] * cols + np.asarray(cc)[None, :]).reshape(-1)
-        out = fuser.fuse_tiles_at(ms_tiles, guide_tiles, slots)[
-          :, pad : pad + tile, pad : pad + tile
-        ]
-        out = out.reshape(len(rr), len(cc), tile, tile, -1).transpose(0, 2, 1, 3, 4)
+        out = fuser.fuse_tiles_at(ms_tiles, guide_tiles, slots)
+        del ms_tiles, guide_tiles
         y0, x0 = r0 * tile, c0 * tile
         y1, x1 = min(height, rr.stop * tile), min(width, cc.stop * tile)
-        block = _to_output(out.reshape(len(rr) * tile, len(cc) * tile, -1), max_value, sink.dtype)
+        block = _assemble_window(out, len(rr), len(cc), tile, pad, max_value, sink.dtype)
+        del out
         block = block[: y1 - y0, : x1 - x0]
         valid = _valid(pan, ms, y0, y1, x0, x1, scale, declared)
         if not valid.all():
           masked += int((~valid).sum())
           block[~valid] = fill
         sink.write(y0, x0, block)
+        del block, valid
+        _release_free_heap()
         windows += 1
         bar.update(len(rr) * len(cc))
   finally:
@@ -524,6 +557,58 @@ def fuse_scene(
     'nodata_pixels': masked,
     'nodata': nodata,
   }
+
+
+def _assemble_window(
+  out: np.ndarray, rows: int, cols: int, tile: int, pad: int, max_value: float, dtype: np.dtype
+) -> np.ndarray:
+  """The central tile x tile of each fused tile, placed, on the output scale in `dtype`.
+
+  One row of tiles at a time, so the float32 temporaries are a row's, not the window's (the
+  window's float32 copies otherwise double a window's memory and fragment the heap, which made
+  peak memory creep up with the number of windows).
+
+  Args:
+    out: (rows * cols, tile + 2 pad, same, C) fused tiles in [0, 1], row-major.
+    rows, cols: the window's tile grid.
+    tile, pad: tile side and margin.
+    max_value: the sensor maximum.
+    dtype: the output dtype.
+
+  Returns:
+    (rows * tile, cols * tile, C) in `dtype`.
+  """
+  bands = out.shape[-1]
+  block = np.empty((rows * tile, cols * tile, bands), dtype)
+  for i in range(rows):
+    row = out[i * cols : (i + 1) * cols, pad : pad + tile, pad : pad + tile]
+    row = row.transpose(1, 0, 2, 3).reshape(tile, cols * tile, bands)
+    block[i * tile : (i + 1) * tile] = _to_output(row, max_value, dtype)
+  return block
+
+
+@functools.cache
+def _malloc_trim():
+  """glibc's `malloc_trim`, or None on other C libraries."""
+  if platform.libc_ver()[0] != 'glibc':
+    return None
+  try:
+    return ctypes.CDLL('libc.so.6').malloc_trim
+  except (OSError, AttributeError):
+    return None
+
+
+def _release_free_heap() -> None:
+  """Returns the heap's free pages to the system after a window (glibc; elsewhere a no-op).
+
+  A window allocates and frees tens of MB of arrays of a few sizes; glibc keeps freed heap memory
+  resident, and the holes left between windows made the peak resident set creep up with the
+  number of windows (+14% from a 2048^2 to an 8192^2 scene, `benchmarks/scene_benchmark.py`).
+  `malloc_trim(0)` releases every free page of every arena; it costs about a millisecond a window.
+  """
+  trim = _malloc_trim()
+  if trim is not None:
+    trim(0)
 
 
 def _valid(pan, ms, y0, y1, x0, x1, scale, declared) -> np.ndarray:

@@ -287,16 +287,19 @@ class Fuser:
     for s in range(b):
       here = slots == s
       depth[here] = np.arange(here.sum())
-    batches = []
+    out = np.zeros(guide_tiles.shape[:3] + (self.model.spectral_bands,), np.float32)
+    pending = None  # One batch in flight while the previous one is copied out: bounded memory.
     for k in range(int(depth.max()) + 1 if len(slots) else 0):
       take = np.flatnonzero(depth == k)
       ms = np.zeros((b,) + ms_tiles.shape[1:], np.float32)
       guide = np.zeros((b,) + guide_tiles.shape[1:], np.float32)
       ms[slots[take]], guide[slots[take]] = ms_tiles[take], guide_tiles[take]
-      batches.append((take, self._run(ms, guide, sharding.batch_sharding(self.mesh))))
-    out = np.zeros(guide_tiles.shape[:3] + (self.model.spectral_bands,), np.float32)
-    for take, fused in batches:
-      out[take] = np.asarray(fused)[slots[take]]
+      running = (take, self._run(ms, guide, sharding.batch_sharding(self.mesh)))
+      if pending is not None:
+        out[pending[0]] = np.asarray(pending[1])[slots[pending[0]]]
+      pending = running
+    if pending is not None:
+      out[pending[0]] = np.asarray(pending[1])[slots[pending[0]]]
     return out
 
   def _run(self, ms: np.ndarray, guide: np.ndarray, placement) -> jax.Array:
