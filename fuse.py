@@ -30,7 +30,12 @@ flags.DEFINE_integer('step', None, 'Checkpoint step (default: the best one, else
 flags.DEFINE_enum('which', 'best', ['best', 'latest'], 'Checkpoint to use when --step is unset.')
 flags.DEFINE_float('max_value', None, 'Sensor maximum (default: config.data.max_value).')
 flags.DEFINE_string('dtype', None, 'Output dtype, e.g. float32 (default: the MS dtype).')
-flags.DEFINE_integer('window', 1024, 'PAN pixels per window side (a multiple of the tile size).')
+flags.DEFINE_integer(
+  'window',
+  1024,
+  'PAN pixels per window side, a multiple of the tile size (the width is rounded to a multiple '
+  'of the tile batch: scene.window_tiles).',
+)
 flags.DEFINE_integer('tile_batch', None, 'Tiles per jitted call (default: config.eval.tile_batch).')
 flags.DEFINE_bool('overwrite', False, 'Replace an existing output file.')
 flags.DEFINE_bool('cog', False, 'Write a Cloud-Optimized GeoTIFF (with overviews).')
