@@ -399,8 +399,6 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   sys.path.insert(0, str(REPO))
-  from u2net_jax import fileio
-
   if args.child:
     print(json.dumps(run_case(args.child, args.quick, args.repeats)), flush=True)
     return 0
@@ -438,20 +436,48 @@ def main(argv=None) -> int:
       f"device's measured float32 matmul rate ({sgemm:.0f} GFLOP/s); device peak memory is "
       'the "device peak (GB)" column (peak_bytes_in_use)'
     )
-  load = os.getloadavg() if hasattr(os, 'getloadavg') else None
+  write_report(
+    args.out,
+    'benchmark.py',
+    results,
+    table,
+    platform_info=info,
+    quick=args.quick,
+    sgemm_gflops=sgemm,
+  )
+  return 1 if any('error' in r for r in results) else 0
+
+
+def write_report(
+  path, script: str, results: list, table: str, platform_info: dict | None = None, **extra
+) -> Path:
+  """Writes a benchmark's JSON report (atomically) and says where.
+
+  Args:
+    path: the output file.
+    script: the benchmark's file name under benchmarks/, for the recorded command.
+    results: one dict per case.
+    table: the printed markdown table.
+    platform_info: `_platform()`, when the caller already has it.
+    **extra: further top-level fields.
+
+  Returns:
+    The written path.
+  """
+  from u2net_jax import fileio
+
   report = {
     'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-    'command': ' '.join([Path(sys.executable).name, 'benchmarks/benchmark.py'] + sys.argv[1:]),
-    'quick': args.quick,
-    'platform': info,
-    'load_average_at_end': load,
-    'sgemm_gflops': sgemm,
+    'command': ' '.join([Path(sys.executable).name, f'benchmarks/{script}'] + sys.argv[1:]),
+    **extra,
+    'platform': platform_info or _platform(),
+    'load_average_at_end': os.getloadavg() if hasattr(os, 'getloadavg') else None,
     'results': results,
     'table': table,
   }
-  out = fileio.atomic_write_text(args.out, json.dumps(report, indent=2))
+  out = fileio.atomic_write_text(path, json.dumps(report, indent=2))
   print(f'wrote {out}')
-  return 1 if any('error' in r for r in results) else 0
+  return out
 
 
 if __name__ == '__main__':

@@ -31,10 +31,7 @@ Writes `benchmarks/results/scene_benchmark.json` (or `--out`) and prints a markd
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -319,15 +316,13 @@ def main(argv=None) -> int:
   parser.add_argument('--folder', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   sys.path.insert(0, str(REPO))
+  sys.path.insert(0, str(REPO / 'benchmarks'))
+  import benchmark  # noqa: E402  (benchmarks/benchmark.py: peak-RSS reader, JSON report)
+
   if args.child:
     result = run_case(args.child, json.loads(args.inputs), Path(args.folder), args.official_tiles)
-    sys.path.insert(0, str(REPO / 'benchmarks'))
-    import benchmark  # noqa: E402  (benchmarks/benchmark.py: the peak-RSS reader)
-
     print(json.dumps(dict(result, peak_rss_gb=benchmark._peak_rss_gb())), flush=True)
     return 0
-  from u2net_jax import fileio
-
   cases = [c.strip() for c in args.cases.split(',') if c.strip()]
   unknown = sorted(set(cases) - set(CASES))
   if unknown:
@@ -340,25 +335,7 @@ def main(argv=None) -> int:
       print(f'  {json.dumps(results[-1])}', flush=True)
   table = format_table(results)
   print(table)
-  import jax
-
-  report = {
-    'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-    'command': ' '.join(['python', 'benchmarks/scene_benchmark.py'] + sys.argv[1:]),
-    'platform': {
-      'machine': platform.machine(),
-      'processor': platform.processor(),
-      'cpu_count': os.cpu_count(),
-      'backend': jax.default_backend(),
-      'devices': [str(d) for d in jax.local_devices()],
-      'jax': jax.__version__,
-    },
-    'load_average_at_end': os.getloadavg() if hasattr(os, 'getloadavg') else None,
-    'results': results,
-    'table': table,
-  }
-  out = fileio.atomic_write_text(args.out, json.dumps(report, indent=2))
-  print(f'wrote {out}')
+  benchmark.write_report(args.out, 'scene_benchmark.py', results, table)
   return 1 if any('error' in r for r in results) else 0
 
 
