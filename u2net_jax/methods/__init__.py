@@ -18,3 +18,6 @@ from collections.abc import Callable
 METHODS: dict[str, Callable] = {}
 
 # One import per family module; each module's METHODS table is merged here.
+from u2net_jax.methods import component_substitution as _cs  # noqa: E402
+
+METHODS.update(_cs.METHODS)

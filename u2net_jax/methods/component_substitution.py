@@ -1,0 +1,445 @@
+"""Component-substitution methods of the benchmark toolbox: EXP, BT-H, GS, GSA, C-GSA and PRACS.
+
+Each function reproduces one MATLAB function of the toolbox (Vivone et al., GRSM 2021, as bundled
+in DLPan-Toolbox) line by line, called as the toolbox's demos call it, in float64 numpy:
+
+- ``exp``: ``interp23tap(I_MS_LR, ratio)`` (the plain interpolated MS);
+- ``bt_h``: ``BroveyRegHazeMin(I_MS, I_PAN, ratio)`` (Brovey with haze correction);
+- ``gs``: ``GS(I_MS, I_PAN)`` (Gram-Schmidt, intensity = band mean);
+- ``gsa``: ``GSA(I_MS, I_PAN, I_MS_LR, ratio)`` (adaptive Gram-Schmidt);
+- ``c_gsa``: ``GS_Segm(I_MS, I_PAN, gen_LP_image('GSA', ...), k_means_clustering(I_MS, 5))``;
+- ``pracs``: ``PRACS(I_MS, I_PAN, ratio)`` (partial replacement adaptive CS).
+
+The signature is the package's (`u2net_jax.methods`): ``fn(lms, pan, ms_lr, *, sensor, ratio=4,
+**options)``. Comments cite the MATLAB file and line each step matches. MATLAB's statistics are
+kept: ``std2``, ``var`` and ``cov`` divide by N - 1, and ``A \\ b`` on a tall matrix is the least
+squares solution.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from scipy.cluster import vq
+
+from u2net_jax import toolbox
+
+# MATLAB's eps, added to the divisors by BT-H (BroveyRegHazeMin.m:69).
+_EPS = toolbox.MATLAB_EPS
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers (also used by `u2net_jax.methods.bdsd`).
+
+
+def check_inputs(lms, pan, ms_lr, ratio, sensor=None, need_ms_lr=True):
+  """Validates and converts the three inputs of a method.
+
+  Args:
+    lms: (H, W, C) MS interpolated to the PAN grid.
+    pan: (H, W) or (H, W, 1) PAN.
+    ms_lr: (H/ratio, W/ratio, C) MS, or None when the method does not read it.
+    ratio: the resolution ratio (a power of two).
+    sensor: a sensor name; when given, its band count must equal C (the MTF gains are per band).
+    need_ms_lr: whether `ms_lr` must be given.
+
+  Returns:
+    (lms, pan (H, W), ms_lr or None, ratio as int), float64.
+  """
+  ratio = toolbox.check_ratio(ratio)
+  lms = toolbox.as_image(lms, 'lms')
+  pan = toolbox.as_image(pan, 'pan')
+  if pan.shape[2] != 1:
+    raise ValueError(f'pan: expected an H x W (or H x W x 1) image, got shape {pan.shape}')
+  pan = pan[:, :, 0]
+  if pan.shape != lms.shape[:2]:
+    raise ValueError(f'pan: shape {pan.shape} differs from the grid of lms {lms.shape[:2]}')
+  h, w, c = lms.shape
+  if h % ratio or w % ratio:
+    raise ValueError(f'lms: height and width must be multiples of ratio={ratio}, got {h} x {w}')
+  if ms_lr is not None:
+    ms_lr = toolbox.as_image(ms_lr, 'ms_lr')
+    if ms_lr.shape != (h // ratio, w // ratio, c):
+      raise ValueError(
+        f'ms_lr: expected shape {(h // ratio, w // ratio, c)} (lms / ratio), got {ms_lr.shape}'
+      )
+  elif need_ms_lr:
+    raise ValueError('ms_lr: this method needs the MS at its own resolution, got None')
+  if sensor is not None:
+    s = toolbox.get_sensor(sensor)
+    if s['task'] != 'pansharpening':
+      raise ValueError(f'sensor: {sensor!r} is not a pansharpening sensor')
+    if s['bands'] != c:
+      raise ValueError(f'sensor: {s["name"]} has {s["bands"]} bands, the images have {c}')
+  return lms, pan, ms_lr, ratio
+
+
+def decimate(image, ratio):
+  """MATLAB ``imresize(x, 1/ratio, 'nearest')`` of an image whose sides are multiples of ratio.
+
+  The nearest sample to the output position u = ratio x + (1 - ratio) / 2 (1-based) is the
+  0-based ratio // 2 + ratio k: ``x[2::4, 2::4]`` for ratio 4 (as BDSD.m's ``3:ratio:end``).
+  """
+  return image[ratio // 2 :: ratio, ratio // 2 :: ratio]
+
+
+def _lstsq(a, b):
+  """MATLAB ``a \\ b`` for a tall full-rank `a` (least squares)."""
+  return np.linalg.lstsq(a, b, rcond=None)[0]
+
+
+def _std2(x):
+  """MATLAB ``std2`` / ``std(x(:))``: N - 1."""
+  return np.std(x, ddof=1)
+
+
+def _cov_ratio(x, y):
+  """``c = cov(x, y); c(1,2) / var(x)`` of the toolbox's GS family (both with N - 1)."""
+  dx = x - x.mean()
+  return np.dot(dx, y - y.mean()) / np.dot(dx, dx)
+
+
+def _corr2(a, b):
+  """MATLAB ``corr2`` (the textbook formula)."""
+  a = a - a.mean()
+  b = b - b.mean()
+  return np.sum(a * b) / np.sqrt(np.sum(a * a) * np.sum(b * b))
+
+
+def _imresize_down_up(image, ratio):
+  """``imresize(imresize(x, 1/ratio), ratio)``: bicubic, antialiased down, bicubic up."""
+  return toolbox.imresize(toolbox.imresize(image, 1 / ratio), ratio)
+
+
+# ---------------------------------------------------------------------------------------------
+# EXP and BT-H.
+
+
+def exp(lms, pan, ms_lr, *, sensor=None, ratio=4):
+  """EXP: the toolbox's 23-tap interpolation of the MS, ``interp23tap(I_MS_LR, ratio)``.
+
+  Args:
+    lms: (H, W, C) interpolated MS (only checked: EXP recomputes it from `ms_lr`).
+    pan: (H, W) PAN (only checked).
+    ms_lr: (H/ratio, W/ratio, C) MS.
+    sensor: unused (the interpolator does not depend on the sensor).
+    ratio: resolution ratio.
+
+  Returns:
+    (H, W, C) float64.
+  """
+  _, _, ms_lr, ratio = check_inputs(lms, pan, ms_lr, ratio)
+  return toolbox.interp23tap(ms_lr, ratio)
+
+
+def _haze_bt_h(lms):
+  """The per-band haze of ``BroveyRegHazeMin.m``:35-52.
+
+  Four bands: 0.95, 0.45, 0.40, 0.05 times the 1st percentile of each (B, G, R, NIR; MATLAB
+  ``prctile`` = numpy's 'hazen' definition); otherwise each band's minimum.
+  """
+  if lms.shape[2] == 4:
+    prc = np.percentile(lms.reshape(-1, 4), 1, axis=0, method='hazen')
+    return np.array([0.95, 0.45, 0.40, 0.05]) * prc
+  return lms.min(axis=(0, 1))
+
+
+def bt_h(lms, pan, ms_lr=None, *, sensor=None, ratio=4):
+  """BT-H: ``BroveyRegHazeMin(I_MS, I_PAN, ratio)``, Brovey with haze correction [Lolli17].
+
+  Args:
+    lms: (H, W, C) interpolated MS.
+    pan: (H, W) PAN.
+    ms_lr: unused (checked when given).
+    sensor: unused (the low-pass is `LPfilterGauss`, 0.3 at Nyquist, for every sensor).
+    ratio: resolution ratio.
+
+  Returns:
+    (H, W, C) float64.
+  """
+  lms, pan, _, ratio = check_inputs(lms, pan, ms_lr, ratio, need_ms_lr=False)
+  h, w, c = lms.shape
+  haze = _haze_bt_h(lms)
+  pan_lp = toolbox.lp_filter_gauss(pan, ratio)  # BroveyRegHazeMin.m:59
+  # Regression without a constant of the low-passed PAN on I_MS itself, not I_MS - haze (:61).
+  alpha = _lstsq(lms.reshape(-1, c), pan_lp.reshape(-1))
+  intensity = (lms - haze) @ alpha  # :65
+  pan_eq = (pan - pan_lp.mean()) * (_std2(intensity) / _std2(pan_lp)) + intensity.mean()  # :67
+  ms_dehazed = np.maximum(lms - haze, 0)  # :69-70
+  return ms_dehazed * (pan_eq / (intensity + _EPS))[:, :, None] + haze  # :72
+
+
+# ---------------------------------------------------------------------------------------------
+# The Gram-Schmidt family.
+
+
+def _gs_fusion(lms, pan0, intensity0):
+  """The common tail of ``GS.m``:52-86 / ``GSA.m``:71-103: injection with g = cov / var, then
+  each band's mean reset to the MS band's mean."""
+  c = lms.shape[2]
+  ms0 = lms - lms.mean(axis=(0, 1))
+  i_flat = intensity0.reshape(-1)
+  gains = np.array([_cov_ratio(i_flat, ms0[:, :, b].reshape(-1)) for b in range(c)])
+  fused = ms0 + (pan0 - intensity0)[:, :, None] * gains
+  return fused - fused.mean(axis=(0, 1)) + lms.mean(axis=(0, 1))
+
+
+def gs(lms, pan, ms_lr=None, *, sensor=None, ratio=4):
+  """GS: ``GS(I_MS, I_PAN)``, Gram-Schmidt with the band mean as intensity [Laben00].
+
+  Args:
+    lms: (H, W, C) interpolated MS.
+    pan: (H, W) PAN.
+    ms_lr: unused (checked when given).
+    sensor: unused.
+    ratio: resolution ratio (only checked).
+
+  Returns:
+    (H, W, C) float64.
+  """
+  lms, pan, _, _ = check_inputs(lms, pan, ms_lr, ratio, need_ms_lr=False)
+  intensity = lms.mean(axis=2)  # GS.m:43
+  i0 = intensity - intensity.mean()  # :46
+  # PAN matched to the zero-mean intensity's mean and std (:48).
+  pan0 = (pan - pan.mean()) * (_std2(i0) / _std2(pan)) + i0.mean()
+  return _gs_fusion(lms, pan0, i0)
+
+
+@functools.lru_cache(maxsize=32)
+def _atrous_lowpass_matrix(n: int) -> np.ndarray:
+  """(n, n) matrix of ``LPfilterPlusDec.m``'s low-pass along one axis (before decimation).
+
+  ``ndwt2_working`` with the B3-spline pair h = htilde = [1 4 6 4 1]/16 (times sqrt 2), 2 levels,
+  'sym' (half-sample symmetric) extension: each analysis level convolves the symmetric extension
+  with sqrt2 h and keeps the full length (n + 4, growing by 4 per level, ndwt2_working.m:190-216);
+  the filters are not dilated between levels. The details are zeroed, and each synthesis level
+  (indwt2_working.m:121-148) convolves with sqrt2 htilde (full), halves (the /4 of the 2-D
+  reconstruction, per axis), and keeps the centre of the previous size. Separable, so the 2-D
+  operator is M_H X M_W^T.
+  """
+  h = np.sqrt(2) * np.array([1, 4, 6, 4, 1]) / 16
+  x = np.eye(n)
+
+  def analysis(a):
+    ext = np.concatenate([a[3::-1], a, a[:-5:-1]], axis=0)
+    full = np.apply_along_axis(np.convolve, 0, ext, h)
+    return full[4:-4]
+
+  def synthesis(a, size):
+    full = np.apply_along_axis(np.convolve, 0, a, h) / 2
+    cut = (full.shape[0] - size) // 2
+    return full[cut : cut + size]
+
+  a1 = analysis(x)
+  a2 = analysis(a1)
+  return synthesis(synthesis(a2, n + 4), n)
+
+
+def lp_filter_plus_dec(image, ratio):
+  """``LPfilterPlusDec.m``: the 2-level undecimated B3-spline low-pass, then nearest decimation.
+
+  Args:
+    image: (H, W) array.
+    ratio: resolution ratio (``ceil(log2(ratio))`` levels; the toolbox uses 4, i.e. 2 levels).
+
+  Returns:
+    (H/ratio, W/ratio) float64.
+  """
+  if ratio != 4:
+    raise ValueError(f'ratio: LPfilterPlusDec is implemented for ratio 4 (2 levels), got {ratio}')
+  mh = _atrous_lowpass_matrix(image.shape[0])
+  mw = _atrous_lowpass_matrix(image.shape[1])
+  return decimate(mh @ image @ mw.T, ratio)
+
+
+def gsa(lms, pan, ms_lr, *, sensor=None, ratio=4):
+  """GSA: ``GSA(I_MS, I_PAN, I_MS_LR, ratio)``, adaptive Gram-Schmidt [Aiazzi07].
+
+  The intensity's weights regress the mean-subtracted, low-passed and decimated PAN
+  (`lp_filter_plus_dec`) on the mean-subtracted `ms_lr` plus a constant; PAN is only
+  mean-subtracted (no std matching).
+
+  Args:
+    lms: (H, W, C) interpolated MS.
+    pan: (H, W) PAN.
+    ms_lr: (H/ratio, W/ratio, C) MS.
+    sensor: unused.
+    ratio: resolution ratio (4).
+
+  Returns:
+    (H, W, C) float64.
+  """
+  lms, pan, ms_lr, ratio = check_inputs(lms, pan, ms_lr, ratio)
+  ms0 = lms - lms.mean(axis=(0, 1))  # GSA.m:46
+  ms_lr0 = ms_lr - ms_lr.mean(axis=(0, 1))  # :50
+  pan_lp = lp_filter_plus_dec(pan - pan.mean(), ratio)  # :54-55
+  ones = np.ones(ms_lr0.shape[:2] + (1,))
+  design = np.concatenate([ms_lr0, ones], axis=2).reshape(-1, ms_lr.shape[2] + 1)
+  alpha = _lstsq(design, pan_lp.reshape(-1))  # :56
+  intensity = ms0 @ alpha[:-1] + alpha[-1]  # :57
+  i0 = intensity - intensity.mean()  # :60
+  return _gs_fusion(lms, pan - pan.mean(), i0)  # :70 onwards
+
+
+def gen_lp_image_gsa(lms, pan, ms_lr, ratio=4):
+  """``gen_LP_image('GSA', I_MS, I_PAN, I_MS_LR, ratio, sensor)``: the low-resolution PAN of C-GSA.
+
+  The decimated `LPfilterGauss` PAN regressed on [I_MS_LR, 1] (no mean subtraction, unlike GSA),
+  the weights applied to [I_MS, 1].
+
+  Args:
+    lms: (H, W, C) interpolated MS.
+    pan: (H, W) PAN.
+    ms_lr: (H/ratio, W/ratio, C) MS.
+    ratio: resolution ratio.
+
+  Returns:
+    (H, W) float64.
+  """
+  lms, pan, ms_lr, ratio = check_inputs(lms, pan, ms_lr, ratio)
+  pan_lp = decimate(toolbox.lp_filter_gauss(pan, ratio), ratio)  # gen_LP_image.m:33-35
+  c = ms_lr.shape[2]
+  design = np.concatenate([ms_lr.reshape(-1, c), np.ones((pan_lp.size, 1))], axis=1)
+  alpha = _lstsq(design, pan_lp.reshape(-1))  # :37
+  return lms @ alpha[:-1] + alpha[-1]  # :38-42
+
+
+def kmeans_segmentation(lms, n_segments=5, seed=0):
+  """``k_means_clustering(I_MS, n_segm)`` with a seeded k-means of our own.
+
+  The features are the bands each divided by its own maximum (k_means_clustering.m:23-28).
+  MATLAB's and Octave's ``kmeans`` are random and differ from each other; this one is k-means++
+  seeding then Lloyd iterations (scipy ``kmeans2``), reproducible given `seed`.
+
+  Args:
+    lms: (H, W, C) interpolated MS.
+    n_segments: the number of clusters (5 in the demos).
+    seed: the random seed.
+
+  Returns:
+    (H, W) int labels 1..n_segments.
+  """
+  lms = toolbox.as_image(lms, 'lms')
+  feats = lms.reshape(-1, lms.shape[2]) / lms.reshape(-1, lms.shape[2]).max(axis=0)
+  _, labels = vq.kmeans2(feats, n_segments, iter=100, minit='++', seed=np.random.default_rng(seed))
+  return labels.reshape(lms.shape[:2]) + 1
+
+
+def gs_segm(lms, pan, lp, segmentation):
+  """``GS_Segm(I_MS, I_PAN, I_LR_input, S)``: per segment, g = cov(LP, MS_b) / var(LP).
+
+  Args:
+    lms: (H, W, C) interpolated MS.
+    pan: (H, W) PAN.
+    lp: (H, W) low-resolution PAN (one for all bands, as C-GSA passes it).
+    segmentation: (H, W) labels.
+
+  Returns:
+    (H, W, C) float64: lms + g * (pan - lp).
+  """
+  _, inverse = np.unique(segmentation, return_inverse=True)
+  inverse = inverse.reshape(-1)
+  k = int(inverse.max()) + 1
+  c = lms.shape[2]
+  ms = lms.reshape(-1, c)
+  lp_flat = lp.reshape(-1)
+  counts = np.bincount(inverse, minlength=k)
+  # Per-segment centred sums (GS_Segm.m:51-55): c(1,2) / var with the same N - 1 cancels.
+  lp_c = lp_flat - (np.bincount(inverse, lp_flat, k) / counts)[inverse]
+  ms_sum = np.stack([np.bincount(inverse, ms[:, b], k) for b in range(c)], axis=1)
+  ms_mean = ms_sum / counts[:, None]
+  ms_c = ms - ms_mean[inverse]
+  num = np.stack([np.bincount(inverse, lp_c * ms_c[:, b], k) for b in range(c)], axis=1)
+  den = np.bincount(inverse, lp_c * lp_c, k)
+  with np.errstate(invalid='ignore', divide='ignore'):
+    gains = num / den[:, None]
+  details = (pan - lp).reshape(-1, 1)
+  return (gains[inverse] * details + ms).reshape(lms.shape)  # :58
+
+
+def c_gsa(lms, pan, ms_lr, *, sensor=None, ratio=4, segmentation=None, seed=0, n_segments=5):
+  """C-GSA: GSA with segment-wise injection gains [Restaino17].
+
+  ``GS_Segm(I_MS, I_PAN, gen_LP_image('GSA', I_MS, I_PAN, I_MS_LR, ratio, sensor),
+  k_means_clustering(I_MS, 5))``. The k-means is random in the toolbox (and MATLAB's differs
+  from Octave's), so the segmentation can be given; otherwise `kmeans_segmentation` computes it
+  with `seed`. Given the toolbox's segmentation, the output equals the toolbox's.
+
+  Args:
+    lms: (H, W, C) interpolated MS.
+    pan: (H, W) PAN.
+    ms_lr: (H/ratio, W/ratio, C) MS.
+    sensor: unused (gen_LP_image's 'GSA' case ignores it).
+    ratio: resolution ratio.
+    segmentation: optional (H, W) labels (any integers), e.g. the toolbox's map.
+    seed: the seed of our k-means when `segmentation` is None.
+    n_segments: the number of k-means clusters (5 in the demos).
+
+  Returns:
+    (H, W, C) float64. A segment of one pixel gives NaN gains there (0/0), as in MATLAB.
+  """
+  lms, pan, ms_lr, ratio = check_inputs(lms, pan, ms_lr, ratio)
+  if segmentation is None:
+    segmentation = kmeans_segmentation(lms, n_segments, seed)
+  segmentation = np.asarray(segmentation)
+  if segmentation.shape != lms.shape[:2]:
+    raise ValueError(
+      f'segmentation: expected labels of shape {lms.shape[:2]} (the PAN grid), '
+      f'got {segmentation.shape}'
+    )
+  lp = gen_lp_image_gsa(lms, pan, ms_lr, ratio)
+  return gs_segm(lms, pan, lp, segmentation)
+
+
+# ---------------------------------------------------------------------------------------------
+# PRACS.
+
+
+def pracs(lms, pan, ms_lr=None, *, sensor=None, ratio=4, beta=0.95):
+  """PRACS: ``PRACS(I_MS, I_PAN, ratio)``, partial replacement adaptive CS (Choi et al. 2011).
+
+  Args:
+    lms: (H, W, C) interpolated MS.
+    pan: (H, W) PAN.
+    ms_lr: unused (checked when given).
+    sensor: unused.
+    ratio: resolution ratio.
+    beta: the detail weight's factor; the toolbox fixes 0.95 ("for 11-bit data", PRACS.m:33)
+      for every sensor, which is the default.
+
+  Returns:
+    (H, W, C) float64.
+  """
+  lms, pan, _, ratio = check_inputs(lms, pan, ms_lr, ratio, need_ms_lr=False)
+  h, w, c = lms.shape
+  ms = lms.reshape(-1, c)
+  pan_flat = pan.reshape(-1)
+  # Histogram matching of each band to PAN, clipped at 0 (PRACS.m:39-45).
+  mp, sp = pan.mean(), _std2(pan)
+  mb, sb = ms.mean(axis=0), np.std(ms, axis=0, ddof=1)
+  hm = np.maximum((ms - mb + mp / sp * sb) * sp / sb, 0)
+  pan_l = _imresize_down_up(pan, ratio).reshape(-1)  # :47-48
+  design = np.concatenate([np.ones((h * w, 1)), hm], axis=1)  # :51-55
+  i_l = design @ _lstsq(design, pan_l)  # :56-59
+  cc = np.array([_corr2(i_l, hm[:, k]) for k in range(c)])  # :67-72
+  i_h = cc * pan_flat[:, None] + (1 - cc) * hm
+  i_h_low = _imresize_down_up(i_h.reshape(h, w, c), ratio).reshape(-1, c)  # :76-80
+  i_l_prime = design @ _lstsq(design, i_h_low)  # :84-101
+  delta = i_h - i_l_prime - (i_h.mean(axis=0) - i_l_prime.mean(axis=0))  # :104-107
+  aux3 = np.mean(sb)  # :109-113
+  # :115-120 (std(b(:)) is std2).
+  wk = np.array([beta * _corr2(i_l_prime[:, k], ms[:, k]) for k in range(c)]) * sb / aux3
+  cl = np.array([_corr2(i_l, ms[:, k]) for k in range(c)])
+  l_i = 1 - np.abs(1 - cl * ms / i_l_prime)  # :122-128
+  return (ms + wk * l_i * delta).reshape(h, w, c)  # :130-135
+
+
+METHODS = {
+  'exp': exp,
+  'bt-h': bt_h,
+  'gs': gs,
+  'gsa': gsa,
+  'c-gsa': c_gsa,
+  'pracs': pracs,
+}
