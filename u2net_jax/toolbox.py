@@ -225,18 +225,37 @@ def _cubic(x: np.ndarray) -> np.ndarray:
   )
 
 
-def _resize_matrix(in_len: int, scale: float) -> np.ndarray:
-  """(out_len, in_len) matrix of MATLAB `imresize` bicubic weights along one axis.
+def _triangle(x: np.ndarray) -> np.ndarray:
+  """MATLAB's bilinear (triangle) kernel."""
+  return (x + 1) * ((-1 <= x) & (x < 0)) + (1 - x) * ((0 <= x) & (x <= 1))
 
-  The `contributions` function of MATLAB's imresize: antialiasing widens the kernel by 1/scale
-  when shrinking, weights are normalised per output sample, and out-of-range taps are mirrored
-  (symmetric, edge sample repeated).
+
+def _box(x: np.ndarray) -> np.ndarray:
+  """MATLAB's nearest-neighbour (box) kernel: 1 on [-0.5, 0.5)."""
+  return ((-0.5 <= x) & (x < 0.5)).astype(np.float64)
+
+
+# imresize's methods: (kernel, width, antialiased when shrinking), as in MATLAB's imresize.m.
+_RESIZE_KERNELS = {
+  'bicubic': (_cubic, 4.0, True),
+  'bilinear': (_triangle, 2.0, True),
+  'nearest': (_box, 1.0, False),
+}
+
+
+def _resize_matrix(in_len: int, scale: float, method: str = 'bicubic') -> np.ndarray:
+  """(out_len, in_len) matrix of MATLAB `imresize` weights along one axis.
+
+  The `contributions` function of MATLAB's imresize: antialiasing (all methods but 'nearest')
+  widens the kernel by 1/scale when shrinking, weights are normalised per output sample, and
+  out-of-range taps are mirrored (symmetric, edge sample repeated).
   """
+  base, width, antialias = _RESIZE_KERNELS[method]
   out_len = int(math.ceil(in_len * scale))
-  kernel, width = _cubic, 4.0
-  if scale < 1:
-    kernel = lambda x: scale * _cubic(scale * x)
-    width = 4.0 / scale
+  kernel = base
+  if scale < 1 and antialias:
+    kernel = lambda x: scale * base(scale * x)
+    width = width / scale
   x = np.arange(1, out_len + 1, dtype=np.float64)
   u = x / scale + 0.5 * (1 - 1 / scale)
   left = np.floor(u - width / 2)
@@ -251,12 +270,14 @@ def _resize_matrix(in_len: int, scale: float) -> np.ndarray:
   return m
 
 
-def imresize(image, scale: float) -> np.ndarray:
-  """MATLAB `imresize(image, scale)` with the default bicubic kernel and antialiasing.
+def imresize(image, scale: float, method: str = 'bicubic') -> np.ndarray:
+  """MATLAB `imresize(image, scale[, method])`, antialiased when shrinking, as MATLAB does.
 
   Args:
     image: H x W x C or H x W array.
     scale: resize factor for both axes (e.g. 1/4); the output is ceil(scale H) x ceil(scale W).
+    method: 'bicubic' (MATLAB's default), 'bilinear' (both antialiased when shrinking) or
+      'nearest' (never antialiased: `imresize(x, 1/4, 'nearest')` keeps `x[2::4, 2::4]`).
 
   Returns:
     The resized float64 array (no rounding or clipping, as MATLAB does for double input).
@@ -266,9 +287,11 @@ def imresize(image, scale: float) -> np.ndarray:
     raise ValueError(f'image: expected H x W x C or H x W, got shape {a.shape}')
   if not scale > 0:
     raise ValueError(f'scale: must be positive, got {scale}')
+  if method not in _RESIZE_KERNELS:
+    raise ValueError(f'method: expected one of {sorted(_RESIZE_KERNELS)}, got {method!r}')
   # MATLAB resizes the dimension with the smaller scale first; with equal scales, rows first.
-  a = np.tensordot(_resize_matrix(a.shape[0], scale), a, axes=(1, 0))
-  a = np.moveaxis(np.tensordot(_resize_matrix(a.shape[1], scale), a, axes=(1, 1)), 0, 1)
+  a = np.tensordot(_resize_matrix(a.shape[0], scale, method), a, axes=(1, 0))
+  a = np.moveaxis(np.tensordot(_resize_matrix(a.shape[1], scale, method), a, axes=(1, 1)), 0, 1)
   return a
 
 
@@ -277,11 +300,8 @@ def imresize(image, scale: float) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def _mtf_kernel_cached(gnyq: float, ratio: int, size: int) -> np.ndarray:
+def _gaussian_fwind1(alpha: float, size: int) -> np.ndarray:
   # fspecial('gaussian', N, alpha): sampled Gaussian, entries below eps * max zeroed, unit sum.
-  # Read as a frequency response on fsamp2's grid, its value at the MS Nyquist frequency
-  # (N - 1) / (2 ratio) samples from the centre is gnyq (`genMTF.m`'s alpha).
-  alpha = math.sqrt(((size - 1) * (1 / ratio) / 2) ** 2 / (-2 * math.log(gnyq)))
   r = np.arange(size) - (size - 1) / 2
   gauss = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * alpha * alpha))
   gauss[gauss < MATLAB_EPS * gauss.max()] = 0
@@ -299,6 +319,13 @@ def _mtf_kernel_cached(gnyq: float, ratio: int, size: int) -> np.ndarray:
   h = h * window
   h.setflags(write=False)
   return h
+
+
+def _mtf_kernel_cached(gnyq: float, ratio: int, size: int) -> np.ndarray:
+  # Read as a frequency response on fsamp2's grid, the Gaussian's value at the MS Nyquist
+  # frequency (N - 1) / (2 ratio) samples from the centre is gnyq (`genMTF.m`'s alpha).
+  alpha = math.sqrt(((size - 1) * (1 / ratio) / 2) ** 2 / (-2 * math.log(gnyq)))
+  return _gaussian_fwind1(alpha, size)
 
 
 def mtf_kernel(gnyq: float, ratio: int = 4, size: int = 41, normalize: bool = False) -> np.ndarray:
@@ -361,9 +388,53 @@ def mtf_filter(image, gnyq, ratio: int = 4) -> np.ndarray:
     raise ValueError(f'gnyq: {gains.size} gains for an image with {a.shape[2]} bands')
   gains = np.broadcast_to(gains, (a.shape[2],))
   kernels = np.stack([_mtf_kernel_cached(float(g), int(ratio), 41) for g in gains], axis=-1)
+  filtered = _filter_replicate(a, kernels)
+  return filtered[:, :, 0] if squeeze else filtered
+
+
+def _filter_replicate(a: np.ndarray, kernels: np.ndarray) -> np.ndarray:
+  """`imfilter(a(:, :, k), kernels(:, :, k), 'replicate')` per band k, for symmetric kernels."""
   half = kernels.shape[0] // 2
   # imfilter(..., 'replicate') is a correlation; the kernels are symmetric, so an FFT convolution
   # of the edge-padded image ('valid' part) is the same filter (41 x 41 is not separable).
   padded = np.pad(a, ((half, half), (half, half), (0, 0)), mode='edge')
-  filtered = signal.fftconvolve(padded, kernels, mode='valid', axes=(0, 1))
-  return filtered[:, :, 0] if squeeze else filtered
+  return signal.fftconvolve(padded, kernels, mode='valid', axes=(0, 1))
+
+
+# `LPfilterGauss.m`'s fixed Nyquist gain and kernel side.
+LP_GAUSS_GNYQ = 0.3
+LP_GAUSS_SIZE = 41
+
+
+def lp_filter_gauss_kernel(ratio: int = 4) -> np.ndarray:
+  """The kernel of the toolbox's `LPfilterGauss.m` (GNyq 0.3, 41 x 41).
+
+  It is `mtf_kernel(0.3)`'s construction except for one line: `LPfilterGauss.m` computes the
+  Gaussian's width as alpha = sqrt((N fcut / 2)^2 / (-2 ln 0.3)) with N = 41, where `genMTF.m`
+  has N - 1 = 40, so this kernel is a little wider than `mtf_kernel(0.3, ratio)`.
+
+  Args:
+    ratio: resolution ratio (fcut = 1 / ratio).
+
+  Returns:
+    41 x 41 float64 kernel (not renormalised, like the toolbox's).
+  """
+  n = LP_GAUSS_SIZE
+  alpha = math.sqrt((n * (1 / int(ratio) / 2)) ** 2 / (-2 * math.log(LP_GAUSS_GNYQ)))
+  return _gaussian_fwind1(alpha, n).copy()
+
+
+def lp_filter_gauss(image, ratio: int = 4) -> np.ndarray:
+  """The toolbox's `LPfilterGauss(image, ratio)`: `lp_filter_gauss_kernel` with replicate borders.
+
+  Args:
+    image: H x W x C or H x W array (every band gets the same kernel).
+    ratio: resolution ratio.
+
+  Returns:
+    Filtered float64 array of the input's shape.
+  """
+  a = as_image(image, 'image')
+  kernel = lp_filter_gauss_kernel(ratio)[:, :, None]
+  filtered = _filter_replicate(a, np.broadcast_to(kernel, kernel.shape[:2] + (a.shape[2],)))
+  return filtered[:, :, 0] if np.ndim(image) == 2 else filtered

@@ -21,3 +21,6 @@ METHODS: dict[str, Callable] = {}
 from u2net_jax.methods import component_substitution as _cs  # noqa: E402
 
 METHODS.update(_cs.METHODS)
+from u2net_jax.methods import multiresolution as _mra  # noqa: E402
+
+METHODS.update(_mra.METHODS)
