@@ -87,6 +87,14 @@ def test_side_by_side_skips_with_the_reason_without_torch(tmp_path, monkeypatch,
 
 def test_side_by_side_skips_with_the_reason_without_shared(tmp_path, monkeypatch, capsys):
   compare = _compare_module()
+  # torch and einops are reported present whether or not they are installed: the check of the
+  # official code comes after theirs, and a skipped comparison imports neither.
+  find_spec = compare.importlib.util.find_spec
+  monkeypatch.setattr(
+    compare.importlib.util,
+    'find_spec',
+    lambda name, *a: object() if name in ('torch', 'einops') else find_spec(name, *a),
+  )
   monkeypatch.setattr(compare, 'OFFICIAL_CODE', tmp_path / 'absent' / 'code')
   out = tmp_path / 'compare.json'
   assert compare.main(['--cases=train', f'--out={out}']) == 0
