@@ -8,10 +8,10 @@ r"""Evaluates a workdir's checkpoint with the paper's protocols: tables, files a
       --sensor=WV2
   python evaluate.py --workdir=workdirs/official_wv3 --test_files=a.h5,b.h5   # eval/a, eval/b
 
-Results go to `WORKDIR/eval/<test set>/` (see `u2net_jax/reporting.py`). The logic lives in
-`u2net_jax.eval_lib.evaluate`, callable from a notebook; the tiled inference in
-`u2net_jax.tiling`. Library log lines (orbax, libtpu) are hidden below WARNING; `-v 1` shows
-them (`u2net_jax.logging_utils`).
+Results go to `WORKDIR/eval/<test set>/` (see `u2net_jax/infer/reporting.py`). The logic lives in
+`u2net_jax.infer.eval_lib.evaluate`, callable from a notebook; the tiled inference in
+`u2net_jax.infer.tiling`. Library log lines (orbax, libtpu) are hidden below WARNING; `-v 1` shows
+them (`u2net_jax.run.logging_utils`).
 """
 
 import sys
@@ -19,7 +19,9 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from u2net_jax import distributed, errors, eval_lib, tiling
+from u2net_jax import errors
+from u2net_jax.infer import eval_lib, tiling
+from u2net_jax.run import distributed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Workdir of a training run or of converted official weights.')

@@ -10,7 +10,8 @@ any work: same CRS, PAN pixel = MS pixel / 4, top-left corners within half a PAN
 MS, band counts of the model; the output must not exist (`--overwrite`) and be writable.
 The scene is fused with the official tiling (64-px tiles, 4-px margins) in windows of `--window`
 PAN pixels, memory bounded by the window; the output (GeoTIFF with the PAN's georeference, or
-`.npy`/`.mat`) appears under its name only when complete. The logic lives in `u2net_jax.scene`.
+`.npy`/`.mat`) appears under its name only when complete. The logic lives in
+`u2net_jax.infer.scene`.
 """
 
 import json
@@ -19,7 +20,8 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from u2net_jax import errors, scene
+from u2net_jax import errors
+from u2net_jax.infer import scene
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Workdir of a training run or of converted official weights.')

@@ -1,6 +1,6 @@
 """Trains U2Net: `python train.py --config=configs/cave.py [--workdir=DIR]`.
 
-A thin entry point (flags, device logging, one call) over `u2net_jax.train_lib`. Re-running the
+A thin entry point (flags, device logging, one call) over `u2net_jax.run.train_lib`. Re-running the
 same command resumes from the latest checkpoint in the workdir. Any config field can be
 overridden, e.g. `--config.optimizer.learning_rate=5e-4`; an unknown field is an error.
 
@@ -10,7 +10,7 @@ variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) and one sh
 SIGTERM saves a checkpoint and exits with status 143; the same command resumes.
 
 The console is quiet by default: library log lines (orbax, libtpu) below WARNING are hidden and
-`-v 1` shows them (`u2net_jax.logging_utils`). The first step says it compiles and how long it
+`-v 1` shows them (`u2net_jax.run.logging_utils`). The first step says it compiles and how long it
 took; the run ends with a summary (best validation vs the lms baseline, checkpoints, next command).
 """
 
@@ -20,8 +20,9 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from u2net_jax import config_utils, distributed, errors, train_lib
-from u2net_jax import workdir as workdir_lib
+from u2net_jax import errors
+from u2net_jax.run import config_utils, distributed, train_lib
+from u2net_jax.run import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)

@@ -27,7 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from u2net_jax import attention
+from u2net_jax.models import attention
 
 # (name, batch, tokens, heads): a WV3 training step's S2Block levels 0, 1 and 2.
 SHAPES = (

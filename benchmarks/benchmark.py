@@ -99,7 +99,7 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def _config(name: str, quick: bool, dtype: str = 'float32'):
-  from u2net_jax import config_utils
+  from u2net_jax.run import config_utils
 
   config = config_utils.load_config_file(REPO / 'configs' / f'{name}.py')
   with config.unlocked():
@@ -135,7 +135,8 @@ def case_train(name: str, quick: bool, repeats: int, dtype: str = 'float32') -> 
   import jax
   import jax.numpy as jnp
 
-  from u2net_jax import models, train_lib
+  from u2net_jax import models
+  from u2net_jax.run import train_lib
 
   config = _config(name, quick, dtype)
   m = config.model
@@ -196,7 +197,8 @@ def case_infer(size: int, mode: str, quick: bool, repeats: int) -> dict:
   import jax.numpy as jnp
   import numpy as np
 
-  from u2net_jax import models, tiling
+  from u2net_jax import models
+  from u2net_jax.infer import tiling
 
   config = _config('wv3', quick)
   size = 64 if quick else size
@@ -251,7 +253,8 @@ def case_bf16_fidelity(quick: bool, repeats: int) -> dict:
   import h5py
   import numpy as np
 
-  from u2net_jax import metrics, tiling
+  from u2net_jax import metrics
+  from u2net_jax.infer import tiling
 
   path = SHARED / 'wv2_rr_sample.h5'
   if quick or not path.exists():
@@ -464,7 +467,7 @@ def write_report(
   Returns:
     The written path.
   """
-  from u2net_jax import fileio
+  from u2net_jax.io import fileio
 
   report = {
     'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),

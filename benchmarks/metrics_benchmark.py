@@ -32,7 +32,8 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from u2net_jax import fileio, metrics  # noqa: E402
+from u2net_jax import metrics  # noqa: E402
+from u2net_jax.io import fileio  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / 'results' / 'metrics_benchmark.json'
 

@@ -124,7 +124,8 @@ def _train_sides(batch_size: int, h: int = 16):
   sys.path.insert(0, str(REPO / 'benchmarks'))
   import benchmark  # noqa: E402  (benchmarks/benchmark.py: config and FLOP helpers)
 
-  from u2net_jax import models, train_lib
+  from u2net_jax import models
+  from u2net_jax.run import train_lib
 
   rng = np.random.default_rng(0)
   ms = rng.uniform(size=(batch_size, h, h, 8)).astype(np.float32)
@@ -232,7 +233,8 @@ def _tiled_sides(ms, pan, tile_batch: int):
   import scipy.io
   import torch
 
-  from u2net_jax import convert, tiling
+  from u2net_jax import convert
+  from u2net_jax.infer import tiling
 
   sys.path.insert(0, str(REPO / 'benchmarks'))
   import benchmark  # noqa: E402
@@ -334,7 +336,7 @@ def run_case(name: str, rounds: int, quick: bool, tile_batch: int, log=print) ->
   ms, pan = load_scene(size)
   official, project, outputs = _tiled_sides(ms, pan, tile_batch)
   result = interleave(official, project, rounds, project_repeats=1 if size is None else 3, log=log)
-  from u2net_jax import tiling
+  from u2net_jax.infer import tiling
 
   rows, cols = tiling.tile_grid(*pan.shape[:2], tiling.TILE)
   result['what'] = (
@@ -372,7 +374,7 @@ def main(argv=None) -> int:
   args.cases = cases
 
   sys.path.insert(0, str(REPO))
-  from u2net_jax import fileio
+  from u2net_jax.io import fileio
 
   command = ' '.join(['python', 'benchmarks/official_compare.py'] + list(argv or sys.argv[1:]))
   reason = unavailable_reason(cases)

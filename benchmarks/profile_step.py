@@ -164,7 +164,7 @@ def _train_program(batch: int):
   sys.path.insert(0, str(REPO / 'benchmarks'))
   import benchmark  # noqa: E402
 
-  from u2net_jax import train_lib
+  from u2net_jax.run import train_lib
 
   config = benchmark._config('wv3', quick=False)
   with config.unlocked():
@@ -194,7 +194,8 @@ def _tiles_program(batch: int):
   sys.path.insert(0, str(REPO / 'benchmarks'))
   import benchmark  # noqa: E402
 
-  from u2net_jax import models, tiling
+  from u2net_jax import models
+  from u2net_jax.infer import tiling
 
   config = benchmark._config('wv3', quick=False)
   params = benchmark._wv3_params(config, quick=False)
@@ -274,7 +275,7 @@ def main(argv=None) -> int:
   parser.add_argument('--out', default=None, help='JSON path')
   args = parser.parse_args(argv)
   sys.path.insert(0, str(REPO))
-  from u2net_jax import fileio
+  from u2net_jax.io import fileio
 
   batch = args.batch or (16 if args.program == 'train' else 13)
   result = profile(args.program, batch, args.calls)

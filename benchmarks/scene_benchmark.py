@@ -1,4 +1,4 @@
-"""Scene fusion (`fuse.py`, `u2net_jax.scene`): throughput and peak memory, window by window.
+"""Scene fusion (`fuse.py`, `u2net_jax.infer.scene`): throughput and peak memory, window by window.
 
 Cases, each in a fresh subprocess that reports its own peak resident set (VmHWM, read in the
 child: no other case or the parent counts; `os.wait4`'s `ru_maxrss` would not do, as Linux carries
@@ -102,7 +102,8 @@ def prepare_inputs(case: str, folder: Path) -> dict:
   import jax
   import scipy.io
 
-  from u2net_jax import checkpointing, config_utils, convert, models
+  from u2net_jax import convert, models
+  from u2net_jax.run import checkpointing, config_utils
 
   config = config_utils.load_config_file(REPO / 'configs' / 'wv3.py')
   workdir = folder / 'workdir'
@@ -135,7 +136,7 @@ def prepare_inputs(case: str, folder: Path) -> dict:
 
 
 def _fuse(inputs: dict, out: Path) -> dict:
-  from u2net_jax import scene
+  from u2net_jax.infer import scene
 
   start = time.perf_counter()
   result = scene.fuse_files(
@@ -148,7 +149,8 @@ def _fuse(inputs: dict, out: Path) -> dict:
 def case_wv2_scene(inputs: dict, folder: Path) -> dict:
   import numpy as np
 
-  from u2net_jax import checkpointing, config_utils, scene, tiling
+  from u2net_jax.infer import scene, tiling
+  from u2net_jax.run import checkpointing, config_utils
 
   pan = scene.open_raster(inputs['pan'], 'PAN')
   ms = scene.open_raster(inputs['ms'], 'MS')
@@ -203,7 +205,7 @@ def case_official(inputs: dict, folder: Path, tiles: int) -> dict:
   import numpy as np
   import torch
 
-  from u2net_jax import scene
+  from u2net_jax.infer import scene
 
   torch.set_num_threads(2)
   sys.path.insert(0, str(OFFICIAL_CODE))

@@ -26,11 +26,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.task = ml_collections.config_dict.placeholder(str)  # 'pansharpening' | 'hisr'.
   config.seed = 1  # The official code seeds everything with 1.
 
-  # Fields of `models.U2Net`, built by `models.create_model(config.model)`. A field left unset
-  # (None) takes the variant's value (`models.VARIANTS`: u2net_l sets width 12, head_dim 6), else
-  # the official one; any field set here, in a dataset config or on the command line wins.
+  # The network `config.model.name` names, built by `models.create_model(config.model)`, and
+  # the fields of `models.u2net.U2Net`. A field left unset (None) takes the variant's value
+  # (`models.u2net.VARIANTS`: u2net_l sets width 12, head_dim 6), else the official one; any
+  # field set here, in a dataset config or on the command line wins.
   unset = ml_collections.config_dict.placeholder  # None, but typed: `--config.model.width=16`.
   config.model = ml_collections.ConfigDict()
+  config.model.name = 'u2net'  # The network (`models.list_models()`); the rest are U2Net's fields.
   config.model.spectral_bands = unset(int)  # C, from the sensor: 8 (WV3/WV2), 4, 31 (HISR).
   config.model.guide_bands = unset(int)  # c, from the sensor: 1 (PAN) or 3 (RGB).
   # S: unset = the official 32 with a PAN guide (pansharpening), 64 with an RGB guide (HISR).
@@ -48,9 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Compute dtype: 'float32' (exact) or 'bfloat16' (TPU/GPU speed; params and outputs stay
   # float32; its effect on the metrics is in benchmarks/README.md).
   config.model.dtype = 'float32'
-  # The paper's ablations and lightweight model (`models.VARIANTS`, configs/ablation.py); 'u2net'
-  # is the official network. The three switches give the alternative readings of V1, V2 and
-  # V3/V4; setting one for a variant it does not apply to is an error.
+  # The paper's ablations and lightweight model (`models.u2net.VARIANTS`, configs/ablation.py);
+  # 'u2net' is the official network. The three switches give the alternative readings of V1, V2
+  # and V3/V4; setting one for a variant it does not apply to is an error.
   config.model.variant = 'u2net'
   config.model.single_branch_resblock = unset(bool)  # V1 only; unset = True.
   config.model.concat_residual = unset(bool)  # V2 only; unset = False.

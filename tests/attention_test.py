@@ -1,4 +1,4 @@
-"""Tests of `u2net_jax.attention`: blockwise (flash) == direct, values and gradients; dispatch.
+"""Tests of `u2net_jax.models.attention`: blockwise (flash) == direct, values, gradients, dispatch.
 
 The direct form must be the materialised official computation; the blockwise form must equal it
 within 1e-5 on random inputs, forward and backward, including token counts that do not divide
@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from u2net_jax import attention, models
+from u2net_jax import models
+from u2net_jax.models import attention, u2net
 
 # (batch, heads, N, query block, key block): N = 37, 100 and 300 do not divide their blocks.
 # Arrays are (batch, N, heads, d), `jax.nn.dot_product_attention`'s layout.
@@ -149,25 +150,25 @@ def test_spectral_attention_official_scaling():
 def test_auto_dispatch_and_bad_kind():
   x = jax.random.normal(jax.random.key(0), (1, 4, 4, 16))
   for kind in ('auto', 'direct', 'blockwise'):
-    block = models.S2Block(attention=kind)
+    block = u2net.S2Block(attention=kind)
     params = block.init(jax.random.key(1), x, x)
     assert block.apply(params, x, x).shape == x.shape
   with pytest.raises(ValueError, match='attention must be one of'):
-    models.S2Block(attention='flash').init(jax.random.key(1), x, x)
+    u2net.S2Block(attention='flash').init(jax.random.key(1), x, x)
 
 
 def test_model_dtype_bfloat16_keeps_float32_params_and_output():
-  model = models.U2Net(spectral_bands=4, width=16, head_dim=8, dtype='bfloat16')
+  model = u2net.U2Net(spectral_bands=4, width=16, head_dim=8, dtype='bfloat16')
   params = models.init_params(model, jax.random.key(0), ms_size=4)
   assert {p.dtype for p in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.float32)}
   ms = jax.random.uniform(jax.random.key(1), (1, 4, 4, 4))
   guide = jax.random.uniform(jax.random.key(2), (1, 16, 16, 1))
   out = jax.jit(model.apply)({'params': params}, ms, guide)
-  reference = models.U2Net(spectral_bands=4, width=16, head_dim=8)
+  reference = u2net.U2Net(spectral_bands=4, width=16, head_dim=8)
   ref = jax.jit(reference.apply)({'params': params}, ms, guide)
   assert out.dtype == jnp.float32
   assert float(jnp.abs(out - ref).max()) < 0.1
   with pytest.raises(ValueError, match='dtype must be one of'):
     nn.Module.init(
-      models.U2Net(spectral_bands=4, width=16, dtype='float16'), jax.random.key(0), ms, guide
+      u2net.U2Net(spectral_bands=4, width=16, dtype='float16'), jax.random.key(0), ms, guide
     )

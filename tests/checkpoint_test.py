@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from u2net_jax import checkpointing, errors, models, sharding, train_lib
+from u2net_jax import errors, models
+from u2net_jax.run import checkpointing, sharding, train_lib
 
 
 def _params(config, value: float):

@@ -1,4 +1,4 @@
-"""Tests of `u2net_jax.config_utils`: every shipped config loads and validates; the sensor is the
+"""Tests of `run.config_utils`: every shipped config loads and validates; the sensor is the
 single source of the task, band counts and scale; field checks; the `config.json` round trip."""
 
 import json
@@ -9,7 +9,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from u2net_jax import config_utils, toolbox
+from u2net_jax import toolbox
+from u2net_jax.run import config_utils
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.name for p in (REPO / 'configs').glob('*.py') if p.name != '__init__.py')

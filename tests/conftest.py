@@ -80,7 +80,7 @@ def load_config(name: str = 'tiny', **overrides) -> ml_collections.ConfigDict:
   Returns:
     The finalized, locked ConfigDict.
   """
-  from u2net_jax import config_utils
+  from u2net_jax.run import config_utils
 
   stem, sep, arg = name.partition(':')
   return config_utils.load_config_file(f'{REPO / "configs" / stem}.py{sep}{arg}', overrides)

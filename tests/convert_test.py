@@ -14,7 +14,8 @@ from conftest import REPO, run_script, shared_path
 from flax import traverse_util
 from torch_layout import flax_to_torch
 
-from u2net_jax import checkpointing, config_utils, convert, models
+from u2net_jax import convert, models
+from u2net_jax.run import checkpointing, config_utils
 
 # torch.save's legacy (pre-1.6) format starts with this pickled magic number.
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C

@@ -13,8 +13,16 @@ import numpy as np
 import pytest
 from conftest import REPO, load_config, shared_path
 
-from u2net_jax import input_pipeline, toolbox
-from u2net_jax.data import DataError, demo, pancollection, prepare_pansharpening, value_checks, wald
+from u2net_jax import toolbox
+from u2net_jax.data import (
+  DataError,
+  demo,
+  input_pipeline,
+  pancollection,
+  prepare_pansharpening,
+  value_checks,
+  wald,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Tests of `evaluate.py` / `u2net_jax.eval_lib`: the protocols, the test-set sources, the files
+"""Tests of `evaluate.py` / `infer.eval_lib`: the protocols, the test-set sources, the files
 and tables an evaluation writes, and its errors.
 
 The acceptance cases run the released WV3 weights on the WV2 samples of `../shared/official`
@@ -22,19 +22,11 @@ from conftest import REPO, shared_path
 from PIL import Image
 from tiling_test import TINY_MODEL, TINY_TILE, random_params
 
-from u2net_jax import (
-  checkpointing,
-  config_utils,
-  convert,
-  eval_lib,
-  fileio,
-  input_pipeline,
-  metrics,
-  models,
-  reporting,
-  train_lib,
-)
-from u2net_jax.data import DataError, pancollection
+from u2net_jax import convert, metrics, models
+from u2net_jax.data import DataError, input_pipeline, pancollection
+from u2net_jax.infer import eval_lib, reporting
+from u2net_jax.io import fileio
+from u2net_jax.run import checkpointing, config_utils, train_lib
 
 
 def _config(task='pansharpening', **model):

@@ -12,8 +12,9 @@ from conftest import REPO, run_script, script_env, shared_path
 from rasterio.transform import Affine
 from scene_test import CRS, ORIGIN, PAN_PIXEL, make_pair, tiny_workdir, write_tiff  # noqa: F401
 
-from u2net_jax import config_utils, convert, toolbox
+from u2net_jax import convert, toolbox
 from u2net_jax.data import pancollection
+from u2net_jax.run import config_utils
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Tests of `u2net_jax.input_pipeline`: order, host shares, resumption, sharding, evaluation."""
+"""Tests of `data.input_pipeline`: order, host shares, resumption, sharding, evaluation."""
 
 import json
 import os
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from conftest import REPO, load_config
 
-from u2net_jax import input_pipeline, sharding
-from u2net_jax.data import DataError, pancollection
+from u2net_jax.data import DataError, input_pipeline, pancollection
+from u2net_jax.run import sharding
 
 
 def _config(**data):
@@ -231,7 +231,8 @@ _TWO_DEVICES = textwrap.dedent(
   import jax
   import numpy as np
   from configs import default
-  from u2net_jax import config_utils, input_pipeline, sharding
+  from u2net_jax.data import input_pipeline
+  from u2net_jax.run import config_utils, sharding
   from u2net_jax.data import pancollection
 
   assert jax.device_count() == 2, jax.devices()

@@ -1,4 +1,4 @@
-"""Tests of `u2net_jax.models`: shapes, errors, gradients, and the official outputs.
+"""Tests of `u2net_jax.models.u2net`: shapes, errors, gradients, and the official outputs.
 
 The model factory and the variants are `variants_test.py`'s; the attention kernels are
 `attention_test.py`'s.
@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 from conftest import REPO, shared_path
 
-from u2net_jax import config_utils, convert, models
+from u2net_jax import convert, models
+from u2net_jax.models import u2net
+from u2net_jax.run import config_utils
 
 
 def tiny(**overrides):
   cfg = dict(spectral_bands=4, guide_bands=1, width=16, head_dim=8)
   cfg.update(overrides)
-  return models.U2Net(**cfg)
+  return u2net.U2Net(**cfg)
 
 
 def _inputs(model, b, h, w, seed=0):
@@ -79,13 +81,13 @@ def test_gradients_finite():
 def test_pixel_shuffle_matches_torch_order():
   # Channel c*16 + 4a + b goes to output channel c at pixel (4i + a, 4j + b).
   x = np.arange(2 * 3 * 32, dtype=np.float32).reshape(1, 2, 3, 32)
-  y = np.asarray(models.pixel_shuffle(jnp.asarray(x), 4))
+  y = np.asarray(u2net.pixel_shuffle(jnp.asarray(x), 4))
   for c, a, b, i, j in [(0, 0, 0, 0, 0), (1, 3, 2, 1, 2), (0, 2, 1, 1, 0)]:
     assert y[0, 4 * i + a, 4 * j + b, c] == x[0, i, j, c * 16 + 4 * a + b]
 
 
 def test_conv_transpose_matches_definition():
-  mod = models.ConvTranspose2x2(3)
+  mod = u2net.ConvTranspose2x2(3)
   x = jax.random.normal(jax.random.key(0), (1, 2, 3, 5))
   params = mod.init(jax.random.key(1), x)
   y = np.asarray(mod.apply(params, x))

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import REPO, run_script, script_env
 
-from u2net_jax import checkpointing, config_utils
+from u2net_jax.run import checkpointing, config_utils
 
 pytestmark = pytest.mark.slow
 

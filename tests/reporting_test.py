@@ -1,4 +1,4 @@
-"""Tests of `u2net_jax.reporting`: tables, CSV/JSON/.mat/PNG writers and atomic output folders."""
+"""Tests of `infer.reporting`: tables, CSV/JSON/.mat/PNG writers and atomic output folders."""
 
 import csv
 import json
@@ -8,7 +8,9 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from u2net_jax import fileio, metrics, reporting
+from u2net_jax import metrics
+from u2net_jax.infer import reporting
+from u2net_jax.io import fileio
 
 
 def _result(protocol='reduced', n=2, bands=8):

@@ -23,8 +23,10 @@ import pytest
 from conftest import REPO, load_config, run_script, shared_path
 from convert_test import _FakeTorch
 
-from u2net_jax import config_utils, convert, fileio, pth_reader
+from u2net_jax import convert
 from u2net_jax.data import DataError, pancollection, prepare_cave, prepare_pansharpening
+from u2net_jax.io import fileio, pth_reader
+from u2net_jax.run import config_utils
 
 WV3_PTH = ('official', 'u2net_wv3_200000_iter.pth')
 
@@ -350,7 +352,7 @@ def _tiny_pth(tmp_path, config, value: float, name='w.pth'):
 
 @pytest.mark.slow  # Orbax writes / the torch import: seconds.
 def test_convert_refuses_an_existing_run_and_overwrite_replaces_it(tmp_path):
-  from u2net_jax import checkpointing
+  from u2net_jax.run import checkpointing
 
   config = load_config('tiny')
   workdir = tmp_path / 'run'

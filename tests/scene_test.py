@@ -1,4 +1,4 @@
-"""Tests of `u2net_jax.scene` (streaming scene fusion) and `tiling.cut_window`, on real GeoTIFFs.
+"""Tests of `infer.scene` (streaming scene fusion) and `tiling.cut_window`, on real GeoTIFFs.
 
 A tiny WV3-shaped model with random parameters and 32-px tiles keeps each fusion to seconds; the
 geometry and the streaming are those of the official 64-px tiling. The real-scene acceptance
@@ -14,9 +14,12 @@ from conftest import REPO
 from rasterio.transform import Affine
 from tiling_test import TINY_MODEL, random_params
 
-from u2net_jax import checkpointing, config_utils, fileio, models, scene, tiling
+from u2net_jax import models
 from u2net_jax.data import DataError, pancollection
 from u2net_jax.data import prepare_pansharpening as prep
+from u2net_jax.infer import scene, tiling
+from u2net_jax.io import fileio
+from u2net_jax.run import checkpointing, config_utils
 
 CRS = 'EPSG:32633'  # UTM 33N: a projected CRS in metres.
 PAN_PIXEL = 0.5

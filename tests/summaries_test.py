@@ -1,5 +1,5 @@
-"""Tests of what a run tells its user: `u2net_jax.summaries` (compile line, TensorBoard images,
-closing summary) and `u2net_jax.logging_utils` (quiet by default, `-v 1` for everything).
+"""Tests of what a run tells its user: `u2net_jax.run.summaries` (compile line, TensorBoard images,
+closing summary) and `u2net_jax.run.logging_utils` (quiet by default, `-v 1` for everything).
 
 The TensorBoard events are read back with TensorBoard's own reader (`EventAccumulator`).
 """
@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from u2net_jax import input_pipeline, logging_utils, metrics, summaries, train_lib
+from u2net_jax import metrics
+from u2net_jax.data import input_pipeline
+from u2net_jax.run import logging_utils, summaries, train_lib
 
 
-def _record(name: str, level: int, msg: str, path: str = '/x/u2net_jax/train_lib.py'):
+def _record(name: str, level: int, msg: str, path: str = '/x/u2net_jax/run/train_lib.py'):
   return logging_std.LogRecord(name, level, path, 1, msg, None, None)
 
 

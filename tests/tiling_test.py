@@ -1,11 +1,13 @@
-"""Tests of `u2net_jax.tiling`: the official test.py tile geometry and the batched `Fuser`."""
+"""Tests of `u2net_jax.infer.tiling`: the official test.py tile geometry and the batched `Fuser`."""
 
 import jax
 import numpy as np
 import pytest
 from conftest import REPO
 
-from u2net_jax import config_utils, models, tiling
+from u2net_jax import models
+from u2net_jax.infer import tiling
+from u2net_jax.run import config_utils
 
 TINY_MODEL = {'width': 16, 'head_dim': 16, 'attention': 'auto'}
 # 32-pixel tiles (40 x 40 with margins) keep the tiny model's spatial attention ~10x cheaper

@@ -11,17 +11,10 @@ import pytest
 from conftest import load_config, run_script, script_env, shared_path
 from flax import traverse_util
 
-from u2net_jax import (
-  checkpointing,
-  config_utils,
-  convert,
-  fileio,
-  input_pipeline,
-  metrics,
-  models,
-  sharding,
-  train_lib,
-)
+from u2net_jax import convert, metrics, models
+from u2net_jax.data import input_pipeline
+from u2net_jax.io import fileio
+from u2net_jax.run import checkpointing, config_utils, sharding, train_lib
 
 
 def _run_train(workdir, *flags, config='configs/tiny.py', **kwargs):

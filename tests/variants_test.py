@@ -13,7 +13,10 @@ from absl import flags
 from conftest import REPO, load_config, run_script
 from ml_collections import config_flags
 
-from u2net_jax import config_utils, convert, eval_lib, models, param_count, train_lib
+from u2net_jax import convert, models, param_count
+from u2net_jax.infer import eval_lib
+from u2net_jax.models import u2net
+from u2net_jax.run import config_utils, train_lib
 
 ABLATIONS = ('v1_single_branch', 'v2_concat', 'v3_spatial_only', 'v4_spectral_only', 'u2net_l')
 
@@ -83,7 +86,7 @@ def test_alternative_readings_are_one_switch_away():
 
 
 def test_unknown_variant_is_an_error():
-  model = models.U2Net(spectral_bands=4, width=16, variant='v9')
+  model = u2net.U2Net(spectral_bands=4, width=16, variant='v9')
   with pytest.raises(ValueError, match="variant 'v9'"):
     models.init_params(model, jax.random.key(0), ms_size=2)
   with pytest.raises(ValueError, match=r"variant 'v9'; expected one of \('u2net', "):

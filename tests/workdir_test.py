@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from conftest import REPO, load_config, run_script, script_env
 
-from u2net_jax import checkpointing, config_utils, errors, train_lib, workdir
+from u2net_jax import errors
+from u2net_jax.run import checkpointing, config_utils, train_lib, workdir
 
 
 def test_default_workdir_keeps_the_config_argument():

@@ -49,7 +49,8 @@ class DistributedError(RunError):
 def user_errors() -> tuple[type[BaseException], ...]:
   """Every error type an entry point turns into one clear line (the rest keep a traceback)."""
   # Imported here: this module must stay importable from every other one without cycles.
-  from u2net_jax import config_utils, fileio
   from u2net_jax.data import DataError
+  from u2net_jax.io import fileio
+  from u2net_jax.run import config_utils
 
   return (RunError, config_utils.ConfigError, DataError, fileio.OutputError)

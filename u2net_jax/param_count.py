@@ -16,10 +16,12 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from u2net_jax import config_utils, models
+from u2net_jax import models
+from u2net_jax.models import u2net
+from u2net_jax.run import config_utils
 
 
-def count_by_module(model: models.U2Net) -> dict[str, int]:
+def count_by_module(model) -> dict[str, int]:
   """Parameters per top-level module of `model`.
 
   Args:
@@ -59,7 +61,7 @@ def report(model_config, variants=None, detail: bool = False) -> str:
 def _define_flags() -> None:
   """The CLI's flags (defined only when run as a program, so that importing defines none)."""
   config_flags.DEFINE_config_file('config', None, 'Config file[:argument], e.g. configs/wv3.py.')
-  flags.DEFINE_bool('all', False, 'Every variant of models.VARIANTS with this config.')
+  flags.DEFINE_bool('all', False, 'Every variant of u2net.VARIANTS with this config.')
   flags.DEFINE_bool('detail', False, 'Also print the per-module counts.')
   flags.mark_flags_as_required(['config'])
 
@@ -70,7 +72,7 @@ def main(argv) -> None:
   args = flags.FLAGS
   try:
     config = config_utils.finalize(args.config)  # Derives the band counts from the sensor.
-    print(report(config.model, list(models.VARIANTS) if args.all else None, args.detail))
+    print(report(config.model, list(u2net.VARIANTS) if args.all else None, args.detail))
   except ValueError as e:  # A config error (e.g. a switch the variant lacks): one line.
     sys.exit(f'error: {e}')
 

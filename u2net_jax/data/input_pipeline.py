@@ -54,8 +54,8 @@ import jax
 import numpy as np
 from absl import flags
 
-from u2net_jax import sharding
 from u2net_jax.data import DataError, pancollection
+from u2net_jax.run import sharding
 
 # Stream length used for the "infinite" training MapDataset (in steps); never reached.
 _MAX_STEPS = 1 << 40

@@ -33,8 +33,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from u2net_jax import fileio
 from u2net_jax.data import DataError, value_checks
+from u2net_jax.io import fileio
 
 ROLES = ('gt', 'lms', 'ms', 'guide')
 

@@ -30,8 +30,8 @@ import h5py
 import numpy as np
 from absl import logging
 
-from u2net_jax import fileio
 from u2net_jax.data import DataError
+from u2net_jax.io import fileio
 
 # Interpolated images (lms) ring a little above the sensor maximum near sharp edges (the 23-tap
 # kernel has negative lobes), so only gross overshoots of lms count as a wrong sensor maximum.

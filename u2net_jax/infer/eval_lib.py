@@ -4,7 +4,7 @@
 run or official weights converted by `python -m u2net_jax.convert` -- fuses every image of each
 test set (`tiling.Fuser`: the official tiled `test.py` procedure by default) and writes, per test
 set, into `workdir/eval/<test set>/` the table, JSON, CSV, `.mat` files and PNG previews that
-`u2net_jax.reporting` describes. The table is also printed.
+`u2net_jax.infer.reporting` describes. The table is also printed.
 
 Protocols (`u2net_jax.metrics`, the conventions of `../shared/metrics/README.md`), chosen per test
 set from the task and the data:
@@ -47,18 +47,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from u2net_jax import (
-  checkpointing,
-  config_utils,
-  distributed,
-  fileio,
-  input_pipeline,
-  metrics,
-  reporting,
-  tiling,
-  toolbox,
-)
-from u2net_jax.data import DataError, pancollection
+from u2net_jax import metrics, toolbox
+from u2net_jax.data import DataError, input_pipeline, pancollection
+from u2net_jax.infer import reporting, tiling
+from u2net_jax.io import fileio
+from u2net_jax.run import checkpointing, config_utils, distributed
 
 MODES = tiling.MODES
 METHOD, BASELINE = 'U2Net', 'EXP'  # Row names: the fused images and the upsampled MS (`lms`).

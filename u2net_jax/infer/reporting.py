@@ -29,7 +29,8 @@ import numpy as np
 import scipy.io
 from PIL import Image, ImageDraw, ImageFont
 
-from u2net_jax import fileio, metrics, toolbox
+from u2net_jax import metrics, toolbox
+from u2net_jax.io import fileio
 
 STRETCH_PERCENTILES = (2.0, 98.0)
 NOTES = {

@@ -44,9 +44,11 @@ from typing import Any
 import numpy as np
 import scipy.io
 
-from u2net_jax import checkpointing, config_utils, fileio, tiling
 from u2net_jax.data import DataError
 from u2net_jax.data import prepare_pansharpening as prep
+from u2net_jax.infer import tiling
+from u2net_jax.io import fileio
+from u2net_jax.run import checkpointing, config_utils
 
 TIFF_SUFFIXES = ('.tif', '.tiff')
 ARRAY_SUFFIXES = ('.npy', '.mat', '.h5', '.hdf5')

@@ -18,8 +18,8 @@ last batch padded with zero tiles, so nothing recompiles). Three levels of use:
     ...                                             # share batches
   out_tiles = fuser.fuse_tiles(ms_tiles, guide_tiles)  # any number of tiles of one shape
 
-`fuse_tiles` is the building block for windows of a large scene (`u2net_jax.scene`): `cut_window`
-cuts the tiles of a block of the grid reading only the pixels they need (margins from the
+`fuse_tiles` is the building block for windows of a large scene (`infer.scene`): `cut_window` cuts
+the tiles of a block of the grid reading only the pixels they need (margins from the
 neighbouring real pixels, reflected only at the image border), so a scene fused window by window
 equals the scene fused at once.
 """
@@ -36,8 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from u2net_jax import models, sharding
+from u2net_jax import models
 from u2net_jax.data import DataError
+from u2net_jax.run import sharding
 
 MODES = ('tiled', 'whole')
 TILE, PAD = 64, 4  # The official test.py: 64 x 64 PAN tiles with 4-pixel margins.

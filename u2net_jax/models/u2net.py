@@ -10,7 +10,7 @@ paper differ, the code is followed and the comment says so. Layout is NHWC throu
 
 Sub-module names mirror the official state-dict names (`s2block0`, `down0`, `up1`, `to_hrms`,
 ...) so that the converter is a readable table of rules. The attention kernels live in
-`u2net_jax.attention`; `create_model(config.model)` builds the network or one of the paper's
+`u2net_jax.models.attention`; `create_model(config.model)` builds the network or one of the paper's
 variants (`VARIANTS`).
 
 Size: ~650 lines, kept in one file on purpose: the official network's modules and the paper's
@@ -30,7 +30,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from u2net_jax import attention as attention_lib
+from u2net_jax.io import torch_weights
+from u2net_jax.models import attention as attention_lib
+from u2net_jax.models import registry
 
 # The official code uses nn.LeakyReLU() everywhere: negative slope 0.01.
 leaky_relu = functools.partial(nn.leaky_relu, negative_slope=0.01)
@@ -396,7 +398,7 @@ class U2Net(nn.Module):
     resblock_ratio: ResBlock hidden width / stage width.
     scale: spatial ratio between guide and MS (4).
     attention: spatial attention form: 'direct', 'blockwise', 'cudnn' or 'auto'
-      (`u2net_jax.attention.ATTENTION_KINDS`).
+      (`u2net_jax.models.attention.ATTENTION_KINDS`).
     attention_block_size: query block of the blockwise form.
     dtype: compute dtype, 'float32' (default, exact) or 'bfloat16' (for TPU/GPU: convolutions,
       projections and attention products in bfloat16 with float32 softmax and LayerNorm
@@ -538,7 +540,7 @@ class U2Net(nn.Module):
     return s2[4](z, z)
 
 
-def model_fields(model_config: Mapping[str, Any] | None = None, **overrides) -> dict[str, Any]:
+def resolve_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
   """The `U2Net` arguments that a config's `model` section means, each unset field resolved.
 
   maxim's `Model(variant=..., **overrides)` pattern: a field left unset (None; `configs/default.py`
@@ -548,8 +550,7 @@ def model_fields(model_config: Mapping[str, Any] | None = None, **overrides) -> 
   saved `config.json` (unset fields stay null) rebuilds the same model.
 
   Args:
-    model_config: `config.model` (a ConfigDict or a mapping of `U2Net` fields), or None.
-    **overrides: fields replacing model_config's (e.g. `attention='direct'`).
+    fields: `config.model`'s fields (without `name`), overrides applied.
 
   Returns:
     A dict of every `U2Net` field (except Flax's `parent` and `name`).
@@ -558,7 +559,7 @@ def model_fields(model_config: Mapping[str, Any] | None = None, **overrides) -> 
     ValueError: an unknown field, variant, attention form or dtype, or a switch set for a variant
       it does not apply to; the message names the field and the variant.
   """
-  fields = {**dict(model_config or {}), **overrides}
+  fields = dict(fields)
   known = [f.name for f in dataclasses.fields(U2Net) if f.name not in ('parent', 'name')]
   unknown = sorted(set(fields) - set(known))
   if unknown:
@@ -591,61 +592,49 @@ def model_fields(model_config: Mapping[str, Any] | None = None, **overrides) -> 
   return resolved
 
 
-def create_model(model_config: Mapping[str, Any] | None = None, **overrides) -> U2Net:
-  """The U2Net (or variant) a config's `model` section describes: the one model factory.
+# --------------------------------------------------------------------------------------------
+# Registration: the official state dict's names (PSRben/U2Net `model/u2net.py`) and the network.
 
-  Args:
-    model_config: `config.model` (a ConfigDict or a mapping of `U2Net` fields), or None for the
-      official WV3 network.
-    **overrides: fields replacing model_config's, e.g. `create_model(config.model,
-      attention='direct')`.
+WEIGHTS = torch_weights.WeightTable(
+  rules=[
+    (r'upsample/conv/kernel', 'upsample.upsamle.0.weight'),  # The official key's typo.
+    (r'raise_ms_dim/(kernel|bias)', 'raise_ms_dim.0.{p}'),
+    (r'raise_guide_dim/(kernel|bias)', 'raise_pan_dim.0.{p}'),
+    (r'to_hrms0/(kernel|bias)', 'to_hrms.0.{p}'),
+    (r'to_hrms1/(kernel|bias)', 'to_hrms.2.{p}'),
+    (r's2block(\d)/attn_norm/(scale|bias)', 's2block{0}.layers.0.0.fn.norm.{p}'),
+    (r's2block(\d)/attention/(sa1|sa2|se1|se2)/kernel', 's2block{0}.layers.0.0.fn.fn.{1}.weight'),
+    (r's2block(\d)/attention/to_out/(kernel|bias)', 's2block{0}.layers.0.0.fn.fn.to_out.0.{p}'),
+    (r's2block(\d)/mlp_norm/(scale|bias)', 's2block{0}.layers.0.1.fn.norm.{p}'),
+    (r's2block(\d)/mlp/fc1/(kernel|bias)', 's2block{0}.layers.0.1.fn.fn.net.0.{p}'),
+    (r's2block(\d)/mlp/fc2/(kernel|bias)', 's2block{0}.layers.0.1.fn.fn.net.3.{p}'),
+    (r'down(\d)/conv0/(kernel|bias)', 'down{0}.conv.0.{p}'),
+    (r'down(\d)/conv1/(kernel|bias)', 'down{0}.conv.2.{p}'),
+    (r'down(\d)/conv2/(kernel|bias)', 'down{0}.conv.3.{p}'),
+    (r'resblock(\d)/(conv0|conv1)/(kernel|bias)', 'resblock{0}.{1}.{p}'),
+    # The level-2/3 Up modules are `up0`/`up1`; inside each, the branch used is also `up1`.
+    (r'up(\d)/up/(kernel|bias)', 'up{0}.up1.0.{p}'),
+    (r'up(\d)/conv/(kernel|bias)', 'up{0}.conv.{p}'),
+  ],
+  kernel_axes=lambda path: (
+    torch_weights.CONV_TRANSPOSE
+    if '/up/' in path
+    else torch_weights.LINEAR
+    if '/attention/' in path or '/mlp/' in path
+    else torch_weights.CONV
+  ),
+  # Modules the official model builds but never calls.
+  unused=(r'down\d\.maxpool_conv\.', r'up\d\.up0\.'),
+)
 
-  Returns:
-    `U2Net(**model_fields(model_config, **overrides))`.
-
-  Raises:
-    ValueError: see `model_fields`.
-  """
-  return U2Net(**model_fields(model_config, **overrides))
-
-
-def abstract_params(model: U2Net) -> dict:
-  """The parameter tree's shapes and dtypes, computing nothing (`jax.eval_shape` of the init).
-
-  Args:
-    model: a U2Net.
-
-  Returns:
-    The 'params' tree of `jax.ShapeDtypeStruct`s, e.g. a restore target.
-  """
-  return jax.eval_shape(lambda: init_params(model, jax.random.key(0), ms_size=4))
-
-
-def count_params(params) -> int:
-  """Number of scalars in a parameter tree (arrays or `jax.ShapeDtypeStruct`s)."""
-  return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
-
-
-def init_params(model: U2Net, rng: jax.Array, ms_size: int = 16) -> dict:
-  """Initialises `model` (PyTorch's default scheme); returns the 'params' collection.
-
-  `model.lazy_init` on abstract (1, ms_size, ms_size, C) inputs: only the parameters' random
-  draws run, never the forward pass, op by op. Each op's program is compiled once per shape and
-  then shared by every model of the process, so that a second model (another variant, band count
-  or width) initialises in well under a second, where one jitted `model.init` per model compiles
-  ~150 random draws anew (seconds each time). The non-partitionable threefry lowering is the
-  one the parameters have always been drawn with; they are a deterministic function of `rng`.
-
-  Args:
-    model: a U2Net.
-    rng: a PRNG key.
-    ms_size: side of the abstract MS input (the parameters do not depend on it).
-
-  Returns:
-    The 'params' tree (float32 arrays).
-  """
-  ms = jax.ShapeDtypeStruct((1, ms_size, ms_size, model.spectral_bands), jnp.float32)
-  size = model.scale * ms_size
-  guide = jax.ShapeDtypeStruct((1, size, size, model.guide_bands), jnp.float32)
-  with jax.threefry_partitionable(False):
-    return model.lazy_init(rng, ms, guide)['params']
+registry.register(
+  registry.ModelSpec(
+    name='u2net',
+    module=U2Net,
+    inputs=('ms', 'guide'),
+    resolve=resolve_fields,
+    weights=WEIGHTS,
+    eval_mode='tiled',
+    paper='Peng, Guo, Wu, Deng: U2Net, ACM MM 2023',
+  )
+)

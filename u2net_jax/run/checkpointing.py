@@ -39,7 +39,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from u2net_jax import errors, models, sharding
+from u2net_jax import errors, models
+from u2net_jax.run import sharding
 
 BEST_METRIC = 'valid_loss'
 WHICH = ('best', 'latest')

@@ -36,7 +36,8 @@ from typing import Any
 
 import ml_collections
 
-from u2net_jax import fileio, toolbox
+from u2net_jax import toolbox
+from u2net_jax.io import fileio
 
 
 class ConfigError(ValueError):
@@ -169,8 +170,10 @@ def field_rules() -> list[FieldRule]:
     The rules, in the order their messages are reported.
   """
   # Imported here: they bring in jax, flax and h5py, which reading a config file does not need.
-  from u2net_jax import attention, models, tiling
+  from u2net_jax import models
   from u2net_jax.data import value_checks
+  from u2net_jax.infer import tiling
+  from u2net_jax.models import attention, u2net
 
   inf = math.inf
   return [
@@ -185,8 +188,9 @@ def field_rules() -> list[FieldRule]:
     number('model.resblock_ratio', 0, 64, low_open=True),
     integer('model.scale', 1, 16),
     integer('model.attention_block_size', 1),
-    one_of('model.variant', models.VARIANTS),
-    one_of('model.dtype', models.DTYPES),
+    one_of('model.name', models.list_models()),
+    one_of('model.variant', u2net.VARIANTS),
+    one_of('model.dtype', u2net.DTYPES),
     one_of('model.attention', attention.ATTENTION_KINDS),
     of_type('model.single_branch_resblock', bool, 'a bool', optional=True),
     of_type('model.concat_residual', bool, 'a bool', optional=True),

@@ -230,7 +230,7 @@ def start(fv=None) -> None:
   """
   import sys
 
-  from u2net_jax import logging_utils
+  from u2net_jax.run import logging_utils
 
   logging_utils.configure()
   try:

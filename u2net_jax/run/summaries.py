@@ -29,7 +29,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from u2net_jax import metrics, reporting
+from u2net_jax import metrics
+from u2net_jax.infer import reporting
 
 # jax's compile events (`jax._src.dispatch`): tracing, lowering to StableHLO, XLA's compilation.
 _TRACE_EVENTS = (
@@ -144,10 +145,10 @@ class ValidationImages:
     Runs on every process (the params may span several hosts).
     """
     if self._forward is None:
-      self._forward = jax.jit(lambda p, ms, guide: apply_fn({'params': p}, ms, guide))
+      self._forward = jax.jit(lambda p, batch: apply_fn({'params': p}, batch))
     placement = jax.tree_util.tree_leaves(params)[0].sharding
-    ms, guide = (jax.device_put(self._roles[r], placement) for r in ('ms', 'guide'))
-    out = self._forward(params, ms, guide)
+    inputs = {r: jax.device_put(self._roles[r], placement) for r in ('ms', 'guide', 'lms')}
+    out = self._forward(params, inputs)
     # The output is replicated: any local copy is the whole array.
     return np.clip(np.asarray(out.addressable_shards[0].data, np.float32), 0.0, 1.0)
 

@@ -10,7 +10,7 @@ is its command-line entry point. The pieces:
   sqrt).
 - `train_step` / `eval_step`: pure functions of (state, batch); the L1 loss (mean) of Eq. 4.
 
-Parallelism is decided in `u2net_jax.sharding` (one 'data' mesh, batch sharded, state
+Parallelism is decided in `u2net_jax.run.sharding` (one 'data' mesh, batch sharded, state
 replicated); `compile_steps` hands those shardings to `jax.jit`. XLA inserts the gradient
 all-reduce, the same code runs on 1 CPU, 8 GPUs or a TPU pod, and the state buffers are donated.
 On several hosts each one feeds only its share of every global batch.
@@ -51,20 +51,11 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from u2net_jax import (
-  checkpointing,
-  config_utils,
-  distributed,
-  errors,
-  fileio,
-  input_pipeline,
-  metrics,
-  models,
-  sharding,
-  summaries,
-  train_log,
-)
-from u2net_jax import workdir as workdir_lib
+from u2net_jax import errors, metrics, models
+from u2net_jax.data import input_pipeline
+from u2net_jax.io import fileio
+from u2net_jax.run import checkpointing, config_utils, distributed, sharding, summaries, train_log
+from u2net_jax.run import workdir as workdir_lib
 
 TrainState = train_state.TrainState
 Batch = Mapping[str, jax.Array]
@@ -118,7 +109,7 @@ def create_train_state(
   tx = optax.adam(
     create_learning_rate_fn(config, steps_per_epoch), b1=opt.b1, b2=opt.b2, eps=opt.eps
   )
-  return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  return TrainState.create(apply_fn=models.BatchApply(model), params=params, tx=tx)
 
 
 def l1_loss(params, apply_fn: Callable, batch: Batch) -> jax.Array:
@@ -126,13 +117,13 @@ def l1_loss(params, apply_fn: Callable, batch: Batch) -> jax.Array:
 
   Args:
     params: the model's parameters.
-    apply_fn: the model's `apply`.
-    batch: roles 'ms', 'guide', 'gt' (NHWC in [0, 1]).
+    apply_fn: the model's `apply` on a batch dict (`models.BatchApply`).
+    batch: 'gt' and the roles the model takes (NHWC in [0, 1]).
 
   Returns:
     The scalar loss.
   """
-  out = apply_fn({'params': params}, batch['ms'], batch['guide'])
+  out = apply_fn({'params': params}, batch)
   return jnp.mean(jnp.abs(out - batch['gt']))
 
 
@@ -159,7 +150,7 @@ def eval_step(params, batch: Batch, *, apply_fn: Callable, ratio: int = 4) -> di
     'loss' (B,) mean |out - gt| per example on the raw output; 'psnr', 'sam', 'ergas' (B,) on the
     output clamped to [0, 1] as the official test does; 'mask' (B,) True for real examples.
   """
-  out = apply_fn({'params': params}, batch['ms'], batch['guide'])
+  out = apply_fn({'params': params}, batch)
   gt = batch['gt']
   clamped = jnp.clip(out, 0.0, 1.0)
   return {

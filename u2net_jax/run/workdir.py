@@ -31,7 +31,8 @@ import jax
 import ml_collections
 from absl import logging
 
-from u2net_jax import distributed, errors
+from u2net_jax import errors
+from u2net_jax.run import distributed
 
 LOCK_NAME = '.lock'
 REFRESH_EVERY_S = 20.0
@@ -273,7 +274,7 @@ def _default_values() -> dict:
   path = Path(__file__).resolve().parents[1] / 'configs' / 'default.py'
   if not path.is_file():
     return {}
-  from u2net_jax import config_utils
+  from u2net_jax.run import config_utils
 
   try:
     return config_utils.load_config_file(path).to_dict()
