@@ -21,6 +21,9 @@ METHODS: dict[str, Callable] = {}
 from u2net_jax.methods import component_substitution as _cs  # noqa: E402
 
 METHODS.update(_cs.METHODS)
+from u2net_jax.methods import bdsd as _bdsd  # noqa: E402
+
+METHODS.update(_bdsd.METHODS)
 from u2net_jax.methods import multiresolution as _mra  # noqa: E402
 
 METHODS.update(_mra.METHODS)

@@ -94,10 +94,16 @@ def _std2(x):
   return np.std(x, ddof=1)
 
 
-def _cov_ratio(x, y):
-  """``c = cov(x, y); c(1,2) / var(x)`` of the toolbox's GS family (both with N - 1)."""
+def _cov_ratios(x, y):
+  """``c = cov(x, y(:, k)); c(1,2) / var(x)`` for each column k (the GS family; both N - 1).
+
+  Args:
+    x: (N,) vector.
+    y: (N, K) matrix.
+  """
   dx = x - x.mean()
-  return np.dot(dx, y - y.mean()) / np.dot(dx, dx)
+  # A matrix-vector product and an elementwise sum: OpenBLAS's 1-D dot is very slow here.
+  return ((y - y.mean(axis=0)).T @ dx) / np.sum(dx * dx)
 
 
 def _corr2(a, b):
@@ -179,8 +185,7 @@ def _gs_fusion(lms, pan0, intensity0):
   each band's mean reset to the MS band's mean."""
   c = lms.shape[2]
   ms0 = lms - lms.mean(axis=(0, 1))
-  i_flat = intensity0.reshape(-1)
-  gains = np.array([_cov_ratio(i_flat, ms0[:, :, b].reshape(-1)) for b in range(c)])
+  gains = _cov_ratios(intensity0.reshape(-1), ms0.reshape(-1, c))
   fused = ms0 + (pan0 - intensity0)[:, :, None] * gains
   return fused - fused.mean(axis=(0, 1)) + lms.mean(axis=(0, 1))
 
