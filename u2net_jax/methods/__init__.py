@@ -27,3 +27,6 @@ METHODS.update(_bdsd.METHODS)
 from u2net_jax.methods import multiresolution as _mra  # noqa: E402
 
 METHODS.update(_mra.METHODS)
+from u2net_jax.methods import variational as _var  # noqa: E402
+
+METHODS.update(_var.METHODS)
