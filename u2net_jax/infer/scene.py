@@ -652,6 +652,7 @@ def fuse_files(
   pan_key: str | None = None,
   ms_key: str | None = None,
   progress: bool = True,
+  loaded: tuple[tiling.Fuser, int] | None = None,
 ) -> dict[str, Any]:
   """Fuses a PAN/MS scene with a workdir's checkpoint into `out_path` (what `fuse.py` runs).
 
@@ -671,6 +672,9 @@ def fuse_files(
     cog: write a Cloud-Optimized GeoTIFF.
     pan_key, ms_key: array names inside `.mat`/`.h5` inputs.
     progress: show a progress bar on stderr.
+    loaded: the workdir's `Fuser` and its checkpoint step, already built (`infer.archive` keeps
+      one per worker process, so weights are read and compiled once, not per scene); None
+      restores them here from `step`/`which`/`tile_batch`.
 
   Returns:
     `fuse_scene`'s summary plus 'output', 'step', 'shape', 'dtype', 'megapixels_per_s'.
@@ -699,15 +703,18 @@ def fuse_files(
     out_dtype = np.dtype(dtype) if dtype else ms.dtype
     if out_dtype.kind not in 'uif':
       raise DataError(f'--dtype {out_dtype} is not numeric')
-    step = checkpointing.select_step(workdir, step, which)
-    params, step, _ = checkpointing.restore_params(workdir, model, step=step)
-    fuser = tiling.Fuser(
-      model,
-      params,
-      tile_size=tile,
-      tile_pad=int(config.eval.tile_pad),
-      tile_batch=tile_batch or int(config.eval.tile_batch),
-    )
+    if loaded is not None:
+      fuser, step = loaded
+    else:
+      step = checkpointing.select_step(workdir, step, which)
+      params, step, _ = checkpointing.restore_params(workdir, model, step=step)
+      fuser = tiling.Fuser(
+        model,
+        params,
+        tile_size=tile,
+        tile_pad=int(config.eval.tile_pad),
+        tile_batch=tile_batch or int(config.eval.tile_batch),
+      )
     max_value = float(config.data.max_value if max_value is None else max_value)
     with open_sink(out, pan, ms, out_dtype, cog=cog) as sink:
       result = fuse_scene(
