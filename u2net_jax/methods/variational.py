@@ -4,6 +4,8 @@
 |---|---|
 | `tv` | `TV_pansharpen(I_MS_LR, I_PAN, alpha, lambda, c, maxiter, w)` (1) |
 
+| `sr-d` | `CS(I_MS, I_PAN, I_MS_LR, ratio, sensor, 7, 4, 10)` (TS = 7, ol = 4, n_atoms = 10) |
+
 (1) with the parameters of the demo's `switch sensor`: the sensor table's `'tv'` entry.
 
 Both are global methods (TV iterates over the whole image; SR-D learns its dictionary from every
@@ -171,6 +173,136 @@ def tv(
   return x
 
 
+# ---------------------------------------------------------------------------------------------
+# SR-D (`CS.m`, Vicinanza et al. 2015): sparse representation of the details.
+
+
+def _tiles(n_lr: int, ts: int, ol: int):
+  """0-based starts (MS grid) of the tiles along one axis (`Dict_Learn.m` l. 40-55).
+
+  ceil((n - ol) / (ts - ol)) tiles at multiples of ts - ol; the last one is shifted back by
+  ts - ol - mod(n - ol, ts - ol) when that mod is not 0, so that it ends inside the image.
+  """
+  count = -(-(n_lr - ol) // (ts - ol))
+  starts = [k * (ts - ol) for k in range(count)]
+  rem = (n_lr - ol) % (ts - ol)
+  if rem:
+    starts[-1] -= ts - ol - rem
+  return starts
+
+
+def _omp(dictionary, y, bands, first, n_atoms):
+  """`OMP.m`: band-wise least squares on a common, greedily grown support.
+
+  The first atom is the patch's own (`first`); each later one maximises |D^T res| (the first
+  maximum); a band's coefficients are solved only when det(D_i^T D_i) > 0.1 (else 0); at most
+  `n_atoms` atoms, fewer if the residual reaches exactly 0.
+
+  Returns:
+    (coefficients (j, bands), atom indices (j,)).
+  """
+  n = dictionary.shape[0] // bands
+  d_bands = dictionary.reshape(bands, n, -1)
+  y_bands = y.reshape(bands, n)
+  res = y
+  indices = []
+  j = 0
+  coef = np.zeros((0, bands))
+  while np.sum(res**2) > 0 and j < n_atoms:
+    j += 1
+    if j == 1:
+      indices.append(first)
+    else:
+      indices.append(int(np.argmax(np.abs(dictionary.T @ res))))
+    di = d_bands[:, :, indices]  # (bands, n, j)
+    dtd = np.swapaxes(di, 1, 2) @ di
+    ok = np.linalg.det(dtd) > 1e-1
+    coef = np.zeros((j, bands))
+    approx = np.zeros((bands, n))
+    for b in np.flatnonzero(ok):
+      # (DitDi \ Di') * yi, in that order (OMP.m l. 58).
+      coef[:, b] = np.linalg.solve(dtd[b], di[b].T) @ y_bands[b]
+      approx[b] = di[b] @ coef[:, b]
+    res = y - approx.ravel()
+  return coef, np.asarray(indices)
+
+
+def sr_d(lms, pan, ms_lr=None, *, sensor, ratio=4, ts=7, ol=4, n_atoms=10):
+  """SR-D (`CS.m`): the MS details as sparse combinations of PAN-detail patches.
+
+  P_b = (P - mean P) / std(P) std(MS_b) + mean(MS_b); the MS details MS - MTF(MS) are decimated
+  to the MS grid (`I_MS_LR`'s content is never used: the toolbox overwrites it); the PAN details
+  P_b - imresize(decimate(MTF(P_b)), r) (bicubic) form the high-resolution dictionary, their
+  MTF-filtered, decimated version (`resize_images`) the low-resolution one, one atom per tile of
+  ts x ts MS pixels with overlap ol. Each tile's MS details are coded by `_omp` on the
+  low-resolution dictionary, the high-resolution atoms are combined with those coefficients, and
+  overlapping tiles are averaged; out = MS + details.
+
+  The toolbox's `CS.m` ignores its n_atoms argument (`if nargin < 9, n_atoms = 10` always
+  fires); here `n_atoms` is honoured, and its default 10 is the toolbox's.
+
+  Args:
+    lms: (H, W, C) MS on the PAN grid.
+    pan: (H, W) PAN.
+    ms_lr: optional (H/ratio, W/ratio, C) MS: only its shape is checked (see above).
+    sensor: sensor name (its MTF gains).
+    ratio: resolution ratio.
+    ts: tile side on the MS grid (the demo's TS = 7).
+    ol: tile overlap on the MS grid (the demo's ol = 4).
+    n_atoms: the most atoms per tile.
+
+  Returns:
+    (H, W, C) float64.
+  """
+  lms, pan, ms_lr, entry, ratio = _mra.check_inputs(lms, pan, ms_lr, sensor, ratio)
+  if not (isinstance(ts, int) and isinstance(ol, int) and 0 <= ol < ts):
+    raise ValueError(f'ts, ol: expected integers with 0 <= ol < ts, got ts={ts}, ol={ol}')
+  h, w, bands = lms.shape
+  hl, wl = h // ratio, w // ratio
+  if min(hl, wl) < ts:
+    raise ValueError(f'lms: SR-D needs an MS grid of at least ts={ts} pixels a side, got {hl}x{wl}')
+  gains = entry['ms_gnyq']
+  # CS.m l. 57-60: (P - mean2(P)) / std2(P) * std2(MS_b) + mean2(MS_b).
+  pans = (pan[:, :, None] - pan.mean()) / np.std(pan, ddof=1) * np.std(lms, axis=(0, 1), ddof=1)
+  pans = pans + lms.mean(axis=(0, 1))
+  ms_details = _mra.decimate(lms - toolbox.mtf_filter(lms, gains, ratio), ratio)
+  pan_lp = toolbox.imresize(_mra.decimate(toolbox.mtf_filter(pans, gains, ratio), ratio), ratio)
+  pan_details = pans - pan_lp
+  pan_details_lr = _mra.decimate(toolbox.mtf_filter(pan_details, gains, ratio), ratio)
+
+  rows, cols = _tiles(hl, ts, ol), _tiles(wl, ts, ol)
+  big = ts * ratio
+
+  # Dict_Learn.m: one column per tile (row-major tile order), each band's patch in MATLAB's
+  # column-major order, band after band.
+  def columns(image, starts_r, starts_c, side):
+    patches = [
+      image[r : r + side, c : c + side].transpose(2, 1, 0).reshape(-1)
+      for r in starts_r
+      for c in starts_c
+    ]
+    return np.stack(patches, axis=1)
+
+  d_high = columns(pan_details, [r * ratio for r in rows], [c * ratio for c in cols], big)
+  d_low = columns(pan_details_lr, rows, cols, ts)
+  targets = columns(ms_details, rows, cols, ts)
+
+  fused = np.zeros((h, w, bands))
+  count = np.zeros((h, w, bands))
+  d_high_bands = d_high.reshape(bands, big * big, -1)
+  atom = 0
+  for r in rows:
+    for c in cols:
+      coef, idx = _omp(d_low, targets[:, atom], bands, atom, n_atoms)
+      patch = np.einsum('bpj,jb->bp', d_high_bands[:, :, idx], coef)
+      # reshape(reconstr_patch, Lr, Lc): column-major.
+      patch = patch.reshape(bands, big, big).transpose(2, 1, 0)
+      fused[r * ratio : r * ratio + big, c * ratio : c * ratio + big] += patch
+      count[r * ratio : r * ratio + big, c * ratio : c * ratio + big] += 1
+      atom += 1
+  return lms + fused / count
+
+
 def halo(name: str, ratio: int = 4):
   """None for every method here: they are global (see the module docstring).
 
@@ -188,4 +320,5 @@ def halo(name: str, ratio: int = 4):
 
 METHODS = {
   'tv': tv,
+  'sr-d': sr_d,
 }
