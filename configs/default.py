@@ -113,7 +113,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.init_from = ''  # A workdir whose weights start training (fine-tuning).
 
   config.eval = ml_collections.ConfigDict()
-  config.eval.mode = 'tiled'  # 'tiled' (official test.py procedure) | 'whole'.
+  # 'auto' (the network's own test procedure: U2Net's test.py tiles, the DLPan baselines fuse
+  # whole images) | 'tiled' (official test.py procedure) | 'whole'.
+  config.eval.mode = 'auto'
   config.eval.tile_size = 64  # PAN tile size of the official test.py.
   config.eval.tile_pad = 4  # Reflect margin of each PAN tile.
   config.eval.tile_batch = 16  # Tiles per jitted call.

@@ -527,7 +527,8 @@ def evaluate(
       test set of `config.data.test_files`.
     sensor: evaluate as this sensor's data (MTF gains of HQNR, RGB bands) instead of
       `config.data.sensor`, e.g. WV2 files through a WV3 model.
-    mode: 'tiled' or 'whole' (default `config.eval.mode`).
+    mode: 'auto', 'tiled' or 'whole' (default `config.eval.mode`; 'auto' is the network's own
+      test procedure).
     tile_batch: tiles per jitted call (default `config.eval.tile_batch`).
     output_dir: default `workdir/eval`; each test set goes to `output_dir/<name>/`.
     save_images: write the `.mat` and PNG files (default `config.eval.save_images`).
@@ -546,7 +547,7 @@ def evaluate(
   workdir = Path(workdir)
   if config is None:
     config = config_utils.load_config(workdir)
-  mode = mode or config.eval.get('mode', 'tiled')  # Older workdirs may lack a field.
+  mode = mode or config.eval.mode
   if mode not in MODES:
     raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
   requested = step
@@ -575,7 +576,7 @@ def evaluate(
         tile_batch=tile_batch or config.eval.tile_batch,
       )
       if save_images is None:
-        save_images = bool(config.eval.get('save_images', True))
+        save_images = bool(config.eval.save_images)
       for test_set in test_sets:
         results[test_set.name] = evaluate_test_set(
           test_set,
@@ -583,7 +584,7 @@ def evaluate(
           out_dir,
           step=step,
           save_images=save_images,
-          error_max=float(config.eval.get('error_max', 0.1)),
+          error_max=float(config.eval.error_max),
           verbose=verbose,
         )
   # The other processes wait here rather than in JAX's shutdown barrier, whose timeout a long

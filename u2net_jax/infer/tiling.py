@@ -31,16 +31,19 @@ import functools
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from u2net_jax import models
+from u2net_jax import models, toolbox
 from u2net_jax.data import DataError
 from u2net_jax.run import sharding
 
-MODES = ('tiled', 'whole')
+# 'auto' is the network's own test procedure (`ModelSpec.eval_mode`: U2Net's test.py tiles, the
+# DLPan-Toolbox baselines fuse whole images).
+MODES = ('auto', 'tiled', 'whole')
 TILE, PAD = 64, 4  # The official test.py: 64 x 64 PAN tiles with 4-pixel margins.
 
 
@@ -188,18 +191,32 @@ def assemble_tiles(
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def fused_output(model: models.U2Net, params, ms: jax.Array, guide: jax.Array) -> jax.Array:
+def fused_output(model: nn.Module, params, ms: jax.Array, guide: jax.Array) -> jax.Array:
   """The network output clamped to [0, 1], as test.py does (the raw output is not confined
-  there: -0.67..2.94 on a real WV3 pair). Compiled once per model and input shape."""
-  return jnp.clip(model.apply({'params': params}, ms, guide), 0.0, 1.0)
+  there: -0.67..2.94 on a real WV3 pair). Compiled once per model and input shape.
+
+  For a network that also takes `lms`, `guide` carries it after the guide's own bands (the
+  high-resolution roles travel together through the tiling; see `Fuser`).
+  """
+  batch = {
+    'ms': ms,
+    'guide': guide[..., : model.guide_bands],
+    'lms': guide[..., model.guide_bands :],
+  }
+  return jnp.clip(models.apply(model, params, batch), 0.0, 1.0)
 
 
 class Fuser:
-  """Runs a U2Net on whole images, tiled like the official test.py or in one piece.
+  """Runs a network on whole images, tiled like the official test.py or in one piece.
+
+  A network that takes the upsampled MS (`lms` in its `ModelSpec.inputs`) gets it as the image's
+  `lms` where the caller has one (the test sets store it), else the toolbox's `interp23tap` of
+  the MS; inside, it travels as extra bands of the guide, so both are cut into the same tiles.
 
   Attributes:
-    model: the `models.U2Net`.
-    mode: 'tiled' or 'whole'.
+    model: the network (`models.create_model`).
+    mode: 'tiled' or 'whole' ('auto' resolved to the network's own procedure).
+    needs_lms: whether the network takes `lms`.
     tile, pad, scale: the geometry (guide pixels).
     tile_batch: tiles per jitted call, a multiple of the device count.
     mesh: the device mesh the tiles are split over.
@@ -221,8 +238,8 @@ class Fuser:
     Args:
       model_config: `config.model` (`models.create_model`).
       params: the model's parameters.
-      mode: 'tiled' (the official procedure) or 'whole' (each image in one call; memory grows
-        with the image).
+      mode: 'tiled' (the official procedure), 'whole' (each image in one call; memory grows
+        with the image) or 'auto' (the network's own test procedure, `ModelSpec.eval_mode`).
       tile_size, tile_pad: guide tile side and margin (`config.eval`).
       tile_batch: tiles per jitted call; rounded up to a multiple of the device count.
       mesh: default `sharding.local_mesh()` (each process fuses its own images).
@@ -230,7 +247,9 @@ class Fuser:
     if mode not in MODES:
       raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
     self.model = models.create_model(model_config)
-    self.mode = mode
+    spec = models.spec_of(self.model)
+    self.mode = spec.eval_mode if mode == 'auto' else mode
+    self.needs_lms = 'lms' in spec.inputs
     self.tile, self.pad, self.scale = int(tile_size), int(tile_pad), self.model.scale
     check_geometry(self.tile, self.pad, self.scale)
     self.mesh = mesh if mesh is not None else sharding.local_mesh()
@@ -309,9 +328,32 @@ class Fuser:
 
   # One image.
 
-  def __call__(self, ms: np.ndarray, guide: np.ndarray) -> np.ndarray:
-    """Fuses one image: ms (h, w, C), guide (4h, 4w, c) in [0, 1] -> (4h, 4w, C) in [0, 1]."""
+  def hires(self, ms: np.ndarray, guide: np.ndarray, lms: np.ndarray | None = None) -> np.ndarray:
+    """The high-resolution input bands the network takes: the guide, then `lms` if it needs it.
+
+    Args:
+      ms: (h, w, C) in [0, 1].
+      guide: (4h, 4w, c) in [0, 1].
+      lms: (4h, 4w, C) the upsampled MS, or None (then `toolbox.interp23tap(ms)` if needed).
+
+    Returns:
+      (4h, 4w, c) the guide, or (4h, 4w, c + C) with `lms` appended.
+    """
+    if not self.needs_lms:
+      return guide
+    if lms is None:
+      lms = toolbox.interp23tap(np.asarray(ms, np.float64), self.scale).astype(np.float32)
+    return np.concatenate([guide, np.asarray(lms, guide.dtype)], axis=-1)
+
+  def __call__(
+    self, ms: np.ndarray, guide: np.ndarray, lms: np.ndarray | None = None
+  ) -> np.ndarray:
+    """Fuses one image: ms (h, w, C), guide (4h, 4w, c) in [0, 1] -> (4h, 4w, C) in [0, 1].
+
+    `lms` (4h, 4w, C), used by the networks that take it (else computed; see `hires`).
+    """
     self._check(ms, guide)
+    guide = self.hires(ms, guide, lms)
     if self.mode == 'whole':
       return np.asarray(self._run(ms[None], guide[None], sharding.replicated(self.mesh))[0])
     ms_tiles, guide_tiles = self._tiles(ms, guide)
@@ -345,14 +387,14 @@ class Fuser:
     """
     if self.mode == 'whole':
       for ex in examples:
-        yield ex, self(ex['ms'], ex['guide'])
+        yield ex, self(ex['ms'], ex['guide'], ex.get('lms'))
       return
     waiting: collections.deque = collections.deque()  # (example, tile count), oldest first.
     queued: list[tuple[np.ndarray, np.ndarray]] = []  # Input tiles not run yet, in order.
     done: list[np.ndarray] = []  # Output tiles not assembled yet, in order.
     for ex in examples:
       self._check(ex['ms'], ex['guide'])
-      tiles = self._tiles(ex['ms'], ex['guide'])
+      tiles = self._tiles(ex['ms'], self.hires(ex['ms'], ex['guide'], ex.get('lms')))
       waiting.append((ex, len(tiles[0])))
       queued.append(tiles)
       while sum(len(m) for m, _ in queued) >= self.tile_batch:

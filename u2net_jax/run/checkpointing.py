@@ -210,12 +210,14 @@ def restore(
     raise errors.CheckpointError(f'{directory}: data unreadable ({_brief(e)})') from e
   result = {k: restored[k] for k in items}
   expected = meta.get('checksums')
-  if isinstance(expected, dict):  # Checkpoints written before checksums existed have none.
-    for name in items:
-      if name in expected and tree_checksum(result[name]) != expected[name]:
-        raise errors.CheckpointError(
-          f'{directory}: the {name!r} arrays do not match their checksum (damaged data)'
-        )
+  if not isinstance(expected, dict) or not set(items) <= set(expected):
+    # Every step this project writes records its items' checksums.
+    raise errors.CheckpointError(f'{directory}: no checksums for {sorted(items)} (damaged meta)')
+  for name in items:
+    if tree_checksum(result[name]) != expected[name]:
+      raise errors.CheckpointError(
+        f'{directory}: the {name!r} arrays do not match their checksum (damaged data)'
+      )
   result['meta'] = {k: v for k, v in meta.items() if k != 'checksums'}
   return result
 

@@ -317,8 +317,8 @@ def _derive_from_sensor(config) -> list[str]:
   for field, key in SENSOR_FIELDS.items():
     value, expected = _get(config, field), sensor[key]
     if value is _MISSING:
-      continue  # A config.json from before the field existed.
-    if value is None:
+      problems.append(f'{field} is missing (every config has it)')
+    elif value is None:
       _set(config, field, float(expected) if field == 'data.max_value' else expected)
     elif value != expected:
       problems.append(
@@ -352,7 +352,8 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   problems = _derive_from_sensor(config)
   for rule in field_rules():
     value = _get(config, rule.field)
-    if value is _MISSING:  # A config.json from before the field existed.
+    if value is _MISSING:  # E.g. a config.json of an unknown layout.
+      problems.append(f'{rule.field} is missing (every config has it)')
       continue
     if value is None and rule.field in SENSOR_FIELDS:  # Unset only when the sensor is unknown.
       continue
