@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+from scipy import linalg
 from scipy.cluster import vq
 
 from u2net_jax import toolbox
@@ -85,8 +86,10 @@ def decimate(image, ratio):
 
 
 def _lstsq(a, b):
-  """MATLAB ``a \\ b`` for a tall full-rank `a` (least squares)."""
-  return np.linalg.lstsq(a, b, rcond=None)[0]
+  """MATLAB ``a \\ b`` for a tall full-rank `a`: least squares by Householder QR, as MATLAB's
+  backslash and ``regress`` compute it (and faster than numpy's SVD-based ``lstsq``)."""
+  q, r = np.linalg.qr(a)
+  return linalg.solve_triangular(r, q.T @ b)
 
 
 def _std2(x):
@@ -113,9 +116,27 @@ def _corr2(a, b):
   return np.sum(a * b) / np.sqrt(np.sum(a * a) * np.sum(b * b))
 
 
+@functools.lru_cache(maxsize=32)
+def _down_up_matrix(n: int, ratio: int) -> np.ndarray:
+  """(n, n) matrix of ``imresize(imresize(x, 1/ratio), ratio)`` along one axis.
+
+  MATLAB's imresize is separable; an axis of length 1 keeps weight 1, so resizing an (n, 1, n)
+  identity stack applies the row operator alone.
+  """
+  eye = np.eye(n)[:, None, :]
+  m = toolbox.imresize(toolbox.imresize(eye, 1 / ratio), ratio)[:, 0, :]
+  m.setflags(write=False)
+  return m
+
+
 def _imresize_down_up(image, ratio):
-  """``imresize(imresize(x, 1/ratio), ratio)``: bicubic, antialiased down, bicubic up."""
-  return toolbox.imresize(toolbox.imresize(image, 1 / ratio), ratio)
+  """``imresize(imresize(x, 1/ratio), ratio)`` of an (H, W) or (H, W, C) image (bicubic,
+  antialiased down, then up), as two matrix products."""
+  h, w = image.shape[:2]
+  rows = (_down_up_matrix(h, ratio) @ image.reshape(h, -1)).reshape(image.shape)
+  if image.ndim == 2:
+    return rows @ _down_up_matrix(w, ratio).T
+  return np.matmul(_down_up_matrix(w, ratio)[None], rows)
 
 
 # ---------------------------------------------------------------------------------------------
