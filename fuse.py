@@ -44,13 +44,30 @@ flags.DEFINE_bool('cog', False, 'Write a Cloud-Optimized GeoTIFF (with overviews
 flags.DEFINE_string('pan_key', None, 'PAN array name inside .mat/.h5 inputs.')
 flags.DEFINE_string('ms_key', None, 'MS array name inside .mat/.h5 inputs.')
 flags.DEFINE_bool('progress', True, 'Show a progress bar (tiles/s, ETA) on stderr.')
-for _name in ('workdir', 'pan', 'ms', 'out'):
-  flags.mark_flag_as_required(_name)
+# Many scenes on a Dask cluster (u2net_jax.infer.archive; README "Many scenes on a cluster").
+flags.DEFINE_string('scenes', None, 'Many: CSV (pan,ms[,out]), "PAN_GLOB,MS_GLOB" or STAC JSON.')
+flags.DEFINE_string('out_dir', None, 'With --scenes: the folder of the outputs and the summary.')
+flags.DEFINE_integer('workers', None, 'With --scenes: LocalCluster worker processes.')
+flags.DEFINE_integer('threads_per_worker', None, 'With --scenes: threads per worker.')
+flags.DEFINE_string('scheduler', None, 'With --scenes: an existing Dask scheduler address.')
+flags.DEFINE_string('dashboard_address', ':8787', 'With --scenes: the LocalCluster dashboard.')
+flags.DEFINE_string('pan_asset', 'pan', 'With a STAC --scenes: the PAN asset key.')
+flags.DEFINE_string('ms_asset', 'ms', 'With a STAC --scenes: the MS asset key.')
+flags.mark_flag_as_required('workdir')
+flags.register_multi_flags_validator(
+  ['pan', 'ms', 'out', 'scenes'],
+  lambda f: f['scenes'] is not None or None not in (f['pan'], f['ms'], f['out']),
+  message='give --pan, --ms and --out (one scene) or --scenes and --out_dir (many)',
+)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if FLAGS.scenes is not None:
+    from u2net_jax.infer import archive  # dask is imported only for archive runs.
+
+    sys.exit(archive.run_from_flags(FLAGS))
   logging.info('JAX devices: %s', jax.devices())
   try:
     result = scene.fuse_files(

@@ -1,0 +1,759 @@
+"""Fusing an archive of scenes on a Dask cluster: one task per scene, restartable, summarized.
+
+  python fuse.py --workdir=W --scenes=scenes.csv --out_dir=OUT [--workers=N | --scheduler=ADDR]
+
+  scenes = archive.read_scenes('scenes.csv', 'OUT')
+  summary = archive.run(scenes, archive.Engine(workdir='W'), 'OUT', workers=2)
+
+Scenes (`read_scenes`): a CSV with `pan,ms` columns and an optional `out` (a file name under the
+output folder; by default the PAN's stem + `.tif`), a pair of glob patterns `'PAN_GLOB,MS_GLOB'`
+(paired in sorted order; the parts the wildcards match must agree, e.g. `a` in `a_pan.tif` and
+`a_ms.tif`), or a STAC ItemCollection JSON whose items carry a PAN and an MS asset (the output is
+named after the item id). Relative paths are resolved against the CSV's or the JSON's folder.
+
+Each scene is one Dask task (`fuse_task`) that runs today's streaming fuser
+(`scene.fuse_files`) with the weights kept once per worker process (`_load`: restored and
+compiled once per workdir, step and tile shape, not per scene). What fuses is an `Engine`: a
+workdir's weights, or a classical method's name (`Engine(method=...)`: the task is designed for
+it, the method is not wired in yet).
+
+Outputs in the output folder, per scene: `<name>.tif` (a Cloud-Optimized GeoTIFF),
+`<name>.stac.json` (a STAC Item: the output asset, `derived_from` links to its inputs, the
+method and the weights) and `<name>.manifest.json`, written last: the inputs' identity (size,
+mtime, a fast hash), the engine's identity (workdir, step, a checksum of the parameters), the
+options and the output's SHA-256. A re-run skips a scene whose manifest matches all of these
+(the output re-hashed) and redoes the others; a scene without a valid manifest is fused again,
+replacing its output. Outputs are renamed into place only when complete (`fileio.atomic_file`),
+so a killed worker leaves no partial file; the scheduler reschedules its scene on another worker
+(`distributed.scheduler.allowed-failures` times).
+
+A scene that fails (unreadable, misregistered, anything its task raises) fails alone: its reason
+is in the summary and the others finish. `OUT/summary.csv` and `OUT/summary.json` list every
+scene (scene, status: done/skipped/failed, seconds, pixels, nodata pixels, error).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime as dt
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from u2net_jax import errors
+from u2net_jax.data import DataError
+from u2net_jax.io import fileio
+
+SUMMARY_FIELDS = ('scene', 'status', 'seconds', 'pixels', 'nodata_pixels', 'error', 'output')
+MANIFEST_VERSION = 1
+# The fast hash of an input reads this many bytes at its start, middle and end: a changed file
+# almost always changes its size, mtime or one of these; reading whole multi-GB scenes again on
+# every re-run would cost more than the check is worth.
+HASH_CHUNK = 1 << 20
+
+
+def _dask():
+  """`distributed`, or a DataError saying how to install it (an optional dependency)."""
+  try:
+    import distributed
+  except ImportError as e:
+    raise DataError(
+      'many scenes (--scenes) need dask and distributed: pip install "u2net-jax[archive]"'
+    ) from e
+  return distributed
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenes.
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+  """One PAN/MS pair and where its output goes.
+
+  Attributes:
+    name: the output's stem (unique in a run): the summary's `scene`.
+    pan, ms: absolute input paths.
+    out: the absolute output path (`.tif`).
+    source: the STAC Item the pair came from (a path or URL), or None.
+    datetime: the acquisition time (ISO 8601) from the STAC Item, or None.
+  """
+
+  name: str
+  pan: str
+  ms: str
+  out: str
+  source: str | None = None
+  datetime: str | None = None
+
+
+def _resolve(path: str, base: Path) -> str:
+  if re.match(r'^[a-z][a-z0-9+.-]*://', path):
+    return path  # A URL: refused by the task with a clear reason (inputs are local files).
+  p = Path(path).expanduser()
+  return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _output(out_dir: Path, name: str, where: str) -> tuple[str, str]:
+  if not name or '/' in name or '\\' in name or name in ('.', '..'):
+    raise DataError(f'{where}: output {name!r} must be a file name (no folder)')
+  path = Path(name)
+  if path.suffix.lower() not in ('.tif', '.tiff'):
+    path = path.with_name(path.name + '.tif')
+  return path.stem, str((out_dir / path).resolve())
+
+
+def _from_csv(path: Path, out_dir: Path) -> list[Scene]:
+  try:
+    text = path.read_text()
+  except (OSError, UnicodeDecodeError) as e:
+    raise DataError(f'--scenes {path}: cannot read it ({e})') from e
+  reader = csv.DictReader(io.StringIO(text))
+  columns = [c.strip() for c in reader.fieldnames or []]
+  if not {'pan', 'ms'} <= set(columns):
+    raise DataError(
+      f'--scenes {path}: needs the columns pan,ms (and optionally out); has {columns}'
+    )
+  scenes = []
+  for line, row in enumerate(reader, start=2):
+    row = {(k or '').strip(): (v or '').strip() for k, v in row.items()}
+    if not row['pan'] or not row['ms']:
+      raise DataError(f'--scenes {path}, line {line}: empty pan or ms')
+    name, out = _output(out_dir, row.get('out') or Path(row['pan']).stem, f'{path}, line {line}')
+    scenes.append(
+      Scene(name, _resolve(row['pan'], path.parent), _resolve(row['ms'], path.parent), out)
+    )
+  return scenes
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+  """The pattern as a regex capturing what each `*` / `?` matches (for the pairing check)."""
+  parts = []
+  for token in re.split(r'(\*+|\?)', pattern):
+    if token.startswith('*'):
+      parts.append('(.*)')
+    elif token == '?':
+      parts.append('(.)')
+    else:
+      parts.append(re.escape(token))
+  return re.compile(''.join(parts) + '$')
+
+
+def _from_globs(spec: str, out_dir: Path) -> list[Scene]:
+  patterns = [p.strip() for p in spec.split(',')]
+  if len(patterns) != 2 or not all(patterns):
+    raise DataError(f'--scenes {spec!r}: expected a CSV, a STAC JSON or "PAN_GLOB,MS_GLOB"')
+  found = [sorted(glob.glob(os.path.expanduser(p))) for p in patterns]
+  for pattern, files in zip(patterns, found, strict=True):
+    if not files:
+      raise DataError(f'--scenes: the pattern {pattern!r} matches no file')
+  if len(found[0]) != len(found[1]):
+    raise DataError(
+      f'--scenes: {len(found[0])} PAN files match {patterns[0]!r} but {len(found[1])} MS files '
+      f'match {patterns[1]!r}; they are paired in sorted order'
+    )
+  regexes = [_glob_regex(os.path.expanduser(p)) for p in patterns]
+  scenes = []
+  for pan, ms in zip(*found, strict=True):
+    keys = [r.match(f) for r, f in zip(regexes, (pan, ms), strict=True)]
+    if keys[0] and keys[1] and keys[0].groups() != keys[1].groups():
+      raise DataError(
+        f'--scenes: sorted pairing gives PAN {pan} with MS {ms}, whose wildcard parts differ '
+        f'({keys[0].groups()} vs {keys[1].groups()}); a file is missing on one side'
+      )
+    name, out = _output(out_dir, Path(pan).stem, pan)
+    scenes.append(Scene(name, str(Path(pan).resolve()), str(Path(ms).resolve()), out))
+  return scenes
+
+
+def _from_stac(path: Path, out_dir: Path, pan_asset: str, ms_asset: str) -> list[Scene]:
+  try:
+    import pystac
+  except ImportError as e:
+    raise DataError('STAC scene lists need pystac: pip install "u2net-jax[archive]"') from e
+  try:
+    items = pystac.ItemCollection.from_file(str(path))
+  except Exception as e:  # pystac raises many types for a file that is not an ItemCollection.
+    raise DataError(f'--scenes {path}: not a readable STAC ItemCollection ({e})') from e
+  scenes = []
+  for item in items:
+    hrefs = []
+    for key, flag in ((pan_asset, '--pan_asset'), (ms_asset, '--ms_asset')):
+      if key not in item.assets:
+        raise DataError(
+          f'--scenes {path}: item {item.id!r} has no asset {key!r} ({flag}); its assets: '
+          f'{sorted(item.assets)}'
+        )
+      hrefs.append(_resolve(item.assets[key].href, path.parent))
+    name, out = _output(out_dir, item.id, f'{path}, item {item.id!r}')
+    when = item.datetime or item.common_metadata.start_datetime
+    source = item.get_self_href() or f'{path.resolve()}#{item.id}'
+    scenes.append(Scene(name, *hrefs, out, source, when.isoformat() if when else None))
+  return scenes
+
+
+def read_scenes(
+  spec: str, out_dir: str | os.PathLike, *, pan_asset: str = 'pan', ms_asset: str = 'ms'
+) -> list[Scene]:
+  """The scenes of `--scenes`: a CSV, `'PAN_GLOB,MS_GLOB'` or a STAC ItemCollection JSON.
+
+  Args:
+    spec: the `--scenes` value.
+    out_dir: the output folder (outputs are named inside it).
+    pan_asset, ms_asset: the STAC asset keys of the PAN and the MS.
+
+  Returns:
+    The scenes, in the order given.
+
+  Raises:
+    DataError: an unreadable list, a bad pairing, or two scenes with the same output name.
+  """
+  out_dir = Path(out_dir).expanduser()
+  path = Path(spec).expanduser()
+  if path.suffix.lower() in ('.json', '.geojson') and path.is_file():
+    scenes = _from_stac(path, out_dir, pan_asset, ms_asset)
+  elif path.is_file():
+    scenes = _from_csv(path, out_dir)
+  elif ',' in spec:
+    scenes = _from_globs(spec, out_dir)
+  else:
+    raise DataError(f'--scenes {spec}: no such file (a CSV, a STAC JSON or "PAN_GLOB,MS_GLOB")')
+  if not scenes:
+    raise DataError(f'--scenes {spec}: no scenes listed')
+  seen: dict[str, Scene] = {}
+  for s in scenes:
+    if s.name in seen:
+      raise DataError(
+        f'--scenes {spec}: two scenes write {s.name}.tif ({seen[s.name].pan} and {s.pan}); give '
+        'an out column (CSV) or unique names'
+      )
+    seen[s.name] = s
+  return scenes
+
+
+# ---------------------------------------------------------------------------------------------
+# What fuses, loaded once per worker process.
+
+
+@dataclasses.dataclass(frozen=True)
+class Engine:
+  """What fuses each scene: a workdir's weights or (when wired in) a classical method.
+
+  Attributes:
+    workdir: a training run's or converted weights' workdir.
+    method: a classical method's name (`u2net_jax.methods.METHODS`), instead of a workdir.
+    step, which: the checkpoint (`checkpointing.select_step`).
+    tile_batch: tiles per jitted call (default `config.eval.tile_batch`; it is part of the
+      output's identity: a tile's last bit can depend on its batch position).
+  """
+
+  workdir: str | None = None
+  method: str | None = None
+  step: int | None = None
+  which: str = 'best'
+  tile_batch: int | None = None
+
+  def __post_init__(self):
+    if (self.workdir is None) == (self.method is None):
+      raise ValueError('an Engine takes a workdir or a method, not both or neither')
+    if self.workdir is not None:
+      object.__setattr__(self, 'workdir', str(Path(self.workdir).expanduser().resolve()))
+
+
+_LOADED: dict[Engine, tuple[Any, int, dict]] = {}
+_LOAD_LOCK = threading.Lock()  # Worker threads share the cache: one load per process.
+LOADS = {'count': 0}  # Loads in this process (the tests check: once per worker, not per scene).
+
+
+def _load(engine: Engine) -> tuple[Any, int, dict]:
+  """This process's (fuser, step, identity) for `engine`, restored and built on first use.
+
+  The `tiling.Fuser` keeps one compiled function per tile shape, so a worker compiles each shape
+  once for all its scenes.
+  """
+  if engine.method is not None:
+    # The per-scene task takes a method in place of a workdir; running the classical methods
+    # window by window is not wired in yet.
+    raise errors.RunError(
+      f'--method={engine.method}: classical methods cannot fuse scene archives yet; use --workdir'
+    )
+  with _LOAD_LOCK:
+    if engine not in _LOADED:
+      from u2net_jax.infer import tiling
+      from u2net_jax.run import checkpointing, config_utils
+
+      config = config_utils.load_config(engine.workdir)
+      step = checkpointing.select_step(engine.workdir, engine.step, engine.which)
+      params, step, _ = checkpointing.restore_params(engine.workdir, config.model, step=step)
+      fuser = tiling.Fuser(
+        config.model,
+        params,
+        tile_size=int(config.eval.tile_size),
+        tile_pad=int(config.eval.tile_pad),
+        tile_batch=engine.tile_batch or int(config.eval.tile_batch),
+      )
+      identity = {
+        'method': 'u2net',
+        'workdir': engine.workdir,
+        'step': int(step),
+        'params_sha256': checkpointing.tree_checksum(params),
+        'tile_batch': int(fuser.tile_batch),
+      }
+      _LOADED[engine] = (fuser, int(step), identity)
+      LOADS['count'] += 1
+  return _LOADED[engine]
+
+
+# ---------------------------------------------------------------------------------------------
+# Identities and manifests.
+
+
+def file_identity(path: str | os.PathLike) -> dict[str, Any]:
+  """An input's identity: size, mtime (ns) and a BLAKE2b of its first, middle and last MiB."""
+  path = Path(path)
+  st = path.stat()
+  digest = hashlib.blake2b(str(st.st_size).encode(), digest_size=16)
+  with open(path, 'rb') as f:
+    for offset in sorted(
+      {0, max(0, st.st_size // 2 - HASH_CHUNK // 2), max(0, st.st_size - HASH_CHUNK)}
+    ):
+      f.seek(offset)
+      digest.update(f.read(HASH_CHUNK))
+  return {
+    'path': str(path),
+    'size': st.st_size,
+    'mtime_ns': st.st_mtime_ns,
+    'fast_hash': digest.hexdigest(),
+  }
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+  """The SHA-256 (hex) of a whole file, read by 8 MiB blocks."""
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    while block := f.read(8 << 20):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def manifest_path(out: str | os.PathLike) -> Path:
+  """`<name>.manifest.json` beside the output `<name>.tif`."""
+  out = Path(out)
+  return out.with_name(out.stem + '.manifest.json')
+
+
+def stac_path(out: str | os.PathLike) -> Path:
+  """`<name>.stac.json` beside the output `<name>.tif`."""
+  out = Path(out)
+  return out.with_name(out.stem + '.stac.json')
+
+
+def _complete(s: Scene, inputs: dict, engine: dict, options: dict) -> dict | None:
+  """The manifest of a complete output made from the same inputs, engine and options, or None."""
+  try:
+    manifest = json.loads(manifest_path(s.out).read_text())
+  except (OSError, ValueError):
+    return None
+  same = (
+    manifest.get('version') == MANIFEST_VERSION
+    and manifest.get('inputs') == inputs
+    and manifest.get('engine') == engine
+    and manifest.get('options') == options
+    and stac_path(s.out).is_file()
+  )
+  if not same or not Path(s.out).is_file():
+    return None
+  if sha256_file(s.out) != manifest.get('output', {}).get('sha256'):
+    return None  # Changed or damaged since: made again.
+  return manifest
+
+
+def _stac_item(s: Scene, result: dict, engine: dict, options: dict) -> dict:
+  """The output's STAC Item (as a dict): its asset, its inputs, the method and the weights."""
+  import pystac
+  import rasterio
+  import rasterio.warp
+
+  with rasterio.open(s.out) as f:
+    bounds, crs = f.bounds, f.crs
+  geometry = bbox = None
+  if crs is not None:
+    west, south, east, north = rasterio.warp.transform_bounds(crs, 'EPSG:4326', *bounds)
+    bbox = [west, south, east, north]
+    ring = [[west, south], [east, south], [east, north], [west, north], [west, south]]
+    geometry = {'type': 'Polygon', 'coordinates': [ring]}
+  now = dt.datetime.now(dt.UTC)
+  when = dt.datetime.fromisoformat(s.datetime) if s.datetime else now
+  from u2net_jax import __version__
+
+  item = pystac.Item(
+    id=s.name,
+    geometry=geometry,
+    bbox=bbox,
+    datetime=when,
+    properties={
+      'created': now.isoformat(),
+      'u2net:method': engine['method'],
+      'u2net:weights': {k: v for k, v in engine.items() if k != 'method'},
+      'u2net:options': options,
+      'u2net:software': f'u2net-jax {__version__}',
+      'u2net:nodata_pixels': result['nodata_pixels'],
+      'u2net:shape': result['shape'],
+      'u2net:crs': crs.to_string() if crs is not None else None,
+    },
+  )
+  item.add_asset(
+    'fused',
+    pystac.Asset(
+      href=Path(s.out).name, media_type=pystac.MediaType.COG, roles=['data'], title='fused'
+    ),
+  )
+  item.add_link(
+    pystac.Link('derived_from', s.pan, media_type=pystac.MediaType.GEOTIFF, title='PAN')
+  )
+  item.add_link(pystac.Link('derived_from', s.ms, media_type=pystac.MediaType.GEOTIFF, title='MS'))
+  if s.source:
+    item.add_link(pystac.Link('derived_from', s.source, title='input STAC Item'))
+  if engine.get('workdir'):
+    item.add_link(pystac.Link('via', engine['workdir'], title='weights (workdir)'))
+  return item.to_dict(include_self_link=False, transform_hrefs=False)
+
+
+def _peak_rss_mb() -> float | None:
+  """This process's peak resident set (VmHWM) in MB, where /proc has it."""
+  try:
+    for line in Path('/proc/self/status').read_text().splitlines():
+      if line.startswith('VmHWM:'):
+        return int(line.split()[1]) / 1024
+  except OSError:
+    pass
+  return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-scene task.
+
+
+def fuse_task(s: Scene, engine: Engine, options: dict[str, Any]) -> dict[str, Any]:
+  """Fuses one scene unless its output is already complete; never raises for the scene's faults.
+
+  Runs on a worker. The output, then its STAC Item, then its manifest are written, each renamed
+  into place when complete: a scene is done exactly when its manifest is.
+
+  Args:
+    s: the scene.
+    engine: what fuses (loaded once per worker process).
+    options: `scene.fuse_files` options that change the output's pixels (`max_value`, `dtype`)
+      and the `window`.
+
+  Returns:
+    The summary row: scene, status ('done', 'skipped' or 'failed'), seconds, pixels,
+    nodata_pixels, error ('' unless failed), output, plus the worker's pid and peak RSS (MB).
+  """
+  from u2net_jax.infer import scene as scene_lib
+
+  start = time.perf_counter()
+  row = {'scene': s.name, 'status': 'failed', 'pixels': 0, 'nodata_pixels': 0, 'error': ''}
+  try:
+    for role, path in (('PAN', s.pan), ('MS', s.ms)):
+      if '://' in path:
+        raise DataError(f'{role} {path}: only local (or mounted) files can be read')
+      if not Path(path).is_file():
+        raise DataError(f'{role} {path}: file not found')
+    inputs = {'pan': file_identity(s.pan), 'ms': file_identity(s.ms)}
+    fuser, step, identity = _load(engine)
+    pixel_options = {k: options.get(k) for k in ('max_value', 'dtype')}
+    manifest = _complete(s, inputs, identity, pixel_options)
+    if manifest is not None:
+      row.update(
+        status='skipped', pixels=manifest['pixels'], nodata_pixels=manifest['nodata_pixels']
+      )
+    else:
+      manifest_path(s.out).unlink(missing_ok=True)  # Not complete until a new one is written.
+      result = scene_lib.fuse_files(
+        engine.workdir,
+        s.pan,
+        s.ms,
+        s.out,
+        max_value=options.get('max_value'),
+        dtype=options.get('dtype'),
+        window=options.get('window', 1024),
+        overwrite=True,  # Only an output without a matching manifest gets here: redo it.
+        cog=True,
+        progress=False,
+        loaded=(fuser, step),
+      )
+      pixels = result['shape'][0] * result['shape'][1]
+      fileio.atomic_write_text(
+        stac_path(s.out), json.dumps(_stac_item(s, result, identity, pixel_options), indent=1)
+      )
+      manifest = {
+        'version': MANIFEST_VERSION,
+        'scene': s.name,
+        'inputs': inputs,
+        'engine': identity,
+        'options': pixel_options,
+        'output': {'path': s.out, 'size': Path(s.out).stat().st_size, 'sha256': sha256_file(s.out)},
+        'pixels': pixels,
+        'nodata_pixels': result['nodata_pixels'],
+        'seconds': result['seconds'],
+        'created': dt.datetime.now(dt.UTC).isoformat(),
+      }
+      fileio.atomic_write_text(manifest_path(s.out), json.dumps(manifest, indent=1))
+      row.update(status='done', pixels=pixels, nodata_pixels=result['nodata_pixels'])
+  except (*errors.user_errors(), FileNotFoundError) as e:
+    row['error'] = str(e)
+  except Exception as e:  # A hostile file can break a reader in any way: it fails alone.
+    logging.getLogger(__name__).exception('scene %s failed', s.name)
+    row['error'] = f'{type(e).__name__}: {e}'
+  row.update(
+    seconds=round(time.perf_counter() - start, 3),
+    output=s.out,
+    worker_pid=os.getpid(),
+    worker_peak_rss_mb=_peak_rss_mb(),
+  )
+  return row
+
+
+# ---------------------------------------------------------------------------------------------
+# The client: cluster, progress, summary.
+
+
+def default_workers() -> tuple[int, int]:
+  """(worker processes, threads each) for a LocalCluster on this machine.
+
+  With an accelerator (`/dev/nvidia0`, a TPU's `/dev/accel0`): one worker, which splits each
+  tile batch over all the local devices. On CPU: one single-threaded worker per 2 cores (XLA
+  runs each worker's batches on several threads; 2 workers on 2 cores gave more scenes per hour
+  than 1 in `benchmarks/archive_benchmark.py`, see the README).
+  """
+  if any(Path(p).exists() for p in ('/dev/nvidia0', '/dev/accel0')):
+    return 1, 1
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  return max(1, (cores or 1) // 2) if (cores or 1) > 2 else (cores or 1), 1
+
+
+class _Progress:
+  """One line per update on `stream`, at most every `every` seconds (and a last one)."""
+
+  def __init__(self, total: int, stream, every: float, dashboard: str | None):
+    self.total, self.stream, self.every = total, stream, every
+    self.start = self.last = time.monotonic()
+    self.dashboard = dashboard
+    self.counts = {'done': 0, 'skipped': 0, 'failed': 0}
+
+  def line(self, running: int) -> str:
+    c = self.counts
+    finished = sum(c.values())
+    elapsed = time.monotonic() - self.start
+    worked = c['done'] + c['failed']  # Skipped scenes take no time: not in the rate.
+    rate = worked / elapsed * 3600 if elapsed > 0 else 0.0
+    left = self.total - finished
+    eta = f'{dt.timedelta(seconds=round(left / rate * 3600))}' if rate and left else '-'
+    text = (
+      f'scenes: {finished}/{self.total} finished ({c["done"]} done, {c["skipped"]} skipped, '
+      f'{c["failed"]} failed), {running} running, {rate:.1f} scenes/h, ETA {eta}'
+    )
+    return text + (f', dashboard {self.dashboard}' if self.dashboard else '')
+
+  def update(self, status: str, running: Callable[[], int], force: bool = False) -> None:
+    if status:
+      self.counts[status] += 1
+    now = time.monotonic()
+    if self.stream is not None and (force or now - self.last >= self.every):
+      self.last = now
+      print(self.line(running()), file=self.stream, flush=True)
+
+
+def _dashboard(client) -> str | None:
+  try:
+    import bokeh  # noqa: F401  (the dashboard's dependency)
+  except ImportError:
+    return None
+  return client.dashboard_link
+
+
+def write_summary(out_dir: str | os.PathLike, rows: Sequence[dict], extra: dict) -> dict:
+  """Writes `summary.csv` and `summary.json` (the rows plus totals and `extra`) atomically."""
+  out_dir = Path(out_dir)
+  buffer = io.StringIO()
+  writer = csv.DictWriter(buffer, SUMMARY_FIELDS, extrasaction='ignore', lineterminator='\n')
+  writer.writeheader()
+  writer.writerows(rows)
+  fileio.atomic_write_text(out_dir / 'summary.csv', buffer.getvalue())
+  totals = {k: sum(r['status'] == k for r in rows) for k in ('done', 'skipped', 'failed')}
+  summary = dict(extra, scenes=len(rows), **totals, rows=list(rows))
+  fileio.atomic_write_text(out_dir / 'summary.json', json.dumps(summary, indent=1))
+  return summary
+
+
+def run(
+  scenes: Sequence[Scene],
+  engine: Engine,
+  out_dir: str | os.PathLike,
+  *,
+  options: dict[str, Any] | None = None,
+  workers: int | None = None,
+  threads_per_worker: int | None = None,
+  scheduler: str | None = None,
+  dashboard_address: str = ':8787',
+  progress_every: float = 10.0,
+  stream=sys.stderr,
+) -> dict[str, Any]:
+  """Fuses `scenes` on a Dask cluster, one task per scene; writes the summary.
+
+  Args:
+    scenes: from `read_scenes`.
+    engine: what fuses.
+    out_dir: the output folder (created; checked writable before any work).
+    options: `max_value`, `dtype`, `window` for `scene.fuse_files`.
+    workers, threads_per_worker: the LocalCluster (default `default_workers()`).
+    scheduler: an existing scheduler's address (`tcp://host:8786`) instead of a LocalCluster.
+    dashboard_address: the LocalCluster's dashboard (':0' a free port).
+    progress_every: seconds between progress lines; stream: where they go (None: silent).
+
+  Returns:
+    The summary (`write_summary`): counts, seconds, scenes_per_hour and a row per scene.
+  """
+  distributed = _dask()
+  out_dir = fileio.ensure_writable_dir(Path(out_dir).expanduser())
+  options = dict(options or {})
+  logging.getLogger('distributed').setLevel(logging.WARNING)
+  start = time.perf_counter()
+  cluster = None
+  if scheduler:
+    try:
+      client = distributed.Client(scheduler, timeout='30s')
+    except (OSError, TimeoutError) as e:
+      raise errors.DistributedError(f'--scheduler={scheduler}: cannot connect ({e})') from e
+  else:
+    n, threads = default_workers()
+    cluster = distributed.LocalCluster(
+      n_workers=workers or n,
+      threads_per_worker=threads_per_worker or threads,
+      processes=True,
+      dashboard_address=dashboard_address,
+    )
+    client = distributed.Client(cluster)
+  rows: dict[str, dict] = {}
+  try:
+    dashboard = _dashboard(client)
+    bar = _Progress(len(scenes), stream, progress_every, dashboard)
+    if stream is not None:
+      print(
+        f'fusing {len(scenes)} scenes on {len(client.scheduler_info()["workers"])} workers '
+        f'({client.scheduler.address}); dashboard: {dashboard or "none (pip install bokeh)"}',
+        file=stream,
+        flush=True,
+      )
+    run_id = uuid.uuid4().hex[:8]
+    futures = {
+      client.submit(fuse_task, s, engine, options, key=f'fuse-{s.name}-{run_id}', pure=False): s
+      for s in scenes
+    }
+
+    def running():
+      try:
+        return sum(len(v) for v in client.processing().values())
+      except Exception:  # A progress line is not worth failing the run.
+        return 0
+
+    for future in distributed.as_completed(futures):
+      s = futures[future]
+      try:
+        row = future.result()
+      except Exception as e:  # KilledWorker: its worker died `allowed-failures` times.
+        row = {
+          'scene': s.name,
+          'status': 'failed',
+          'seconds': 0.0,
+          'pixels': 0,
+          'nodata_pixels': 0,
+          'error': f'{type(e).__name__}: {e} (its worker process died while fusing it)',
+          'output': s.out,
+        }
+      rows[s.name] = row
+      bar.update(row['status'], running)
+    bar.update('', running, force=True)
+  finally:
+    client.close()
+    if cluster is not None:
+      cluster.close()
+  seconds = time.perf_counter() - start
+  ordered = [rows[s.name] for s in scenes if s.name in rows]
+  worked = sum(r['status'] in ('done', 'failed') for r in ordered)
+  return write_summary(
+    out_dir,
+    ordered,
+    {
+      'engine': dataclasses.asdict(engine),
+      'options': options,
+      'seconds': round(seconds, 3),
+      'scenes_per_hour': round(worked / seconds * 3600, 2) if seconds else None,
+    },
+  )
+
+
+def run_from_flags(flags) -> int | str:
+  """`fuse.py --scenes=...`: runs the archive and returns the exit status for `sys.exit`.
+
+  Args:
+    flags: absl's FLAGS of `fuse.py`.
+
+  Returns:
+    The number of failed scenes (0 when all succeeded; capped at 125), or an `error: ...` line
+    (exit status 1) when the run cannot start.
+  """
+  try:
+    if not flags.out_dir:
+      raise DataError('--scenes needs --out_dir (the outputs, manifests and summary go there)')
+    for name in ('pan', 'ms', 'out'):
+      if flags[name].value is not None:
+        raise DataError(f'--{name} fuses one scene; with --scenes give the pairs in the list')
+    if flags.scheduler and (flags.workers or flags.threads_per_worker):
+      raise DataError(
+        "--scheduler uses that cluster's workers; drop --workers/--threads_per_worker"
+      )
+    if flags.workers is not None and flags.workers < 1:
+      raise DataError(f'--workers={flags.workers} must be at least 1')
+    scenes = read_scenes(
+      flags.scenes, flags.out_dir, pan_asset=flags.pan_asset, ms_asset=flags.ms_asset
+    )
+    engine = Engine(
+      workdir=flags.workdir, step=flags.step, which=flags.which, tile_batch=flags.tile_batch
+    )
+    summary = run(
+      scenes,
+      engine,
+      flags.out_dir,
+      options={'max_value': flags.max_value, 'dtype': flags.dtype, 'window': flags.window},
+      workers=flags.workers,
+      threads_per_worker=flags.threads_per_worker,
+      scheduler=flags.scheduler,
+      dashboard_address=flags.dashboard_address,
+      stream=sys.stderr if flags.progress else None,
+    )
+  except (*errors.user_errors(), FileNotFoundError) as e:
+    return f'error: {e}'
+  brief = {k: v for k, v in summary.items() if k != 'rows'}
+  print(json.dumps(brief), flush=True)
+  if summary['failed']:
+    print(
+      f'error: {summary["failed"]} of {summary["scenes"]} scenes failed (reasons in '
+      f'{Path(flags.out_dir) / "summary.csv"})',
+      file=sys.stderr,
+      flush=True,
+    )
+  return min(summary['failed'], 125)
