@@ -40,6 +40,8 @@ TASKS = ('pansharpening', 'hisr')
 _EIGHT_BAND_RGB = (4, 2, 1)
 _FOUR_BAND_RGB = (2, 1, 0)
 _HISR_RGB = (25, 15, 5)
+# The resolution ratio of every dataset here: PAN (RGB) to MS (HS) pixel size.
+_RATIO = 4
 
 
 def _pansharpening(name, ms_gnyq, pan_gnyq, max_value, rgb_bands, tv=None):
@@ -48,6 +50,7 @@ def _pansharpening(name, ms_gnyq, pan_gnyq, max_value, rgb_bands, tv=None):
     'task': 'pansharpening',
     'bands': len(ms_gnyq),
     'guide_bands': 1,
+    'ratio': _RATIO,
     'max_value': max_value,
     'ms_gnyq': tuple(ms_gnyq),
     'pan_gnyq': pan_gnyq,
@@ -62,6 +65,7 @@ def _hisr(name):
     'task': 'hisr',
     'bands': 31,
     'guide_bands': 3,
+    'ratio': _RATIO,
     'max_value': 1.0,
     'ms_gnyq': None,
     'pan_gnyq': None,
@@ -145,7 +149,8 @@ def get_sensor(name: str) -> dict:
 
   Returns:
     The dict with 'name' (canonical), 'task' ('pansharpening' or 'hisr'), 'bands', 'guide_bands'
-    (1 PAN, 3 RGB), 'max_value', 'ms_gnyq' (per-band MTF gains at Nyquist, None for HISR),
+    (1 PAN, 3 RGB), 'ratio' (PAN to MS pixel size), 'max_value', 'ms_gnyq' (per-band MTF gains
+    at Nyquist, None for HISR),
     'pan_gnyq' (None for HISR), 'rgb_bands' (red, green, blue band indices of previews) and
     'tv' (the toolbox demo's TV pansharpening parameters, or None).
   """
