@@ -9,12 +9,13 @@ The HDF5 key names are those of the Deng-lab CAVE files (`GT`, `HSI_up`, `LRHSI`
 """
 
 from configs import default
+from u2net_jax import data
 
 
 def get_config():
   config = default.get_config()
   config.data.sensor = 'CAVE'  # Task 'hisr', 31 bands, RGB guide, data in [0, 1].
-  config.data.h5_keys = {'gt': 'GT', 'lms': 'HSI_up', 'ms': 'LRHSI', 'guide': 'RGB'}
+  config.data.h5_keys = dict(data.H5_KEYS['hisr'])
   config.data.train_file = 'data/cave/train_cave.h5'
   config.data.valid_file = 'data/cave/valid_cave.h5'
   config.data.test_files = {'cave_test': 'data/cave/test_cave.h5'}

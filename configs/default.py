@@ -15,14 +15,16 @@ The defaults are the paper's pansharpening recipe on WorldView-3 (the official c
 
 import ml_collections
 
+from u2net_jax import data
+
 
 def get_config() -> ml_collections.ConfigDict:
   """Returns the base configuration (WV3 pansharpening, the paper's recipe)."""
   config = ml_collections.ConfigDict()
-  # The sensor (`config.data.sensor`) is the single source of the task, the band counts and the
-  # data scale: `task`, `model.spectral_bands`, `model.guide_bands` and `data.max_value` are
-  # unset (None) here and derived from it by `config_utils.finalize`; a value set anywhere else
-  # must agree with the sensor's (`toolbox.SENSORS`).
+  # The sensor (`config.data.sensor`) is the single source of the task, the band counts, the
+  # ratio and the data scale: `task`, `model.spectral_bands`, `model.guide_bands`, `model.scale`
+  # and `data.max_value` are unset (None) here and derived from it by `config_utils.finalize`; a
+  # value set anywhere else must agree with the sensor's (`toolbox.SENSORS`).
   config.task = ml_collections.config_dict.placeholder(str)  # 'pansharpening' | 'hisr'.
   config.seed = 1  # The official code seeds everything with 1.
 
@@ -40,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.head_dim = unset(int)  # S': the S2Block head width; unset = 16.
   config.model.mlp_ratio = 0.5
   config.model.resblock_ratio = 0.5
-  config.model.scale = 4
+  config.model.scale = unset(int)  # The resolution ratio, from the sensor: 4.
   # S2Block spatial attention: 'direct' materialises the (HW)x(HW) matrix (the official
   # computation); 'blockwise' never does (exact, memory-efficient flash attention); 'cudnn' is
   # jax.nn.dot_product_attention's fused GPU kernel (needs dtype='bfloat16'); 'auto' picks
@@ -64,9 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.max_value = unset(float)
   config.data.source = 'hdf5'  # 'hdf5' | 'tfds' | 'demo'.
   # Roles used everywhere inside the project -> dataset names inside the HDF5 files.
-  config.data.h5_keys = ml_collections.ConfigDict(
-    {'gt': 'gt', 'lms': 'lms', 'ms': 'ms', 'guide': 'pan'}
-  )
+  config.data.h5_keys = ml_collections.ConfigDict(data.H5_KEYS['pancollection'])
   config.data.train_file = 'data/pancollection/training_wv3/train_wv3.h5'
   config.data.valid_file = 'data/pancollection/training_wv3/valid_wv3.h5'
   # Test sets: name -> HDF5 file (reduced resolution with `gt`, full resolution without).

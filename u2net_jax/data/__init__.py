@@ -27,6 +27,13 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+# Role -> dataset name inside the HDF5 files, per file layout: PanCollection's pansharpening files
+# and the Deng-lab HISR files (CAVE, Harvard). `config.data.h5_keys` takes one of them.
+H5_KEYS = {
+  'pancollection': {'gt': 'gt', 'lms': 'lms', 'ms': 'ms', 'guide': 'pan'},
+  'hisr': {'gt': 'GT', 'lms': 'HSI_up', 'ms': 'LRHSI', 'guide': 'RGB'},
+}
+
 
 class DataError(ValueError):
   """A dataset file is missing, malformed or does not match the configuration.

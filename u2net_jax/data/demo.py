@@ -39,7 +39,7 @@ import scipy.ndimage
 from u2net_jax import toolbox
 from u2net_jax.data import wald
 
-RATIO = 4
+RATIO = toolbox.get_sensor('WV3')['ratio']  # Every sensor of the table has the same ratio.
 # The sensor a task name stands for (the TFDS demo builder's configs are named by task).
 DEMO_SENSORS = {'pansharpening': 'WV3', 'hisr': 'CAVE'}
 # Band centres (nm): WorldView-3's eight MS bands, the four of QuickBird/GF-2, CAVE's 400..700.

@@ -54,11 +54,19 @@ from PIL import Image
 from scipy.io.matlab import MatReadError
 
 from u2net_jax import toolbox
-from u2net_jax.data import DataError, check_arguments, load_npy, pancollection, run_command, wald
+from u2net_jax.data import (
+  H5_KEYS,
+  DataError,
+  check_arguments,
+  load_npy,
+  pancollection,
+  run_command,
+  wald,
+)
 
-RATIO = 4
+RATIO = toolbox.get_sensor('CAVE')['ratio']
 BANDS = 31
-KEYS = {'gt': 'GT', 'lms': 'HSI_up', 'ms': 'LRHSI', 'guide': 'RGB'}
+KEYS = H5_KEYS['hisr']
 CAVE_EXCLUDED = ('watercolors',)
 CAVE_TEST_SCENES = (
   'jelly_beans',

@@ -40,9 +40,17 @@ import scipy.io
 from absl import flags
 
 from u2net_jax import toolbox
-from u2net_jax.data import DataError, check_arguments, load_npy, pancollection, run_command, wald
+from u2net_jax.data import (
+  H5_KEYS,
+  DataError,
+  check_arguments,
+  load_npy,
+  pancollection,
+  run_command,
+  wald,
+)
 
-RATIO = 4
+RATIO = toolbox.get_sensor('WV3')['ratio']  # Every pansharpening sensor of the table: 4.
 _PAN_NAMES = ('I_PAN', 'PAN', 'pan', 'I_pan', 'P')
 _MS_NAMES = ('I_MS_LR', 'I_MS', 'MS', 'ms', 'MS_LR', 'M')
 
@@ -169,7 +177,7 @@ def check_pair(pan: np.ndarray, ms: np.ndarray, sensor: dict, name: str) -> None
       )
 
 
-KEYS = {'gt': 'gt', 'lms': 'lms', 'ms': 'ms', 'guide': 'pan'}  # Role -> PanCollection name.
+KEYS = H5_KEYS['pancollection']
 OUTPUTS = ('train', 'valid', 'test', 'full')
 
 

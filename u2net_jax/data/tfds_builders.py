@@ -41,7 +41,8 @@ from absl import flags
 from etils import epath
 from tensorflow_datasets.core import utils as tfds_utils
 
-from u2net_jax.data import DataError, demo, pancollection, prepare_cave, run_command
+from u2net_jax import toolbox
+from u2net_jax.data import H5_KEYS, DataError, demo, pancollection, prepare_cave, run_command
 
 ROLES = ('gt', 'lms', 'ms', 'guide')
 _SPLIT_NAMES = {'train': 'train', 'valid': 'validation'}
@@ -110,8 +111,15 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 @dataclasses.dataclass
 class PanCollectionConfig(tfds.core.BuilderConfig):
-  bands: int = 8
-  max_value: float = 2047.0
+  """One sensor's PanCollection files; bands and maximum come from the sensor table."""
+
+  @property
+  def bands(self) -> int:
+    return toolbox.get_sensor(self.name)['bands']
+
+  @property
+  def max_value(self) -> float:
+    return float(toolbox.get_sensor(self.name)['max_value'])
 
 
 class PanCollection(_Builder):
@@ -120,10 +128,10 @@ class PanCollection(_Builder):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'PanCollection HDF5 files as ArrayRecord.'}
   BUILDER_CONFIGS = [
-    PanCollectionConfig(name='wv3', bands=8, max_value=2047.0),
-    PanCollectionConfig(name='wv2', bands=8, max_value=2047.0),
-    PanCollectionConfig(name='qb', bands=4, max_value=2047.0),
-    PanCollectionConfig(name='gf2', bands=4, max_value=1023.0),
+    PanCollectionConfig(name='wv3'),
+    PanCollectionConfig(name='wv2'),
+    PanCollectionConfig(name='qb'),
+    PanCollectionConfig(name='gf2'),
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
     'Download PanCollection (https://github.com/liangjiandeng/PanCollection) and place its HDF5 '
@@ -159,7 +167,7 @@ class PanCollection(_Builder):
       raise DataError(
         f'{root}: none of {sorted(names.values())} found. ' + self.MANUAL_DOWNLOAD_INSTRUCTIONS
       )
-    keys = {'gt': 'gt', 'lms': 'lms', 'ms': 'ms', 'guide': 'pan'}
+    keys = H5_KEYS['pancollection']
     for split, path in found.items():  # Validate everything before writing anything.
       pancollection.H5Source(
         path,

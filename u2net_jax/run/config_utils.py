@@ -275,6 +275,7 @@ SENSOR_FIELDS = {
   'task': 'task',
   'model.spectral_bands': 'bands',
   'model.guide_bands': 'guide_bands',
+  'model.scale': 'ratio',
   'data.max_value': 'max_value',
 }
 
