@@ -119,6 +119,38 @@ def _int(value, what: str) -> int:
   return value
 
 
+# The globals of a checkpoint that pickles a whole `nn.Module` beside its state dict (the
+# DLPan-Toolbox's APNN `.pth.tar`: a dict of 'model' (the module), 'model_state', 'loss1',
+# 'train_params', 'optim_state'). They are never imported or called: each becomes `_Inert`, whose
+# construction and `__setstate__` do nothing, so only the tensors and dicts are rebuilt.
+_INERT_GLOBALS = frozenset(
+  {
+    ('torch.nn.modules.conv', 'Conv2d'),
+    ('torch.nn.modules.activation', 'ReLU'),
+    ('model_wv3', 'APNN'),  # The pickled class names of the four APNN releases.
+    ('model', 'APNN'),
+    ('model_qb', 'APNN'),
+    ('model_wv4', 'APNN'),
+    ('__builtin__', 'set'),
+    ('builtins', 'set'),
+    ('_codecs', 'encode'),
+    ('numpy', 'dtype'),
+    ('numpy.core.multiarray', 'scalar'),
+    ('numpy._core.multiarray', 'scalar'),
+  }
+)
+
+
+class _Inert:
+  """Stands for a pickled object that a state dict does not need: keeps nothing, runs nothing."""
+
+  def __init__(self, *unused, **unused_kw):
+    pass
+
+  def __setstate__(self, unused):
+    pass
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
   """Resolves only the globals a state-dict needs; refuses everything else."""
 
@@ -136,6 +168,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
       return _rebuild_parameter
     if module == 'torch' and name in _STORAGE_DTYPES:
       return ('storage type', name)
+    if (module, name) in _INERT_GLOBALS:
+      return _Inert
     if module == 'torch' and name.endswith('Storage'):
       raise CheckpointFormatError(
         f'{self._source}: tensors of type torch.{name} are not supported '
@@ -236,9 +270,13 @@ def _unpickle(data: bytes, source: str, storages: dict[str, _Storage] | None) ->
 
 
 def _state_dict(obj: Any, source: str) -> collections.OrderedDict:
-  """The key -> `_Tensor` mapping inside the unpickled object (unwrapping 'state_dict'/'model')."""
+  """The key -> `_Tensor` mapping inside the unpickled object.
+
+  Unwraps 'state_dict', 'model' and 'model_state' (the APNN checkpoints keep the state dict there,
+  beside a pickled module that `_Inert` stands for).
+  """
   if isinstance(obj, Mapping):
-    for wrapper in ('state_dict', 'model'):
+    for wrapper in ('state_dict', 'model', 'model_state'):
       if isinstance(obj.get(wrapper), Mapping):
         obj = obj[wrapper]
   if not isinstance(obj, Mapping) or not obj:

@@ -23,8 +23,9 @@ CONV = (2, 3, 1, 0)
 CONV_TRANSPOSE = (2, 3, 0, 1)
 LINEAR = (1, 0)
 
-# Flax leaf name -> PyTorch parameter name (a LayerNorm's `weight` is Flax's `scale`).
-TORCH_PARAM_NAME = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias'}
+# Flax leaf name -> PyTorch parameter name (a LayerNorm's `weight` is Flax's `scale`, a PReLU's
+# `alpha`).
+TORCH_PARAM_NAME = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'alpha': 'weight'}
 
 
 @dataclasses.dataclass(frozen=True)

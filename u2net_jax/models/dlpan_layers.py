@@ -98,17 +98,20 @@ def high_pass(x: jax.Array) -> jax.Array:
 class ResBlock(nn.Module):
   """PanNet's / FusionNet's `Resblock` (model_pannet.py:38-50): conv20, ReLU, conv21, + input.
 
-  No activation after the addition.
+  No activation after the addition. `toolbox_init`: the toolbox's `init_weights` (PanNet) rather
+  than PyTorch's default (FusionNet, whose call is commented out, model_fusionnet.py:104-105).
   """
 
   channels: int = 32
+  toolbox_init: bool = False
   dtype: str = 'float32'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.channels
-    h = nn.relu(conv(c, c, 3, 'conv20', dtype=self.dtype)(x))
-    return x + conv(c, c, 3, 'conv21', dtype=self.dtype)(h)
+    make = toolbox_conv if self.toolbox_init else conv
+    h = nn.relu(make(c, c, 3, 'conv20', dtype=self.dtype)(x))
+    return x + make(c, c, 3, 'conv21', dtype=self.dtype)(h)
 
 
 def make_resolve(
@@ -165,3 +168,20 @@ class PerBand:
 
   def __call__(self, bands: int) -> float:
     return self.value * bands
+
+
+def toolbox_kernel_init(key, shape, dtype=jnp.float32) -> jax.Array:
+  """The toolbox's `variance_scaling_initializer` (UDL/Basis/variance_sacling_initializer.py).
+
+  TensorFlow 1's variance scaling, factor 2, fan-in: a normal truncated at +-2 standard
+  deviations, stddev sqrt(1.3 * 2 / fan_in), fan_in = kh * kw * in (HWIO kernel). The toolbox's
+  `init_weights` applies it, with zero biases, to the Conv2d layers of DiCNN, PanNet and BDPN.
+  """
+  fan_in = math.prod(shape[:-1])
+  stddev = math.sqrt(1.3 * 2.0 / fan_in)
+  return jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype) * stddev
+
+
+def toolbox_conv(*args, **kwargs) -> nn.Conv:
+  """`conv` with the toolbox's `init_weights` initialisation (variance scaling, zero bias)."""
+  return conv(*args, kernel_init=toolbox_kernel_init, bias_init=nn.initializers.zeros, **kwargs)
