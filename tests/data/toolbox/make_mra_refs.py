@@ -52,7 +52,7 @@ K = 16
 
 # name: (scene file under ../shared/data, DN scale, sensor, crop R0 C0 H W on the PAN grid).
 INPUTS = {
-  'wv3_84x92': ('zpnn-wv3/WV3_example.mat', 1, 'WV3', (20, 16, 84, 92)),
+  'wv3_84x92': ('zpnn-wv3/WV3_example.mat', 1, 'WV3', (40, 24, 84, 92)),
   'ikonos_64': ('pnn-wv2-ikonos-geoeye1/imgIK.mat', 1, 'IKONOS', (400, 520, 64, 64)),
   'geoeye1_64': ('pnn-wv2-ikonos-geoeye1/imgGE1.mat', 1, 'GeoEye1', (600, 300, 64, 64)),
   'qb_64': ('pnn-wv2-ikonos-geoeye1/imgIK.mat', 1, 'QB', (640, 880, 64, 64)),
