@@ -203,10 +203,10 @@ def test_cli_plain_paths_write_eval_folders_named_by_stem(tiny_workdir, tmp_path
 def test_hdf5_source_reads_the_file_values_through_one_handle(tmp_path, monkeypatch):
   config = _config()
   path = _write_pansharpening_h5(tmp_path / 'rr.h5', n=2, size=96, sensor='WV3')
-  (test_set,) = eval_lib.select_test_sets(config, f'rr={path}')
   opened = []
   real_open = pancollection.open_h5
   monkeypatch.setattr(pancollection, 'open_h5', lambda p: opened.append(p) or real_open(p))
+  (test_set,) = eval_lib.select_test_sets(config, f'rr={path}')
   source = test_set.source
   assert isinstance(source, eval_lib.TestSource) and source.sensor == 'WV3'
   assert len(source) == 2 and source.file == str(path)
@@ -221,9 +221,8 @@ def test_hdf5_source_reads_the_file_values_through_one_handle(tmp_path, monkeypa
       np.testing.assert_array_equal(
         example[role], stored[key][k].transpose(1, 2, 0).astype(np.float32) / np.float32(2047)
       )
-  # The references come through the handle opened with the test set, never reopened per image
-  # (the examples' reader opens its own handle once, lazily).
-  assert len(opened) <= 1
+  # The file is opened once: validation, examples and references share one handle.
+  assert [str(p) for p in opened] == [str(path)]
   test_set.close()
 
 

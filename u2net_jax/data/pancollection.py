@@ -155,8 +155,8 @@ def validate_h5(
 class H5Source:
   """Random-access source over one HDF5 file: `len()` and `[i]` -> dict of H x W x C float32.
 
-  The file is validated when the source is made and opened lazily in each process, so the
-  source can be pickled into grain worker processes.
+  The file is opened once, validated, and read through the same handle in this process; a
+  pickled copy (grain worker processes) reopens it lazily in its own process.
   """
 
   def __init__(
@@ -194,7 +194,9 @@ class H5Source:
       )
     self.path = str(path)
     self.max_value = float(max_value)
-    with open_h5(path) as f:
+    # Opened once: the handle that validated the file serves the reads of this process.
+    f = open_h5(path)
+    try:
       self.roles, self._len = validate_h5(
         f,
         path,
@@ -206,8 +208,11 @@ class H5Source:
       )
       if check_values != 'off':
         value_checks.scan_values(f, path, self.roles, self.max_value, mode=check_values)
-    self._file = None
-    self._pid = None
+    except BaseException:
+      f.close()
+      raise
+    self._file = f
+    self._pid = os.getpid()
 
   def __len__(self) -> int:
     return self._len
@@ -230,6 +235,17 @@ class H5Source:
       x = np.asarray(f[key][index], dtype=np.float32)  # (C, H, W) as stored.
       out[role] = np.ascontiguousarray(x.transpose(1, 2, 0)) / np.float32(self.max_value)
     return out
+
+  @property
+  def handle(self) -> h5py.File:
+    """The open file of this process (e.g. to read values as stored, or its attributes)."""
+    return self._handle()
+
+  def close(self) -> None:
+    """Closes this process's handle (a later read reopens it)."""
+    if self._file is not None and self._pid == os.getpid():
+      self._file.close()
+    self._file = None
 
   def __getstate__(self):
     state = self.__dict__.copy()

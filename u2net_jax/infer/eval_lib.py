@@ -100,12 +100,13 @@ class TestSource(abc.ABC):
 
 class H5TestSource(TestSource):
   """An HDF5 test file: examples from the validated `pancollection.H5Source`, references read
-  back from the file as stored (float64), through one handle kept open until `close`."""
+  back from the file as stored (float64), through the source's one handle (the file is opened
+  once), kept open until `close`."""
 
   def __init__(self, source: pancollection.H5Source):
     self._source = source
     self.file = source.path
-    self._h5 = pancollection.open_h5(source.path)
+    self._h5 = source.handle
     value = self._h5.attrs.get('sensor')  # Written by our preparers; PanCollection has none.
     if isinstance(value, bytes | np.bytes_):
       value = value.decode()
@@ -127,7 +128,7 @@ class H5TestSource(TestSource):
     }
 
   def close(self) -> None:
-    self._h5.close()
+    self._source.close()
 
 
 class ScaledTestSource(TestSource):
