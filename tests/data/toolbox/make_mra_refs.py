@@ -20,7 +20,12 @@ QB and GF-2 have no image among the shared data: the QB input is an IKONOS crop 
 sensor 'GF2' (the toolbox's `genMTF` has no GF-2 case and uses its default gain 0.3, which is
 what the project's sensor table holds). TV has parameters for IKONOS, GeoEye1/WV4 and WV3 only.
 
-usage: python tests/data/toolbox/make_mra_refs.py [--work /tmp/mra_refs] [--only NAME,...]
+It also prints, per input and method, the largest difference over every pixel between the
+project's implementation (`u2net_jax.methods`) and the toolbox's full output, as a fraction of
+the sensor's maximum; `--shared` adds the shared WV2 samples (`../shared/official/*.h5`, the
+inputs of `../shared/toolbox/refs`), compared but not packed.
+
+usage: python tests/data/toolbox/make_mra_refs.py [--work DIR] [--only NAME,...] [--shared]
 """
 
 import argparse
@@ -99,10 +104,36 @@ def pack(name: str, run_dir: pathlib.Path, inp: dict, sensor: str, crop, source:
   return dest
 
 
+SHARED_INPUTS = {
+  'wv2_rr_sample_0': ('wv2_rr_sample.h5', 0),
+  'wv2_rr_sample_1': ('wv2_rr_sample.h5', 1),
+  'wv2_fr_sample_0': ('wv2_fr_sample.h5', 0),
+}
+OURS = {m: m.lower() for m in METHODS}
+
+
+def compare(name: str, run_dir: pathlib.Path) -> None:
+  """Prints max |ours - toolbox| / sensor maximum per method, over every pixel."""
+  from u2net_jax import methods
+
+  inp = np.load(run_dir / 'inputs.npz')
+  sensor = toolbox.get_sensor(str(inp['sensor']))
+  errors = []
+  for method in METHODS:
+    f = run_dir / f'{method}.npz'
+    if not f.exists():
+      continue
+    ref = np.load(f)['out']
+    out = methods.METHODS[OURS[method]](inp['lms'], inp['pan'], inp['ms'], sensor=sensor['name'])
+    errors.append(f'{method} {np.abs(out - ref).max() / sensor["max_value"]:.1e}')
+  print(f'max error / max value, {name}: ' + ', '.join(errors), flush=True)
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__)
   ap.add_argument('--work', default=None)
   ap.add_argument('--only', default=None)
+  ap.add_argument('--shared', action='store_true', help='also compare on the shared WV2 samples')
   a = ap.parse_args(argv)
   work = pathlib.Path(a.work or tempfile.mkdtemp(prefix='mra_refs_'))
   work.mkdir(parents=True, exist_ok=True)
@@ -119,6 +150,14 @@ def main(argv=None):
     source = f'{src} x{scale}' if scale != 1 else src
     dest = pack(name, run_dir, inp, sensor, crop, source)
     print(f'{dest}: {dest.stat().st_size} bytes', flush=True)
+    compare(name, run_dir)
+  for name, (h5, index) in SHARED_INPUTS.items() if a.shared else ():
+    run_dir = work / name
+    cmd = [sys.executable, str(DRIVER), 'h5', str(SHARED / 'official' / h5), str(index)]
+    cmd += [str(run_dir), '--sensor', 'WV2', '--methods', ','.join(METHODS)]
+    print(' '.join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    compare(name, run_dir)
 
 
 if __name__ == '__main__':
