@@ -220,3 +220,17 @@ def test_resize_kernels_match_matlab_conventions():
     toolbox.imresize(x, 0.5, 'lanczos3')
   k = toolbox.lp_filter_gauss_kernel(4)
   assert k.shape == (41, 41) and not np.allclose(k, toolbox.mtf_kernel(0.3, 4))
+
+
+@pytest.mark.parametrize('name', ['awlp', 'mtf-glp'])
+def test_halo_reproduces_the_interior(name):
+  # The local part on a window extended by the halo equals the whole image's in the interior
+  # (to rounding: the MTF filters are FFT convolutions, whose rounding depends on the size).
+  x = np.random.default_rng(0).normal(0, 100, (184, 192, 1))
+  low = {
+    'awlp': lambda a: mra.awlp_low_pass(a, 2),
+    'mtf-glp': lambda a: mra.glp_low_pass(a, [0.3], 4),
+  }[name]
+  h, (r0, c0, rows, cols) = mra.halo(name), (56, 60, 64, 72)
+  window = low(x[r0 - h : r0 + rows + h, c0 - h : c0 + cols + h])[h:-h, h:-h]
+  np.testing.assert_allclose(window, low(x)[r0 : r0 + rows, c0 : c0 + cols], rtol=0, atol=1e-11)
