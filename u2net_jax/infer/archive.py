@@ -272,13 +272,13 @@ class Engine:
       object.__setattr__(self, 'workdir', str(Path(self.workdir).expanduser().resolve()))
 
 
-_LOADED: dict[Engine, tuple[Any, int, dict]] = {}
+_LOADED: dict[Engine, tuple[Any, int]] = {}
 _LOAD_LOCK = threading.Lock()  # Worker threads share the cache: one load per process.
 LOADS = {'count': 0}  # Loads in this process (the tests check: once per worker, not per scene).
 
 
-def _load(engine: Engine) -> tuple[Any, int, dict]:
-  """This process's (fuser, step, identity) for `engine`, restored and built on first use.
+def _load(engine: Engine) -> tuple[Any, int]:
+  """This process's (fuser, step) for `engine`, restored and built on first use.
 
   The `tiling.Fuser` keeps one compiled function per tile shape, so a worker compiles each shape
   once for all its scenes.
@@ -304,20 +304,47 @@ def _load(engine: Engine) -> tuple[Any, int, dict]:
         tile_pad=int(config.eval.tile_pad),
         tile_batch=engine.tile_batch or int(config.eval.tile_batch),
       )
-      identity = {
-        'method': 'u2net',
-        'workdir': engine.workdir,
-        'step': int(step),
-        'params_sha256': checkpointing.tree_checksum(params),
-        'tile_batch': int(fuser.tile_batch),
-      }
-      _LOADED[engine] = (fuser, int(step), identity)
+      _LOADED[engine] = (fuser, int(step))
       LOADS['count'] += 1
   return _LOADED[engine]
 
 
 # ---------------------------------------------------------------------------------------------
 # Identities and manifests.
+
+
+def engine_identity(engine: Engine) -> tuple[Engine, dict[str, Any]]:
+  """What made an output, without loading the weights: the engine with its step fixed.
+
+  Args:
+    engine: as given (`step` None: the best or latest checkpoint now).
+
+  Returns:
+    (engine with the chosen step, so every worker restores the same one; its identity: method,
+    workdir, step, the tile batch and a hash of the checkpoint's parameter files).
+
+  Raises:
+    errors.CheckpointError, FileNotFoundError: no config or checkpoint in the workdir.
+  """
+  if engine.method is not None:
+    return engine, {'method': engine.method}
+  from u2net_jax.run import checkpointing, config_utils
+
+  config = config_utils.load_config(engine.workdir)
+  step = checkpointing.select_step(engine.workdir, engine.step, engine.which)
+  folder = checkpointing.checkpoint_dir(engine.workdir) / str(step) / 'params'
+  digest = hashlib.blake2b(digest_size=16)
+  for path in sorted(p for p in folder.rglob('*') if p.is_file()):
+    if path.name != 'commit_success.txt':  # Holds the save's time, not the weights.
+      digest.update(f'{path.relative_to(folder)}:{file_identity(path)["fast_hash"]};'.encode())
+  identity = {
+    'method': 'u2net',
+    'workdir': engine.workdir,
+    'step': int(step),
+    'checkpoint_hash': digest.hexdigest(),
+    'tile_batch': int(engine.tile_batch or config.eval.tile_batch),
+  }
+  return dataclasses.replace(engine, step=int(step)), identity
 
 
 def file_identity(path: str | os.PathLike) -> dict[str, Any]:
@@ -360,23 +387,68 @@ def stac_path(out: str | os.PathLike) -> Path:
   return out.with_name(out.stem + '.stac.json')
 
 
-def _complete(s: Scene, inputs: dict, engine: dict, options: dict) -> dict | None:
-  """The manifest of a complete output made from the same inputs, engine and options, or None."""
+def _manifest(s: Scene, engine: dict, options: dict) -> dict | None:
+  """The scene's manifest if it was made by the same engine and options (and its STAC Item and
+  output exist), else None."""
   try:
     manifest = json.loads(manifest_path(s.out).read_text())
   except (OSError, ValueError):
     return None
   same = (
-    manifest.get('version') == MANIFEST_VERSION
-    and manifest.get('inputs') == inputs
+    isinstance(manifest, dict)
+    and manifest.get('version') == MANIFEST_VERSION
     and manifest.get('engine') == engine
     and manifest.get('options') == options
+    and Path(s.out).is_file()
     and stac_path(s.out).is_file()
   )
-  if not same or not Path(s.out).is_file():
+  return manifest if same else None
+
+
+def _stat(path: str | os.PathLike) -> list[int]:
+  st = os.stat(path)
+  return [st.st_size, st.st_mtime_ns]
+
+
+def quick_complete(s: Scene, engine: dict, options: dict) -> dict | None:
+  """The manifest when the output is complete by `stat` alone (client side, before any task).
+
+  The inputs' and the output's sizes and mtimes equal the manifest's: skipped without reading a
+  byte. Anything else (e.g. files copied with new mtimes) goes to a task, which compares the
+  contents (`_complete`).
+  """
+  manifest = _manifest(s, engine, options)
+  if manifest is None:
     return None
-  if sha256_file(s.out) != manifest.get('output', {}).get('sha256'):
-    return None  # Changed or damaged since: made again.
+  try:
+    inputs = manifest['inputs']
+    same = (
+      _stat(s.pan) == [inputs['pan']['size'], inputs['pan']['mtime_ns']]
+      and _stat(s.ms) == [inputs['ms']['size'], inputs['ms']['mtime_ns']]
+      and _stat(s.out) == [manifest['output']['size'], manifest['output']['mtime_ns']]
+    )
+  except (OSError, KeyError, TypeError):
+    return None
+  return manifest if same else None
+
+
+def _complete(s: Scene, inputs: dict, engine: dict, options: dict) -> dict | None:
+  """The manifest of a complete output made from the same inputs (by size and fast hash), engine
+  and options, its SHA-256 checked; the manifest is refreshed when only mtimes changed."""
+  manifest = _manifest(s, engine, options)
+  if manifest is None:
+    return None
+  content = {r: (v['size'], v['fast_hash']) for r, v in inputs.items()}
+  try:
+    if content != {r: (v['size'], v['fast_hash']) for r, v in manifest['inputs'].items()}:
+      return None
+    if sha256_file(s.out) != manifest['output']['sha256']:
+      return None  # Changed or damaged since: made again.
+  except (OSError, KeyError, TypeError, AttributeError):
+    return None
+  manifest['inputs'] = inputs
+  manifest['output'].update(zip(('size', 'mtime_ns'), _stat(s.out), strict=True))
+  fileio.atomic_write_text(manifest_path(s.out), json.dumps(manifest, indent=1))
   return manifest
 
 
@@ -446,7 +518,9 @@ def _peak_rss_mb() -> float | None:
 # The per-scene task.
 
 
-def fuse_task(s: Scene, engine: Engine, options: dict[str, Any]) -> dict[str, Any]:
+def fuse_task(
+  s: Scene, engine: Engine, identity: dict[str, Any], options: dict[str, Any]
+) -> dict[str, Any]:
   """Fuses one scene unless its output is already complete; never raises for the scene's faults.
 
   Runs on a worker. The output, then its STAC Item, then its manifest are written, each renamed
@@ -454,7 +528,8 @@ def fuse_task(s: Scene, engine: Engine, options: dict[str, Any]) -> dict[str, An
 
   Args:
     s: the scene.
-    engine: what fuses (loaded once per worker process).
+    engine: what fuses (loaded once per worker process), its step fixed (`engine_identity`).
+    identity: the engine's identity, recorded in the manifest.
     options: `scene.fuse_files` options that change the output's pixels (`max_value`, `dtype`)
       and the `window`.
 
@@ -473,7 +548,6 @@ def fuse_task(s: Scene, engine: Engine, options: dict[str, Any]) -> dict[str, An
       if not Path(path).is_file():
         raise DataError(f'{role} {path}: file not found')
     inputs = {'pan': file_identity(s.pan), 'ms': file_identity(s.ms)}
-    fuser, step, identity = _load(engine)
     pixel_options = {k: options.get(k) for k in ('max_value', 'dtype')}
     manifest = _complete(s, inputs, identity, pixel_options)
     if manifest is not None:
@@ -482,6 +556,7 @@ def fuse_task(s: Scene, engine: Engine, options: dict[str, Any]) -> dict[str, An
       )
     else:
       manifest_path(s.out).unlink(missing_ok=True)  # Not complete until a new one is written.
+      fuser, step = _load(engine)
       result = scene_lib.fuse_files(
         engine.workdir,
         s.pan,
@@ -505,7 +580,9 @@ def fuse_task(s: Scene, engine: Engine, options: dict[str, Any]) -> dict[str, An
         'inputs': inputs,
         'engine': identity,
         'options': pixel_options,
-        'output': {'path': s.out, 'size': Path(s.out).stat().st_size, 'sha256': sha256_file(s.out)},
+        'output': dict(
+          zip(('size', 'mtime_ns'), _stat(s.out), strict=True), sha256=sha256_file(s.out)
+        ),
         'pixels': pixels,
         'nodata_pixels': result['nodata_pixels'],
         'seconds': result['seconds'],
@@ -548,10 +625,10 @@ def default_workers() -> tuple[int, int]:
 class _Progress:
   """One line per update on `stream`, at most every `every` seconds (and a last one)."""
 
-  def __init__(self, total: int, stream, every: float, dashboard: str | None):
+  def __init__(self, total: int, stream, every: float):
     self.total, self.stream, self.every = total, stream, every
     self.start = self.last = time.monotonic()
-    self.dashboard = dashboard
+    self.dashboard: str | None = None
     self.counts = {'done': 0, 'skipped': 0, 'failed': 0}
 
   def line(self, running: int) -> str:
@@ -630,8 +707,75 @@ def run(
   distributed = _dask()
   out_dir = fileio.ensure_writable_dir(Path(out_dir).expanduser())
   options = dict(options or {})
+  # Worker processes log every start and stop at INFO: keep the progress lines readable
+  # (workers read the variable when they start; a user's own setting wins).
+  os.environ.setdefault('DASK_LOGGING__DISTRIBUTED', 'warning')
   logging.getLogger('distributed').setLevel(logging.WARNING)
   start = time.perf_counter()
+  engine, identity = engine_identity(engine)
+  pixel_options = {k: options.get(k) for k in ('max_value', 'dtype')}
+  rows: dict[str, dict] = {}
+  for s in scenes:  # Complete outputs by stat alone: no task, no cluster when all are.
+    manifest = quick_complete(s, identity, pixel_options)
+    if manifest is not None:
+      rows[s.name] = {
+        'scene': s.name,
+        'status': 'skipped',
+        'seconds': 0.0,
+        'pixels': manifest.get('pixels', 0),
+        'nodata_pixels': manifest.get('nodata_pixels', 0),
+        'error': '',
+        'output': s.out,
+      }
+  todo = [s for s in scenes if s.name not in rows]
+  bar = _Progress(len(scenes), stream, progress_every)
+  bar.counts['skipped'] = len(rows)
+  if todo:
+    _run_tasks(
+      todo,
+      engine,
+      identity,
+      options,
+      rows,
+      bar,
+      distributed,
+      workers=workers,
+      threads_per_worker=threads_per_worker,
+      scheduler=scheduler,
+      dashboard_address=dashboard_address,
+    )
+  else:
+    bar.update('', lambda: 0, force=True)
+  seconds = time.perf_counter() - start
+  ordered = [rows[s.name] for s in scenes if s.name in rows]
+  worked = sum(r['status'] in ('done', 'failed') for r in ordered)
+  return write_summary(
+    out_dir,
+    ordered,
+    {
+      'engine': identity,
+      'options': options,
+      'seconds': round(seconds, 3),
+      'scenes_per_hour': round(worked / seconds * 3600, 2) if worked else None,
+    },
+  )
+
+
+def _run_tasks(
+  todo,
+  engine,
+  identity,
+  options,
+  rows,
+  bar,
+  distributed,
+  *,
+  workers,
+  threads_per_worker,
+  scheduler,
+  dashboard_address,
+) -> None:
+  """Submits one task per scene of `todo` and collects their rows into `rows` as they finish."""
   cluster = None
   if scheduler:
     try:
@@ -647,21 +791,22 @@ def run(
       dashboard_address=dashboard_address,
     )
     client = distributed.Client(cluster)
-  rows: dict[str, dict] = {}
   try:
-    dashboard = _dashboard(client)
-    bar = _Progress(len(scenes), stream, progress_every, dashboard)
-    if stream is not None:
+    bar.dashboard = _dashboard(client)
+    if bar.stream is not None:
       print(
-        f'fusing {len(scenes)} scenes on {len(client.scheduler_info()["workers"])} workers '
-        f'({client.scheduler.address}); dashboard: {dashboard or "none (pip install bokeh)"}',
-        file=stream,
+        f'fusing {len(todo)} scenes ({bar.counts["skipped"]} already complete) on '
+        f'{len(client.scheduler_info()["workers"])} workers ({client.scheduler.address}); '
+        f'dashboard: {bar.dashboard or "none (pip install bokeh)"}',
+        file=bar.stream,
         flush=True,
       )
     run_id = uuid.uuid4().hex[:8]
     futures = {
-      client.submit(fuse_task, s, engine, options, key=f'fuse-{s.name}-{run_id}', pure=False): s
-      for s in scenes
+      client.submit(
+        fuse_task, s, engine, identity, options, key=f'fuse-{s.name}-{run_id}', pure=False
+      ): s
+      for s in todo
     }
 
     def running():
@@ -691,19 +836,6 @@ def run(
     client.close()
     if cluster is not None:
       cluster.close()
-  seconds = time.perf_counter() - start
-  ordered = [rows[s.name] for s in scenes if s.name in rows]
-  worked = sum(r['status'] in ('done', 'failed') for r in ordered)
-  return write_summary(
-    out_dir,
-    ordered,
-    {
-      'engine': dataclasses.asdict(engine),
-      'options': options,
-      'seconds': round(seconds, 3),
-      'scenes_per_hour': round(worked / seconds * 3600, 2) if seconds else None,
-    },
-  )
 
 
 def run_from_flags(flags) -> int | str:
@@ -716,6 +848,12 @@ def run_from_flags(flags) -> int | str:
     The number of failed scenes (0 when all succeeded; capped at 125), or an `error: ...` line
     (exit status 1) when the run cannot start.
   """
+  from absl import logging as absl_logging
+
+  # absl's default (INFO) would print the checkpoint library's many lines per load between the
+  # progress lines; warnings and errors still show, and --verbosity=1 still shows everything.
+  if absl_logging.get_verbosity() == absl_logging.INFO:
+    absl_logging.set_verbosity(absl_logging.WARNING)
   try:
     if not flags.out_dir:
       raise DataError('--scenes needs --out_dir (the outputs, manifests and summary go there)')
