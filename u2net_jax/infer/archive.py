@@ -556,6 +556,10 @@ def fuse_task(
       )
     else:
       manifest_path(s.out).unlink(missing_ok=True)  # Not complete until a new one is written.
+      out = Path(s.out)
+      # A killed worker's temporaries of this output (only this task writes them).
+      for stale in out.parent.glob(f'.{glob.escape(out.name)}.*.tmp*'):
+        stale.unlink(missing_ok=True)
       fuser, step = _load(engine)
       result = scene_lib.fuse_files(
         engine.workdir,
@@ -629,6 +633,7 @@ class _Progress:
     self.total, self.stream, self.every = total, stream, every
     self.start = self.last = time.monotonic()
     self.dashboard: str | None = None
+    self.printed = ''
     self.counts = {'done': 0, 'skipped': 0, 'failed': 0}
 
   def line(self, running: int) -> str:
@@ -650,8 +655,10 @@ class _Progress:
       self.counts[status] += 1
     now = time.monotonic()
     if self.stream is not None and (force or now - self.last >= self.every):
-      self.last = now
-      print(self.line(running()), file=self.stream, flush=True)
+      line = self.line(running())
+      if line != self.printed:  # The closing update repeats nothing.
+        print(line, file=self.stream, flush=True)
+      self.last, self.printed = now, line
 
 
 def _dashboard(client) -> str | None:
