@@ -8,6 +8,10 @@
 
 (1) with the parameters of the demo's `switch sensor`: the sensor table's `'tv'` entry.
 
+Plain numpy: TV's 50 iterations take about 2 s on a 256 x 256 x 8 image (2 CPU cores); a jitted
+JAX version (float64, `lax.fori_loop`, dense resize matrices) took 0.85 s after compilation, a
+gain that would not survive large images without a banded resize, so it was not kept.
+
 Both are global methods (TV iterates over the whole image; SR-D learns its dictionary from every
 patch), so they have no halo: `halo` returns None for them and a streamer must run them on the
 whole scene.
