@@ -39,11 +39,9 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from u2net_jax import models, toolbox
 from u2net_jax.data import DataError
-from u2net_jax.run import sharding
+from u2net_jax.run import config_utils, sharding
 
-# 'auto' is the network's own test procedure (`ModelSpec.eval_mode`: U2Net's test.py tiles, the
-# DLPan-Toolbox baselines fuse whole images).
-MODES = ('auto', 'tiled', 'whole')
+MODES = config_utils.EVAL_MODES  # 'auto' (the network's own procedure), 'tiled', 'whole'.
 TILE, PAD = 64, 4  # The official test.py: 64 x 64 PAN tiles with 4-pixel margins.
 
 

@@ -172,7 +172,6 @@ def field_rules() -> list[FieldRule]:
   # Imported here: they bring in jax, flax and h5py, which reading a config file does not need.
   from u2net_jax import models
   from u2net_jax.data import value_checks
-  from u2net_jax.infer import tiling
   from u2net_jax.models import attention, u2net
 
   inf = math.inf
@@ -229,7 +228,7 @@ def field_rules() -> list[FieldRule]:
     integer('train.keep_checkpoints', 1),
     of_type('init_from', str, 'a string (a workdir, or empty)'),
     # Evaluation.
-    one_of('eval.mode', tiling.MODES),
+    one_of('eval.mode', EVAL_MODES),
     integer('eval.tile_size', 1),
     integer('eval.tile_pad', 0),
     integer('eval.tile_batch', 1),
@@ -271,6 +270,10 @@ SECTIONS = ('model', 'data', 'optimizer', 'train', 'eval')
 _MISSING = object()
 
 # Config field -> the `toolbox.SENSORS` key it is derived from.
+# `config.eval.mode`: 'auto' is the network's own test procedure (`ModelSpec.eval_mode`: U2Net's
+# test.py tiles, the DLPan-Toolbox baselines fuse whole images); `infer.tiling.Fuser` runs them.
+EVAL_MODES = ('auto', 'tiled', 'whole')
+
 SENSOR_FIELDS = {
   'task': 'task',
   'model.spectral_bands': 'bands',
