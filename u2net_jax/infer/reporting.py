@@ -159,11 +159,16 @@ def write_image(
     error_max: top of the error map's colour scale, as a fraction of `max_value`.
   """
   folder = Path(folder)
-  scipy.io.savemat(folder / f'output_mulExm_{index}.mat', {'sr': fused})
+  save_output(folder, index, fused)
   pictures = previews(fused, ref, rgb=rgb, max_value=max_value, error_max=error_max)
   for what, picture in pictures.items():
     name = f'preview_{index}.png' if what == 'panel' else f'preview_{index}_{what}.png'
     Image.fromarray(picture).save(folder / name, format='PNG')
+
+
+def save_output(folder: str | Path, index: int, fused: np.ndarray) -> None:
+  """Writes `output_mulExm_{index}.mat` with `sr` = `fused` (H x W x C), its dtype kept."""
+  scipy.io.savemat(Path(folder) / f'output_mulExm_{index}.mat', {'sr': fused})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +271,7 @@ PANEL_MIN_HEIGHT = 128  # Small pictures are enlarged (nearest neighbour) so the
 _GAP, _BAR_WIDTH, _FONT_SIZE = 6, 10, 12
 
 
-def _font(size: int = _FONT_SIZE):
+def load_font(size: int = _FONT_SIZE):
   try:
     return ImageFont.load_default(size=size)  # A scalable font (Pillow >= 10.1).
   except TypeError:  # Older Pillow: the fixed bitmap font.
@@ -296,7 +301,7 @@ def panel(
   names = [k for k in titles if k in pictures]
   h, w = pictures[names[0]].shape[:2]
   zoom = max(1, math.ceil(PANEL_MIN_HEIGHT / h))
-  font = _font()
+  font = load_font()
   line = _FONT_SIZE + 6
   ticks = [0.0, error_max / 2, error_max]
   tick_text = [f'{t:.3g}' for t in ticks]
@@ -319,13 +324,13 @@ def panel(
     picture = Image.fromarray(pictures[name]).resize((cell_w, h * zoom), Image.Resampling.NEAREST)
     canvas.paste(picture, (x, top))
     if name == 'error':
-      _colour_bar(canvas, draw, x + cell_w + _GAP, top, h * zoom, ticks, tick_text, error_max, font)
+      colour_bar(canvas, draw, x + cell_w + _GAP, top, h * zoom, ticks, tick_text, error_max, font)
     x += width + _GAP
   draw.text((_GAP, top + h * zoom + 3), note, fill='dimgray', font=font)
   return np.asarray(canvas)
 
 
-def _colour_bar(
+def colour_bar(
   canvas, draw, x: int, top: int, height: int, ticks, labels, vmax: float, font
 ) -> None:
   """A vertical colour bar (`colormap` from 0 at the bottom to `vmax` at the top) with ticks."""
