@@ -7,7 +7,14 @@ r"""Fuses a whole scene of any size: PAN + MS files -> a georeferenced fused ima
 Inputs: GeoTIFF (read window by window), `.npy`, `.mat` or PanCollection `.h5` single images, on
 the sensor scale (divided by `config.data.max_value` or `--max_value`). The pair is checked before
 any work: same CRS, PAN pixel = MS pixel / 4, top-left corners within half a PAN pixel, PAN 4x the
-MS, band counts of the model; the output must not exist (`--overwrite`) and be writable.
+MS, band counts of the model; the output must not exist (`--overwrite`), be writable and be
+neither input. Every flag is checked before any work. Values are checked while streaming, as
+train.py and evaluate.py check theirs: data already divided to [0, 1], above the sensor maximum
+or negative are refused naming the file, band, window and value (`--allow_off_scale` fuses them
+anyway). Nodata (NaN, infinite, the files' nodata or `--nodata`) is filled before fusing and
+written as the output's declared nodata value; the JSON summary counts those pixels.
+SIGTERM / SIGINT remove the temporary output and end with one line; a later run on the same
+output removes the temporaries of killed runs.
 The scene is fused with the official tiling (64-px tiles, 4-px margins) in windows of `--window`
 PAN pixels, memory bounded by the window; the output (GeoTIFF with the PAN's georeference, or
 `.npy`/`.mat`) appears under its name only when complete. The logic lives in
@@ -15,6 +22,8 @@ PAN pixels, memory bounded by the window; the output (GeoTIFF with the PAN's geo
 """
 
 import json
+import math
+import signal
 import sys
 
 import jax
@@ -32,6 +41,24 @@ flags.DEFINE_integer('step', None, 'Checkpoint step (default: the best one, else
 flags.DEFINE_enum('which', 'best', ['best', 'latest'], 'Checkpoint to use when --step is unset.')
 flags.DEFINE_float('max_value', None, 'Sensor maximum (default: config.data.max_value).')
 flags.DEFINE_string('dtype', None, 'Output dtype, e.g. float32 (default: the MS dtype).')
+flags.DEFINE_bool(
+  'rescale_output',
+  False,
+  'With an integer --dtype narrower than the data (e.g. uint8 for 11-bit): map 0..max_value '
+  "onto the dtype's range instead of refusing.",
+)
+flags.DEFINE_float(
+  'nodata',
+  None,
+  "Nodata value of inputs that declare none, and of the output (default: the inputs', else 0 "
+  'for integer outputs, NaN for float ones).',
+)
+flags.DEFINE_bool(
+  'allow_off_scale',
+  False,
+  'Fuse values off the 0..max_value scale (already in [0, 1], above the maximum, negative) '
+  'instead of refusing them.',
+)
 flags.DEFINE_integer(
   'window',
   1024,
@@ -61,6 +88,12 @@ flags.register_multi_flags_validator(
 )
 
 
+def _stop(signum, frame):
+  # Raised where the main thread is: every `finally` on the way out removes the temporary.
+  name = signal.Signals(signum).name
+  raise errors.Interrupted(name, 128 + signum)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -68,6 +101,8 @@ def main(argv):
     from u2net_jax.infer import archive  # dask is imported only for archive runs.
 
     sys.exit(archive.run_from_flags(FLAGS))
+  for signum in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(signum, _stop)
   logging.info('JAX devices: %s', jax.devices())
   try:
     result = scene.fuse_files(
@@ -86,10 +121,23 @@ def main(argv):
       pan_key=FLAGS.pan_key,
       ms_key=FLAGS.ms_key,
       progress=FLAGS.progress,
+      nodata=FLAGS.nodata,
+      allow_off_scale=FLAGS.allow_off_scale,
+      rescale_output=FLAGS.rescale_output,
     )
   except (*errors.user_errors(), FileNotFoundError) as e:
     # What a user can fix (inputs, the output path, the workdir): one line, no traceback.
     sys.exit(f'error: {e} (nothing written)')
+  except KeyboardInterrupt as e:  # SIGTERM (errors.Interrupted) or Ctrl-C.
+    name, status = (
+      (e.signal_name, e.status) if isinstance(e, errors.Interrupted) else ('SIGINT', 130)
+    )
+    print(
+      f'error: stopped by {name}; nothing written, the temporary output removed', file=sys.stderr
+    )
+    sys.exit(status)
+  if isinstance(result.get('nodata'), float) and math.isnan(result['nodata']):
+    result['nodata'] = 'nan'  # JSON has no NaN.
   print(json.dumps(result), flush=True)
 
 

@@ -46,6 +46,29 @@ class DistributedError(RunError):
   """The multi-process launch is incomplete or inconsistent (coordinator, process count, id)."""
 
 
+class OptionError(RunError, ValueError):
+  """A command-line flag (or the library argument behind it) has a value it cannot have.
+
+  The message spells the flag as the command line does (`--max_value`, `--pan_key`).
+  """
+
+
+class Interrupted(KeyboardInterrupt):
+  """SIGTERM or SIGINT asked a command to stop (raised by its signal handler).
+
+  A `KeyboardInterrupt`, so that no `except Exception` swallows it and every `finally` and
+  context manager on the way out runs (temporary files are removed).
+
+  Attributes:
+    signal_name: 'SIGTERM' or 'SIGINT'.
+    status: the exit status of a process that signal ended (128 + its number).
+  """
+
+  def __init__(self, signal_name: str, status: int):
+    super().__init__(signal_name)
+    self.signal_name, self.status = signal_name, status
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
   """Every error type an entry point turns into one clear line (the rest keep a traceback)."""
   # Imported here: this module must stay importable from every other one without cycles.

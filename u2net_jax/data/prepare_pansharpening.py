@@ -143,7 +143,7 @@ def _pick(path, arrays, ndim, names):
   if len(fits) != 1:
     raise DataError(
       f'{path}: cannot tell which array is the {"PAN" if ndim == 2 else "MS"} among '
-      f'{ {k: v.shape for k, v in arrays.items()} }; pass --{"pan" if ndim == 2 else "ms"}-key'
+      f'{ {k: v.shape for k, v in arrays.items()} }; pass --{"pan" if ndim == 2 else "ms"}_key'
     )
   return arrays[fits[0]]
 

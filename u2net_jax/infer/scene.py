@@ -32,10 +32,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import glob
 import math
 import os
 import platform
+import re
+import socket
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,7 +47,9 @@ from typing import Any
 
 import numpy as np
 import scipy.io
+from absl import logging
 
+from u2net_jax import errors
 from u2net_jax.data import DataError
 from u2net_jax.data import prepare_pansharpening as prep
 from u2net_jax.infer import tiling
@@ -93,7 +99,7 @@ class Raster:
   crs: Any = None
   transform: Any = None
   nodata: float | None = None
-  has_mask = False  # Whether `valid` can be False somewhere.
+  has_mask = False  # Whether `valid` can be False somewhere (a mask band or an alpha band).
 
   @property
   def descriptions(self) -> tuple[str | None, ...]:
@@ -104,8 +110,29 @@ class Raster:
     raise NotImplementedError
 
   def valid(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-    """(y1 - y0, x1 - x0) bool, False where every band is nodata (the file's mask)."""
+    """(y1 - y0, x1 - x0) bool, False where the file's mask band (or alpha) says nodata."""
     return np.ones((y1 - y0, x1 - x0), bool)
+
+  def invalid(self, values: np.ndarray, y0: int, x0: int, nodata: float | None) -> np.ndarray:
+    """The nodata pixels of `values` (read at y0, x0): any band NaN, infinite or nodata.
+
+    Args:
+      values: (h, w, bands) as `read` returned them.
+      y0, x0: where they were read (for the mask band).
+      nodata: the nodata value when the file declares none (`--nodata`), or None.
+
+    Returns:
+      (h, w) bool, True at nodata pixels.
+    """
+    bad = np.zeros(values.shape[:2], bool)
+    if values.dtype.kind in 'fc':
+      bad |= ~np.isfinite(values).all(axis=-1)
+    value = self.nodata if self.nodata is not None else nodata
+    if value is not None and not math.isnan(value):
+      bad |= (values == value).any(axis=-1)
+    if self.has_mask:
+      bad |= ~self.valid(y0, y0 + values.shape[0], x0, x0 + values.shape[1])
+    return bad
 
   def close(self) -> None:
     """Releases the file."""
@@ -130,8 +157,11 @@ class GeoTiffRaster(Raster):
     self.crs = src.crs
     self.transform = src.transform if src.crs is not None or not src.transform.is_identity else None
     self.nodata = src.nodata
+    # A nodata value is compared with the values themselves (`invalid`); a mask band or an
+    # alpha band is read beside them.
+    kinds = rasterio.enums.MaskFlags
     flags = src.mask_flag_enums[0] if src.count else ()
-    self.has_mask = rasterio.enums.MaskFlags.all_valid not in flags
+    self.has_mask = kinds.per_dataset in flags or kinds.alpha in flags
 
   @property
   def descriptions(self) -> tuple[str | None, ...]:
@@ -140,14 +170,27 @@ class GeoTiffRaster(Raster):
   def read(self, y0, y1, x0, x1):
     from rasterio.windows import Window
 
-    return self._src.read(window=Window(x0, y0, x1 - x0, y1 - y0)).transpose(1, 2, 0)
+    with self._read_errors(y0, y1, x0, x1):
+      return self._src.read(window=Window(x0, y0, x1 - x0, y1 - y0)).transpose(1, 2, 0)
 
   def valid(self, y0, y1, x0, x1):
     if not self.has_mask:
       return super().valid(y0, y1, x0, x1)
     from rasterio.windows import Window
 
-    return self._src.dataset_mask(window=Window(x0, y0, x1 - x0, y1 - y0)) > 0
+    with self._read_errors(y0, y1, x0, x1):
+      return self._src.dataset_mask(window=Window(x0, y0, x1 - x0, y1 - y0)) > 0
+
+  @contextlib.contextmanager
+  def _read_errors(self, y0, y1, x0, x1):
+    # A truncated or corrupt file opens fine and fails at the first damaged block.
+    try:
+      yield
+    except _rasterio().errors.RasterioError as e:
+      raise DataError(
+        f'{self.role} {self.path}: rows {y0}..{y1 - 1}, columns {x0}..{x1 - 1} cannot be read '
+        f'(a truncated or corrupt file?): {str(e).strip().splitlines()[0] if str(e) else e!r}'
+      ) from e
 
   def close(self):
     self._src.close()
@@ -251,13 +294,33 @@ def check_pair(pan: Raster, ms: Raster, *, scale: int, bands: int, guide_bands: 
     raise DataError(f'{pair}: the PAN has {pan.bands} bands; the model takes {guide_bands}')
 
 
-def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
+def check_output(
+  path: str | os.PathLike, overwrite: bool, inputs: dict[str, str | os.PathLike] | None = None
+) -> Path:
   """Refuses an unsupported, existing (without `overwrite`) or unwritable output path.
+
+  Args:
+    path: the output file.
+    overwrite: an existing output may be replaced.
+    inputs: role -> input file; an output that is one of them (the same file through any
+      hard or symbolic link) is refused whatever `overwrite` says.
+
+  Returns:
+    The output path.
 
   Raises:
     fileio.OutputError: naming the path.
   """
   path = Path(path)
+  for role, source in (inputs or {}).items():
+    same = False
+    with contextlib.suppress(OSError):  # An output that does not exist is no input.
+      same = os.path.samefile(path, source)
+    if same:
+      raise fileio.OutputError(
+        f'--out {path} is the {role} input {source}: an output never replaces an input '
+        '(even with --overwrite); choose another output name'
+      )
   if path.suffix.lower() not in OUTPUT_SUFFIXES:
     raise fileio.OutputError(
       f'{path}: unsupported output format {path.suffix!r} (use {", ".join(OUTPUT_SUFFIXES)})'
@@ -375,6 +438,77 @@ class MatSink(Sink):
     scipy.io.savemat(self.tmp, {'sr': self._array})
 
 
+TEMPORARY_TAG = '.fuse-'  # `.NAME.fuse-HOST-PID-RANDOM.tmpSUFFIX`: who wrote a temporary.
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # Someone else's process.
+  return True
+
+
+def clean_temporaries(path: Path) -> dict[str, list[str]]:
+  """Removes the temporaries that killed runs (SIGKILL, a crash) left beside an output.
+
+  A temporary names its host and process (`TEMPORARY_TAG`): one of a process of this host that
+  is gone is removed; one of a live process (another run writing the same output) or of another
+  host is reported, not touched.
+
+  Args:
+    path: the output file.
+
+  Returns:
+    {'removed': [...], 'left': [...]}: the temporaries' paths, each list possibly empty.
+  """
+  found = {'removed': [], 'left': []}
+  if not path.parent.is_dir():
+    return found
+  pattern = re.compile(
+    re.escape(f'.{path.name}{TEMPORARY_TAG}') + r'(?P<host>.+)-(?P<pid>\d+)-[^-.]+\.tmp'
+  )
+  for tmp in sorted(path.parent.glob(f'.{glob.escape(path.name)}{TEMPORARY_TAG}*')):
+    m = pattern.match(tmp.name)
+    if m and m['host'] == socket.gethostname() and not _pid_alive(int(m['pid'])):
+      with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+      found['removed'].append(str(tmp))
+      logging.warning('Removed %s, the temporary of a killed run (process %s).', tmp, m['pid'])
+    else:
+      found['left'].append(str(tmp))
+      logging.warning(
+        'Left %s: the temporary of a run that may still be writing %s (another process or '
+        'host); delete it if no such run is alive.',
+        tmp,
+        path,
+      )
+  return found
+
+
+@contextlib.contextmanager
+def _temporary(path: Path, suffix: str) -> Iterator[Path]:
+  """As `fileio.atomic_file`, with a temporary name that says which process writes it."""
+  prefix = f'.{path.name}{TEMPORARY_TAG}{socket.gethostname()}-{os.getpid()}-'
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=f'.tmp{suffix}')
+    os.close(fd)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private; outputs are not.
+  except OSError as e:
+    raise fileio.OutputError(f'cannot write {path}: {e}') from e
+  tmp = Path(tmp)
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def open_sink(
   path: Path, pan: Raster, ms: Raster, dtype: np.dtype, *, cog: bool = False
@@ -388,7 +522,7 @@ def open_sink(
     cog: write a Cloud-Optimized GeoTIFF (GeoTIFF outputs only).
   """
   suffix = path.suffix.lower()
-  with fileio.atomic_file(path, suffix=suffix) as tmp:
+  with _temporary(path, suffix) as tmp:
     size = (pan.height, pan.width, ms.bands, dtype)
     if suffix in TIFF_SUFFIXES:
       sink = GeoTiffSink(
@@ -416,7 +550,11 @@ def open_sink(
 
 
 def _to_output(fused: np.ndarray, max_value: float, dtype: np.dtype) -> np.ndarray:
-  """[0, 1] float32 -> the sensor scale in `dtype` (as `evaluate.py`: x max value in float32)."""
+  """[0, 1] float32 -> the sensor scale in `dtype` (as `evaluate.py`: x max value in float32).
+
+  `max_value` is the output's full scale: the sensor maximum, or the dtype's maximum when the
+  output is rescaled (`--rescale_output`).
+  """
   sr = fused * np.float32(max_value)
   if dtype.kind in 'ui':
     info = np.iinfo(dtype)
@@ -478,6 +616,129 @@ def window_tiles(window: int, tile: int, tile_batch: int) -> tuple[int, int]:
   return max(1, side * side // cols), cols
 
 
+class _Reader:
+  """One raster read for the tiling: nodata found, values checked, holes filled, scaled.
+
+  `tiling.cut_window` calls it with the region of a window plus its halo; the region's nodata
+  mask is kept for the window's output pixels (`bad`), so nothing is read twice. The network
+  never sees a NaN or a nodata value: those pixels take the value of the nearest valid pixel
+  of the region (local interpolation), so a hole spoils only the output pixels it covers, not
+  its tile; they are written as nodata afterwards.
+  """
+
+  def __init__(
+    self,
+    raster: Raster,
+    max_value: float,
+    nodata: float | None,
+    zero_is_nodata: bool,
+    check_values: bool,
+  ):
+    self.raster, self.max_value, self.nodata = raster, max_value, nodata
+    self.zero_is_nodata, self.check_values = zero_is_nodata, check_values
+    # Data already divided to [0, 1] are caught on the first region holding a positive value
+    # (a sensor-scale window whose every value is <= 1 does not occur).
+    self.scale_seen = max_value <= 1.0
+    self._region: tuple[int, int, np.ndarray] | None = None
+
+  def _mask(self, values: np.ndarray, y0: int, x0: int) -> np.ndarray:
+    bad = self.raster.invalid(values, y0, x0, self.nodata)
+    if self.zero_is_nodata:
+      bad |= ~np.any(values != 0, axis=-1)
+    return bad
+
+  def __call__(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    values = self.raster.read(y0, y1, x0, x1)
+    bad = self._mask(values, y0, x0)
+    if self.check_values:
+      self._check(values, bad, y0, y1, x0, x1)
+    x = values.astype(np.float32)
+    if bad.any():
+      x = _fill_holes(x, bad)
+    self._region = (y0, x0, bad)
+    return x / np.float32(self.max_value)  # As `pancollection.H5Source`: float32(x) / max.
+
+  def bad(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """The nodata mask of [y0:y1, x0:x1]: from the last region read when it covers it."""
+    if self._region is not None:
+      ry, rx, mask = self._region
+      if ry <= y0 and rx <= x0 and y1 <= ry + mask.shape[0] and x1 <= rx + mask.shape[1]:
+        return mask[y0 - ry : y1 - ry, x0 - rx : x1 - rx]
+    return self._mask(self.raster.read(y0, y1, x0, x1), y0, x0)
+
+  def _refuse(self, values, where, y0, y1, x0, x1, why: str) -> DataError:
+    y, x, b = (int(i) for i in np.argwhere(where)[0])
+    r = self.raster
+    return DataError(
+      f'{r.role} {r.path}: band {b + 1} holds {values[y, x, b]:g} at row {y0 + y}, column '
+      f'{x0 + x} (window rows {y0}..{y1 - 1}, columns {x0}..{x1 - 1}): {why}; pass '
+      '--allow_off_scale if this scale is intended'
+    )
+
+  def _check(self, values, bad, y0, y1, x0, x1) -> None:
+    """The checks of `value_checks.scan_values`, on this region's valid values."""
+    good = ~bad[..., None]
+    limit = self.max_value * (1 + 1e-6)
+    above = good & (values > limit)
+    if above.any():
+      raise self._refuse(
+        values, above, y0, y1, x0, x1,
+        f'above the sensor maximum {self.max_value:g} (config.data.max_value or --max_value): '
+        'data of another sensor or bit depth (2047 for 11-bit WV3/WV2/QB, 1023 for GF-2)?',
+      )  # fmt: skip
+    if values.dtype.kind not in 'u':
+      below = good & (values < 0)
+      if below.any():
+        raise self._refuse(
+          values, below, y0, y1, x0, x1,
+          'negative, but radiances on the sensor scale are >= 0 (declare the fill value with '
+          '--nodata if it marks missing pixels)',
+        )  # fmt: skip
+    if not self.scale_seen:
+      positive = good & (values > 0)
+      if positive.any():
+        self.scale_seen = True
+        if not (good & (values > 1)).any():
+          peak = np.where(good, values, 0).max()
+          raise self._refuse(
+            values, good & (values == peak), y0, y1, x0, x1,
+            f'every value of this window is within [0, 1] but the sensor maximum is '
+            f'{self.max_value:g}: the data look already divided to [0, 1] (multiply them back '
+            'by the sensor maximum, or pass --max_value=1)',
+          )  # fmt: skip
+
+
+def _fill_holes(x: np.ndarray, bad: np.ndarray) -> np.ndarray:
+  """`x` with every `bad` pixel replaced by its nearest valid pixel (zeros when none is)."""
+  if bad.all():
+    return np.zeros_like(x)
+  from scipy import ndimage
+
+  iy, ix = ndimage.distance_transform_edt(bad, return_distances=False, return_indices=True)
+  return x[iy, ix]
+
+
+def output_nodata(pan: Raster, ms: Raster, dtype: np.dtype, nodata: float | None = None) -> float:
+  """The value written at nodata pixels: `nodata`, else the MS's, else the PAN's, else 0 / NaN.
+
+  Raises:
+    errors.OptionError: the value cannot be stored in `dtype`.
+  """
+  value = next((v for v in (nodata, ms.nodata, pan.nodata) if v is not None), None)
+  if value is None:
+    return math.nan if dtype.kind == 'f' else 0
+  if dtype.kind in 'ui':
+    info = np.iinfo(dtype)
+    if not (math.isfinite(value) and value == int(value) and info.min <= value <= info.max):
+      where = 'given' if nodata is not None else 'declared by the inputs'
+      raise errors.OptionError(
+        f'the nodata value {value:g} {where} cannot be stored in a {dtype.name} output; pass '
+        f'--nodata with a value in {info.min}..{info.max} (or a float --dtype)'
+      )
+    return int(value)
+  return float(value)
+
+
 def fuse_scene(
   fuser: tiling.Fuser,
   pan: Raster,
@@ -488,8 +749,15 @@ def fuse_scene(
   window: int = 1024,
   nodata: float | None = None,
   progress: bool = True,
+  check_values: bool = True,
+  out_scale: float | None = None,
 ) -> dict[str, Any]:
   """Fuses a checked PAN/MS pair window by window into `sink`.
+
+  An output pixel is nodata when a value it depends on (its PAN pixel, the MS pixel that
+  covers it, any band) is NaN, infinite or the input's nodata value (a PAN of 0 in every band
+  counts when no input declares nodata); such pixels are filled before fusing (`_Reader`) and
+  written as the output's nodata value.
 
   Args:
     fuser: the model (`tiling.Fuser`; its tile geometry is used).
@@ -498,27 +766,32 @@ def fuse_scene(
     max_value: the sensor maximum the inputs are divided by.
     window: PAN pixels per window side, a multiple of the tile (memory grows with its square);
       the window's width is rounded to a multiple of the tile batch (`window_tiles`).
-    nodata: the value of nodata pixels; None: MS's, else PAN's nodata, else 0.
+    nodata: the inputs' nodata value where a file declares none, and the output's
+      (`output_nodata`); None: the files' own.
     progress: show a progress bar on stderr.
+    check_values: refuse values off the 0..max_value scale (as `value_checks.scan_values`).
+    out_scale: the output value of a fused 1.0 (default `max_value`; `--rescale_output` maps
+      it onto the integer dtype's maximum).
 
   Returns:
     {'tiles', 'windows', 'seconds', 'nodata_pixels', 'nodata'}.
+
+  Raises:
+    DataError: a value off the scale (file, band, window and value named) or an unreadable
+      window.
   """
   tile, pad, scale = fuser.tile, fuser.pad, fuser.scale
   if window <= 0 or window % tile:
     raise ValueError(f'window ({window}) must be a positive multiple of the tile size {tile}')
-  if nodata is None:
-    nodata = ms.nodata if ms.nodata is not None else pan.nodata
-  declared = pan.has_mask or ms.has_mask
-  fill = 0 if nodata is None else nodata
+  fill = output_nodata(pan, ms, sink.dtype, nodata)
+  declared = nodata is not None or any(r.has_mask or r.nodata is not None for r in (pan, ms))
+  readers = {
+    r.role: _Reader(r, max_value, nodata, r is pan and not declared, check_values)
+    for r in (pan, ms)
+  }
   height, width = pan.height, pan.width
   rows, cols = tiling.tile_grid(height, width, tile)
   win_rows, win_cols = window_tiles(window, tile, fuser.tile_batch)
-  mx = np.float32(max_value)
-
-  def scaled(raster):  # As `pancollection.H5Source`: float32(x) / float32(max).
-    return lambda y0, y1, x0, x1: raster.read(y0, y1, x0, x1).astype(np.float32) / mx
-
   bar = _Progress(rows * cols, progress)
   masked = windows = 0
   start = time.perf_counter()
@@ -527,38 +800,48 @@ def fuse_scene(
       for c0 in range(0, cols, win_cols):
         rr, cc = range(r0, min(r0 + win_rows, rows)), range(c0, min(c0 + win_cols, cols))
         ms_tiles = tiling.cut_window(
-          scaled(ms), ms.height, ms.width, rr, cc, tile=tile // scale, pad=pad // scale
+          readers['MS'], ms.height, ms.width, rr, cc, tile=tile // scale, pad=pad // scale
         )
-        guide_tiles = tiling.cut_window(scaled(pan), height, width, rr, cc, tile=tile, pad=pad)
+        guide_tiles = tiling.cut_window(readers['PAN'], height, width, rr, cc, tile=tile, pad=pad)
         slots = (np.asarray(rr)[:, None] * cols + np.asarray(cc)[None, :]).reshape(-1)
         out = fuser.fuse_tiles_at(ms_tiles, guide_tiles, slots)
         del ms_tiles, guide_tiles
         y0, x0 = r0 * tile, c0 * tile
         y1, x1 = min(height, rr.stop * tile), min(width, cc.stop * tile)
-        block = _assemble_window(out, len(rr), len(cc), tile, pad, max_value, sink.dtype)
+        block = _assemble_window(
+          out, len(rr), len(cc), tile, pad, out_scale or max_value, sink.dtype
+        )
         del out
         block = block[: y1 - y0, : x1 - x0]
-        valid = _valid(pan, ms, y0, y1, x0, x1, scale, declared)
-        if not valid.all():
-          masked += int((~valid).sum())
-          block[~valid] = fill
+        if y1 > y0 and x1 > x0:
+          bad = _bad_pixels(readers, y0, y1, x0, x1, scale)
+          if bad.any():
+            masked += int(bad.sum())
+            block[bad] = fill
         sink.write(y0, x0, block)
-        del block, valid
+        del block
         _release_free_heap()
         windows += 1
         bar.update(len(rr) * len(cc))
   finally:
     bar.close()
-  seconds = time.perf_counter() - start
-  if masked and nodata is None:
-    nodata = fill  # All-zero PAN pixels were masked: declare the value they hold.
   return {
     'tiles': rows * cols,
     'windows': windows,
-    'seconds': seconds,
+    'seconds': time.perf_counter() - start,
     'nodata_pixels': masked,
-    'nodata': nodata,
+    'nodata': fill,
   }
+
+
+def _bad_pixels(readers, y0, y1, x0, x1, scale) -> np.ndarray:
+  """The nodata output pixels of a window: the PAN's, and the MS's repeated onto its pixels."""
+  bad = readers['PAN'].bad(y0, y1, x0, x1).copy()
+  # MS pixel (i, j) covers PAN pixels scale*i .. scale*i + scale - 1.
+  m = readers['MS'].bad(y0 // scale, -(-y1 // scale), x0 // scale, -(-x1 // scale))
+  m = np.repeat(np.repeat(m, scale, axis=0), scale, axis=1)
+  bad |= m[y0 % scale : y0 % scale + y1 - y0, x0 % scale : x0 % scale + x1 - x0]
+  return bad
 
 
 def _assemble_window(
@@ -614,18 +897,6 @@ def _release_free_heap() -> None:
     trim(0)
 
 
-def _valid(pan, ms, y0, y1, x0, x1, scale, declared) -> np.ndarray:
-  """Valid output pixels of a window: the files' masks, or a nonzero PAN when none is declared."""
-  if not declared:
-    return np.any(pan.read(y0, y1, x0, x1) != 0, axis=-1)
-  valid = pan.valid(y0, y1, x0, x1)
-  if ms.has_mask:  # MS pixel (i, j) covers PAN pixels scale*i .. scale*i + scale - 1.
-    m = ms.valid(y0 // scale, -(-y1 // scale), x0 // scale, -(-x1 // scale))
-    m = np.repeat(np.repeat(m, scale, axis=0), scale, axis=1)
-    valid &= m[y0 % scale : y0 % scale + y1 - y0, x0 % scale : x0 % scale + x1 - x0]
-  return valid
-
-
 def _gdal_env():
   """A rasterio environment with a bounded block cache (a no-op without rasterio)."""
   try:
@@ -633,6 +904,47 @@ def _gdal_env():
   except ImportError:
     return contextlib.nullcontext()
   return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
+
+
+def check_options(
+  *,
+  max_value: float | None = None,
+  dtype: str | None = None,
+  window: int = 1024,
+  tile_batch: int | None = None,
+  nodata: float | None = None,
+) -> np.dtype | None:
+  """Refuses flag values that cannot work, before anything is read (messages name the flags).
+
+  Returns:
+    The output dtype `dtype` names (None when unset).
+
+  Raises:
+    errors.OptionError: naming the flag, its value and what it can be.
+  """
+
+  def bad(flag, value, expected):
+    return errors.OptionError(f'--{flag}={value} is not {expected}')
+
+  if max_value is not None and not (math.isfinite(max_value) and max_value > 0):
+    raise bad('max_value', max_value, 'a positive finite number (the sensor maximum, e.g. 2047)')
+  if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+    raise bad('window', window, 'a positive integer (PAN pixels per window side)')
+  if tile_batch is not None and (
+    isinstance(tile_batch, bool) or not isinstance(tile_batch, int) or tile_batch <= 0
+  ):
+    raise bad('tile_batch', tile_batch, 'a positive integer (tiles per jitted call)')
+  if nodata is not None and math.isinf(nodata):
+    raise bad('nodata', nodata, 'a finite number or nan')
+  if dtype is None:
+    return None
+  try:
+    out = np.dtype(dtype)
+  except TypeError:
+    out = None
+  if out is None or out.kind not in 'uif':
+    raise bad('dtype', dtype, 'a numeric dtype (uint8, uint16, int16, float32, ...)')
+  return out
 
 
 def fuse_files(
@@ -653,6 +965,9 @@ def fuse_files(
   ms_key: str | None = None,
   progress: bool = True,
   loaded: tuple[tiling.Fuser, int] | None = None,
+  nodata: float | None = None,
+  allow_off_scale: bool = False,
+  rescale_output: bool = False,
 ) -> dict[str, Any]:
   """Fuses a PAN/MS scene with a workdir's checkpoint into `out_path` (what `fuse.py` runs).
 
@@ -675,15 +990,26 @@ def fuse_files(
     loaded: the workdir's `Fuser` and its checkpoint step, already built (`infer.archive` keeps
       one per worker process, so weights are read and compiled once, not per scene); None
       restores them here from `step`/`which`/`tile_batch`.
+    nodata: the nodata value of inputs that declare none, and the output's (default: the
+      inputs', else 0 for integer outputs and NaN for float ones).
+    allow_off_scale: fuse values off the 0..max_value scale (already in [0, 1], above the
+      maximum, negative) instead of refusing them.
+    rescale_output: an integer `dtype` narrower than the data holds 0..max_value mapped onto
+      its full range (without it such a dtype is refused: most pixels would clip).
 
   Returns:
-    `fuse_scene`'s summary plus 'output', 'step', 'shape', 'dtype', 'megapixels_per_s'.
+    `fuse_scene`'s summary plus 'output', 'step', 'shape', 'dtype', 'megapixels_per_s' and
+    'temporaries' (`clean_temporaries`: those of killed runs removed, or left).
 
   Raises:
     FileNotFoundError: no config or checkpoint in the workdir.
     DataError: inputs that do not overlay or do not fit the model.
-    fileio.OutputError: an existing (without `overwrite`) or unwritable output.
+    fileio.OutputError: an existing (without `overwrite`) or unwritable output, or an input.
+    errors.OptionError: a flag value that cannot work (`check_options`).
   """
+  dtype = check_options(
+    max_value=max_value, dtype=dtype, window=window, tile_batch=tile_batch, nodata=nodata
+  )
   config = config_utils.load_config(workdir)
   model = config.model
   scale = int(model.get('scale', 4))
@@ -696,13 +1022,17 @@ def fuse_files(
     check_pair(
       pan, ms, scale=scale, bands=int(model.spectral_bands), guide_bands=int(model.guide_bands)
     )
-    out = check_output(out_path, overwrite)
+    out = check_output(out_path, overwrite, {'PAN': pan_path, 'MS': ms_path})
     tile = int(config.eval.tile_size)
-    if window <= 0 or window % tile:
-      raise DataError(f'--window {window} must be a positive multiple of the tile size {tile}')
-    out_dtype = np.dtype(dtype) if dtype else ms.dtype
+    if window % tile:
+      raise DataError(f'--window={window} must be a positive multiple of the tile size {tile}')
+    out_dtype = dtype or ms.dtype
     if out_dtype.kind not in 'uif':
-      raise DataError(f'--dtype {out_dtype} is not numeric')
+      raise errors.OptionError(f'the MS is {out_dtype}, not numeric; pass --dtype=float32')
+    max_value = float(config.data.max_value if max_value is None else max_value)
+    out_scale = _output_scale(out_dtype, max_value, rescale_output)
+    output_nodata(pan, ms, out_dtype, nodata)  # Refused now rather than after the fusion.
+    temporaries = clean_temporaries(out)
     if loaded is not None:
       fuser, step = loaded
     else:
@@ -715,10 +1045,18 @@ def fuse_files(
         tile_pad=int(config.eval.tile_pad),
         tile_batch=tile_batch or int(config.eval.tile_batch),
       )
-    max_value = float(config.data.max_value if max_value is None else max_value)
     with open_sink(out, pan, ms, out_dtype, cog=cog) as sink:
       result = fuse_scene(
-        fuser, pan, ms, sink, max_value=max_value, window=window, progress=progress
+        fuser,
+        pan,
+        ms,
+        sink,
+        max_value=max_value,
+        window=window,
+        nodata=nodata,
+        progress=progress,
+        check_values=not allow_off_scale,
+        out_scale=out_scale,
       )
       sink.finish(result['nodata'])
   megapixels = pan.height * pan.width / 1e6
@@ -729,4 +1067,30 @@ def fuse_files(
     shape=[pan.height, pan.width, ms.bands],
     dtype=out_dtype.name,
     megapixels_per_s=megapixels / result['seconds'],
+    temporaries=temporaries,
   )
+
+
+def _output_scale(dtype: np.dtype, max_value: float, rescale: bool) -> float:
+  """The output value of a fused 1.0: `max_value`, or the integer dtype's maximum (`rescale`).
+
+  Raises:
+    errors.OptionError: an integer dtype narrower than 0..max_value without `rescale`, or
+      `rescale` with a float dtype.
+  """
+  if dtype.kind == 'f':
+    if rescale:
+      raise errors.OptionError(
+        f'--rescale_output maps 0..{max_value:g} onto an integer --dtype; {dtype.name} is not one'
+      )
+    return max_value
+  top = int(np.iinfo(dtype).max)
+  if rescale:
+    return float(top)
+  if top < max_value:
+    raise errors.OptionError(
+      f'--dtype={dtype.name} holds at most {top} but the data reach {max_value:g} (--max_value '
+      'or config.data.max_value): most pixels would clip; use --dtype=uint16 or float32, or '
+      f'pass --rescale_output to map 0..{max_value:g} onto 0..{top}'
+    )
+  return max_value
