@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,7 +37,6 @@ class APNN(pnn.PNN):
   Attributes: those of `pnn.PNN`; `width` 64 by default (48 for the WV3 release).
   """
 
-  @nn.compact
   def __call__(self, lms: jax.Array, guide: jax.Array) -> jax.Array:
     dt = L.compute_dtype(self.dtype)
     lms = lms.astype(dt)

@@ -39,6 +39,7 @@ class PNN(nn.Module):
   width: int = 64
   dtype: str = 'float32'
 
+  @nn.compact
   def net(self, x: jax.Array) -> jax.Array:
     """The bare network on an already padded (B, H+16, W+16, C+1) input -> (B, H, W, C)."""
     c = self.spectral_bands
@@ -46,7 +47,6 @@ class PNN(nn.Module):
     x = nn.relu(L.conv(32, self.width, 5, 'conv2', padding=0, dtype=self.dtype)(x))
     return L.conv(c, 32, 5, 'conv3', padding=0, dtype=self.dtype)(x)
 
-  @nn.compact
   def __call__(self, lms: jax.Array, guide: jax.Array) -> jax.Array:
     dt = L.compute_dtype(self.dtype)
     x = jnp.concatenate([lms.astype(dt), guide.astype(dt)], axis=-1)  # PAN last (model_pnn.py:55).
