@@ -16,7 +16,7 @@ import numpy as np
 from scipy import optimize
 
 from u2net_jax import toolbox
-from u2net_jax.methods.component_substitution import check_inputs, decimate
+from u2net_jax.methods.common import check_inputs, decimate
 
 
 def _reduced_resolution(lms, pan, sensor, ratio):
@@ -76,7 +76,7 @@ def bdsd(lms, pan, ms_lr=None, *, sensor, ratio=4, block_size=None):
   Returns:
     (H, W, C) float64.
   """
-  lms, pan, _, ratio = check_inputs(lms, pan, ms_lr, ratio, sensor=sensor, need_ms_lr=False)
+  lms, pan, _, _, ratio = check_inputs(lms, pan, ms_lr, ratio, sensor=sensor, need_ms_lr=False)
   h, w, c = lms.shape
   s = _check_block_size(h if block_size is None else block_size, (h, w), ratio, c)
   ms_orig, ms_lp, pan_lp_d = _reduced_resolution(lms, pan, sensor, ratio)
@@ -120,7 +120,7 @@ def bdsd_pc(lms, pan, ms_lr=None, *, sensor, ratio=4):
   Returns:
     (H, W, C) float64.
   """
-  lms, pan, _, ratio = check_inputs(lms, pan, ms_lr, ratio, sensor=sensor, need_ms_lr=False)
+  lms, pan, _, _, ratio = check_inputs(lms, pan, ms_lr, ratio, sensor=sensor, need_ms_lr=False)
   h, w, c = lms.shape
   gt, ms_lr_f, pan_lr = _reduced_resolution(lms, pan, sensor, ratio)
   design = np.concatenate([pan_lr.reshape(-1, 1), ms_lr_f.reshape(-1, c)], axis=1)

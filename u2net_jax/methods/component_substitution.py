@@ -25,64 +25,10 @@ from scipy import linalg
 from scipy.cluster import vq
 
 from u2net_jax import toolbox
-
-# MATLAB's eps, added to the divisors by BT-H (BroveyRegHazeMin.m:69).
-_EPS = toolbox.MATLAB_EPS
-
+from u2net_jax.methods.common import EPS, check_inputs, decimate, equalize_pan, haze_minimum, std2
 
 # ---------------------------------------------------------------------------------------------
-# Shared helpers (also used by `u2net_jax.methods.bdsd`).
-
-
-def check_inputs(lms, pan, ms_lr, ratio, sensor=None, need_ms_lr=True):
-  """Validates and converts the three inputs of a method.
-
-  Args:
-    lms: (H, W, C) MS interpolated to the PAN grid.
-    pan: (H, W) or (H, W, 1) PAN.
-    ms_lr: (H/ratio, W/ratio, C) MS, or None when the method does not read it.
-    ratio: the resolution ratio (a power of two).
-    sensor: a sensor name; when given, its band count must equal C (the MTF gains are per band).
-    need_ms_lr: whether `ms_lr` must be given.
-
-  Returns:
-    (lms, pan (H, W), ms_lr or None, ratio as int), float64.
-  """
-  ratio = toolbox.check_ratio(ratio)
-  lms = toolbox.as_image(lms, 'lms')
-  pan = toolbox.as_image(pan, 'pan')
-  if pan.shape[2] != 1:
-    raise ValueError(f'pan: expected an H x W (or H x W x 1) image, got shape {pan.shape}')
-  pan = pan[:, :, 0]
-  if pan.shape != lms.shape[:2]:
-    raise ValueError(f'pan: shape {pan.shape} differs from the grid of lms {lms.shape[:2]}')
-  h, w, c = lms.shape
-  if h % ratio or w % ratio:
-    raise ValueError(f'lms: height and width must be multiples of ratio={ratio}, got {h} x {w}')
-  if ms_lr is not None:
-    ms_lr = toolbox.as_image(ms_lr, 'ms_lr')
-    if ms_lr.shape != (h // ratio, w // ratio, c):
-      raise ValueError(
-        f'ms_lr: expected shape {(h // ratio, w // ratio, c)} (lms / ratio), got {ms_lr.shape}'
-      )
-  elif need_ms_lr:
-    raise ValueError('ms_lr: this method needs the MS at its own resolution, got None')
-  if sensor is not None:
-    s = toolbox.get_sensor(sensor)
-    if s['task'] != 'pansharpening':
-      raise ValueError(f'sensor: {sensor!r} is not a pansharpening sensor')
-    if s['bands'] != c:
-      raise ValueError(f'sensor: {s["name"]} has {s["bands"]} bands, the images have {c}')
-  return lms, pan, ms_lr, ratio
-
-
-def decimate(image, ratio):
-  """MATLAB ``imresize(x, 1/ratio, 'nearest')`` of an image whose sides are multiples of ratio.
-
-  The nearest sample to the output position u = ratio x + (1 - ratio) / 2 (1-based) is the
-  0-based ratio // 2 + ratio k: ``x[2::4, 2::4]`` for ratio 4 (as BDSD.m's ``3:ratio:end``).
-  """
-  return image[ratio // 2 :: ratio, ratio // 2 :: ratio]
+# Helpers of this family (the ones shared with the others are in `u2net_jax.methods.common`).
 
 
 def _lstsq(a, b):
@@ -90,11 +36,6 @@ def _lstsq(a, b):
   backslash and ``regress`` compute it (and faster than numpy's SVD-based ``lstsq``)."""
   q, r = np.linalg.qr(a)
   return linalg.solve_triangular(r, q.T @ b)
-
-
-def _std2(x):
-  """MATLAB ``std2`` / ``std(x(:))``: N - 1."""
-  return np.std(x, ddof=1)
 
 
 def _cov_ratios(x, y):
@@ -156,20 +97,8 @@ def exp(lms, pan, ms_lr, *, sensor=None, ratio=4):
   Returns:
     (H, W, C) float64.
   """
-  _, _, ms_lr, ratio = check_inputs(lms, pan, ms_lr, ratio)
+  _, _, ms_lr, _, ratio = check_inputs(lms, pan, ms_lr, ratio)
   return toolbox.interp23tap(ms_lr, ratio)
-
-
-def _haze_bt_h(lms):
-  """The per-band haze of ``BroveyRegHazeMin.m``:35-52.
-
-  Four bands: 0.95, 0.45, 0.40, 0.05 times the 1st percentile of each (B, G, R, NIR; MATLAB
-  ``prctile`` = numpy's 'hazen' definition); otherwise each band's minimum.
-  """
-  if lms.shape[2] == 4:
-    prc = np.percentile(lms.reshape(-1, 4), 1, axis=0, method='hazen')
-    return np.array([0.95, 0.45, 0.40, 0.05]) * prc
-  return lms.min(axis=(0, 1))
 
 
 def bt_h(lms, pan, ms_lr=None, *, sensor=None, ratio=4):
@@ -185,16 +114,17 @@ def bt_h(lms, pan, ms_lr=None, *, sensor=None, ratio=4):
   Returns:
     (H, W, C) float64.
   """
-  lms, pan, _, ratio = check_inputs(lms, pan, ms_lr, ratio, need_ms_lr=False)
+  lms, pan, _, _, ratio = check_inputs(lms, pan, ms_lr, ratio, need_ms_lr=False)
   h, w, c = lms.shape
-  haze = _haze_bt_h(lms)
+  haze = haze_minimum(lms)  # BroveyRegHazeMin.m:35-52
   pan_lp = toolbox.lp_filter_gauss(pan, ratio)  # BroveyRegHazeMin.m:59
   # Regression without a constant of the low-passed PAN on I_MS itself, not I_MS - haze (:61).
   alpha = _lstsq(lms.reshape(-1, c), pan_lp.reshape(-1))
   intensity = (lms - haze) @ alpha  # :65
-  pan_eq = (pan - pan_lp.mean()) * (_std2(intensity) / _std2(pan_lp)) + intensity.mean()  # :67
+  # The PAN matched to the intensity's mean and std (:67).
+  pan_eq = equalize_pan(pan, pan_lp.mean(), std2(pan_lp), intensity.mean(), std2(intensity))
   ms_dehazed = np.maximum(lms - haze, 0)  # :69-70
-  return ms_dehazed * (pan_eq / (intensity + _EPS))[:, :, None] + haze  # :72
+  return ms_dehazed * (pan_eq / (intensity + EPS))[:, :, None] + haze  # :72
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,11 +154,11 @@ def gs(lms, pan, ms_lr=None, *, sensor=None, ratio=4):
   Returns:
     (H, W, C) float64.
   """
-  lms, pan, _, _ = check_inputs(lms, pan, ms_lr, ratio, need_ms_lr=False)
+  lms, pan, _, _, _ = check_inputs(lms, pan, ms_lr, ratio, need_ms_lr=False)
   intensity = lms.mean(axis=2)  # GS.m:43
   i0 = intensity - intensity.mean()  # :46
   # PAN matched to the zero-mean intensity's mean and std (:48).
-  pan0 = (pan - pan.mean()) * (_std2(i0) / _std2(pan)) + i0.mean()
+  pan0 = equalize_pan(pan, pan.mean(), std2(pan), i0.mean(), std2(i0))
   return _gs_fusion(lms, pan0, i0)
 
 
@@ -296,7 +226,7 @@ def gsa(lms, pan, ms_lr, *, sensor=None, ratio=4):
   Returns:
     (H, W, C) float64.
   """
-  lms, pan, ms_lr, ratio = check_inputs(lms, pan, ms_lr, ratio)
+  lms, pan, ms_lr, _, ratio = check_inputs(lms, pan, ms_lr, ratio)
   ms0 = lms - lms.mean(axis=(0, 1))  # GSA.m:46
   ms_lr0 = ms_lr - ms_lr.mean(axis=(0, 1))  # :50
   pan_lp = lp_filter_plus_dec(pan - pan.mean(), ratio)  # :54-55
@@ -323,7 +253,7 @@ def gen_lp_image_gsa(lms, pan, ms_lr, ratio=4):
   Returns:
     (H, W) float64.
   """
-  lms, pan, ms_lr, ratio = check_inputs(lms, pan, ms_lr, ratio)
+  lms, pan, ms_lr, _, ratio = check_inputs(lms, pan, ms_lr, ratio)
   pan_lp = decimate(toolbox.lp_filter_gauss(pan, ratio), ratio)  # gen_LP_image.m:33-35
   c = ms_lr.shape[2]
   design = np.concatenate([ms_lr.reshape(-1, c), np.ones((pan_lp.size, 1))], axis=1)
@@ -405,7 +335,7 @@ def c_gsa(lms, pan, ms_lr, *, sensor=None, ratio=4, segmentation=None, seed=0, n
   Returns:
     (H, W, C) float64. A segment of one pixel gives NaN gains there (0/0), as in MATLAB.
   """
-  lms, pan, ms_lr, ratio = check_inputs(lms, pan, ms_lr, ratio)
+  lms, pan, ms_lr, _, ratio = check_inputs(lms, pan, ms_lr, ratio)
   if segmentation is None:
     segmentation = kmeans_segmentation(lms, n_segments, seed)
   segmentation = np.asarray(segmentation)
@@ -437,13 +367,13 @@ def pracs(lms, pan, ms_lr=None, *, sensor=None, ratio=4, beta=0.95):
   Returns:
     (H, W, C) float64.
   """
-  lms, pan, _, ratio = check_inputs(lms, pan, ms_lr, ratio, need_ms_lr=False)
+  lms, pan, _, _, ratio = check_inputs(lms, pan, ms_lr, ratio, need_ms_lr=False)
   h, w, c = lms.shape
   ms = lms.reshape(-1, c)
   pan_flat = pan.reshape(-1)
   # Histogram matching of each band to PAN, clipped at 0 (PRACS.m:39-45).
-  mp, sp = pan.mean(), _std2(pan)
-  mb, sb = ms.mean(axis=0), np.std(ms, axis=0, ddof=1)
+  mp, sp = pan.mean(), std2(pan)
+  mb, sb = ms.mean(axis=0), std2(ms, axis=0)
   hm = np.maximum((ms - mb + mp / sp * sb) * sp / sb, 0)
   pan_l = _imresize_down_up(pan, ratio).reshape(-1)  # :47-48
   design = np.concatenate([np.ones((h * w, 1)), hm], axis=1)  # :51-55

@@ -33,72 +33,16 @@ import math
 import numpy as np
 
 from u2net_jax import toolbox
-
-EPS = toolbox.MATLAB_EPS
-
-# `MTF_GLP_HPM_Haze_min.m` (and `BroveyRegHazeMin.m`) for 4 bands (B, G, R, NIR): the haze of
-# each band is this fraction of its 1st percentile.
-HAZE_FRACTIONS_4 = (0.95, 0.45, 0.40, 0.05)
-HAZE_PERCENTILE = 1
-
+from u2net_jax.methods.common import EPS, check_inputs, decimate, equalize_pan, haze_minimum, std2
 
 # ---------------------------------------------------------------------------------------------
-# Input checks.
-
-
-def check_inputs(lms, pan, ms_lr, sensor, ratio):
-  """Checks the demo's arguments and returns them as float64 arrays with the sensor entry.
-
-  Args:
-    lms: (H, W, C) MS interpolated to the PAN grid (`I_MS`).
-    pan: (H, W) or (H, W, 1) PAN (`I_PAN`).
-    ms_lr: (H/ratio, W/ratio, C) MS (`I_MS_LR`); None when the method does not read it.
-    sensor: a sensor name of `toolbox.SENSORS` (pansharpening sensors only).
-    ratio: the resolution ratio, a power of two.
-
-  Returns:
-    (lms, pan (H, W), ms_lr or None, sensor entry, ratio).
-  """
-  entry = toolbox.get_sensor(sensor)
-  if entry['task'] != 'pansharpening' or entry['ms_gnyq'] is None:
-    raise ValueError(f'sensor: {sensor!r} has no MTF gains (expected a pansharpening sensor)')
-  ratio = toolbox.check_ratio(ratio)
-  lms = toolbox.as_image(lms, 'lms')
-  pan = toolbox.as_image(pan, 'pan')
-  if pan.shape[2] != 1:
-    raise ValueError(f'pan: expected (H, W) or (H, W, 1), got shape {pan.shape}')
-  pan = pan[:, :, 0]
-  if lms.shape[:2] != pan.shape:
-    raise ValueError(f'lms: expected the PAN grid {pan.shape}, got shape {lms.shape}')
-  if lms.shape[2] != entry['bands']:
-    raise ValueError(
-      f'lms: sensor {entry["name"]} has {entry["bands"]} bands (its MTF gains), got {lms.shape[2]}'
-    )
-  if pan.shape[0] % ratio or pan.shape[1] % ratio:
-    raise ValueError(f'pan: height and width must be multiples of ratio {ratio}, got {pan.shape}')
-  if ms_lr is not None:
-    ms_lr = toolbox.as_image(ms_lr, 'ms_lr')
-    expected = (pan.shape[0] // ratio, pan.shape[1] // ratio, lms.shape[2])
-    if ms_lr.shape != expected:
-      raise ValueError(f'ms_lr: expected shape {expected}, got {ms_lr.shape}')
-  return lms, pan, ms_lr, entry, ratio
-
-
-def _std2(x: np.ndarray, axis=None) -> np.ndarray:
-  # MATLAB's std2 / std: normalised by N - 1.
-  return np.std(x, axis=axis, ddof=1)
+# Helpers of this family (the ones shared with the others are in `u2net_jax.methods.common`).
 
 
 def _cov(x: np.ndarray, y: np.ndarray) -> float:
   # MATLAB's cov(x, y)(1, 2): the cross-covariance, normalised by N - 1.
   x, y = x.ravel(), y.ravel()
   return float(np.dot(x - x.mean(), y - y.mean()) / (x.size - 1))
-
-
-def decimate(x: np.ndarray, ratio: int) -> np.ndarray:
-  """`imresize(x, 1/ratio, 'nearest')` for sizes that are multiples of `ratio`: x[r/2::r]."""
-  o = ratio // 2
-  return x[o::ratio, o::ratio]
 
 
 def glp_low_pass(images: np.ndarray, gains, ratio: int) -> np.ndarray:
@@ -120,9 +64,8 @@ def glp_low_pass(images: np.ndarray, gains, ratio: int) -> np.ndarray:
 
 def _equalized_pan(pan: np.ndarray, lms: np.ndarray, ratio: int) -> np.ndarray:
   """(P - mean P) std(MS_b) / std(LPfilterGauss(P)) + mean(MS_b) per band (`MTF_GLP.m` l. 51-53)."""
-  std_lp = _std2(toolbox.lp_filter_gauss(pan, ratio))
-  scale = _std2(lms, axis=(0, 1)) / std_lp
-  return (pan[:, :, None] - pan.mean()) * scale + lms.mean(axis=(0, 1))
+  std_lp = std2(toolbox.lp_filter_gauss(pan, ratio))
+  return equalize_pan(pan[:, :, None], pan.mean(), std_lp, lms.mean(axis=(0, 1)), std2(lms, (0, 1)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +88,7 @@ def mtf_glp(lms, pan, ms_lr=None, *, sensor, ratio=4):
   Returns:
     (H, W, C) float64.
   """
-  lms, pan, _, entry, ratio = check_inputs(lms, pan, None, sensor, ratio)
+  lms, pan, _, entry, ratio = check_inputs(lms, pan, None, ratio, sensor, need_ms_lr=False)
   pan_eq = _equalized_pan(pan, lms, ratio)
   return lms + pan_eq - glp_low_pass(pan_eq, entry['ms_gnyq'], ratio)
 
@@ -166,7 +109,7 @@ def mtf_glp_hpm(lms, pan, ms_lr=None, *, sensor, ratio=4):
   Returns:
     (H, W, C) float64.
   """
-  lms, pan, _, entry, ratio = check_inputs(lms, pan, None, sensor, ratio)
+  lms, pan, _, entry, ratio = check_inputs(lms, pan, None, ratio, sensor, need_ms_lr=False)
   pan_eq = _equalized_pan(pan, lms, ratio)
   return lms * (pan_eq / (glp_low_pass(pan_eq, entry['ms_gnyq'], ratio) + EPS))
 
@@ -187,7 +130,7 @@ def mtf_glp_fs(lms, pan, ms_lr=None, *, sensor, ratio=4):
   Returns:
     (H, W, C) float64.
   """
-  lms, pan, _, entry, ratio = check_inputs(lms, pan, None, sensor, ratio)
+  lms, pan, _, entry, ratio = check_inputs(lms, pan, None, ratio, sensor, need_ms_lr=False)
   c = lms.shape[2]
   pan_lp = glp_low_pass(np.repeat(pan[:, :, None], c, axis=2), entry['ms_gnyq'], ratio)
   out = np.empty_like(lms)
@@ -213,7 +156,7 @@ def mtf_glp_hpm_r(lms, pan, ms_lr=None, *, sensor, ratio=4):
   Returns:
     (H, W, C) float64.
   """
-  lms, pan, _, entry, ratio = check_inputs(lms, pan, None, sensor, ratio)
+  lms, pan, _, entry, ratio = check_inputs(lms, pan, None, ratio, sensor, need_ms_lr=False)
   c = lms.shape[2]
   pan_lp = glp_low_pass(np.repeat(pan[:, :, None], c, axis=2), entry['ms_gnyq'], ratio)
   out = np.empty_like(lms)
@@ -223,25 +166,6 @@ def mtf_glp_hpm_r(lms, pan, ms_lr=None, *, sensor, ratio=4):
     cb = ms_b.mean() / g - pan.mean()
     out[:, :, b] = ms_b * (pan + cb) / (lp_b + cb + EPS)
   return out
-
-
-def haze_minimum(lms: np.ndarray) -> np.ndarray:
-  """The per-band haze of `MTF_GLP_HPM_Haze_min.m` l. 48-65 (and `BroveyRegHazeMin.m`).
-
-  4 bands (B, G, R, NIR): 0.95, 0.45, 0.40, 0.05 times each band's 1st percentile (MATLAB's
-  `prctile`, numpy's 'hazen' method); any other band count: each band's minimum.
-
-  Args:
-    lms: (H, W, C) MS on the PAN grid.
-
-  Returns:
-    (C,) float64.
-  """
-  flat = lms.reshape(-1, lms.shape[2])
-  if lms.shape[2] == 4:
-    prc = np.percentile(flat, HAZE_PERCENTILE, axis=0, method='hazen')
-    return np.asarray(HAZE_FRACTIONS_4) * prc
-  return flat.min(axis=0)
 
 
 def mtf_glp_hpm_h(lms, pan, ms_lr=None, *, sensor, ratio=4, decimation=True):
@@ -263,7 +187,7 @@ def mtf_glp_hpm_h(lms, pan, ms_lr=None, *, sensor, ratio=4, decimation=True):
   Returns:
     (H, W, C) float64.
   """
-  lms, pan, _, entry, ratio = check_inputs(lms, pan, None, sensor, ratio)
+  lms, pan, _, entry, ratio = check_inputs(lms, pan, None, ratio, sensor, need_ms_lr=False)
   h, w, c = lms.shape
   haze = haze_minimum(lms)
   pan_lr = toolbox.lp_filter_gauss(pan, ratio)
@@ -339,19 +263,13 @@ def awlp(lms, pan, ms_lr=None, *, sensor=None, ratio=4):
   Returns:
     (H, W, C) float64.
   """
-  if sensor is None:
-    ratio = toolbox.check_ratio(ratio)
-    lms, pan = toolbox.as_image(lms, 'lms'), toolbox.as_image(pan, 'pan')
-    if pan.shape[2] != 1 or lms.shape[:2] != pan.shape[:2]:
-      raise ValueError(f'pan: expected (H, W) on the grid of lms {lms.shape}, got {pan.shape}')
-    pan = pan[:, :, 0]
-  else:
-    lms, pan, _, _, ratio = check_inputs(lms, pan, None, sensor, ratio)
+  lms, pan, _, _, ratio = check_inputs(lms, pan, None, ratio, sensor, need_ms_lr=False)
   bands = lms.shape[2]
   intensity_ratio = lms / (lms.sum(axis=2, keepdims=True) / bands + EPS)
   pan_lr = toolbox.imresize(toolbox.imresize(pan, 1 / ratio), ratio)
-  scale = _std2(lms, axis=(0, 1)) / _std2(pan_lr)
-  pans = (pan[:, :, None] - pan.mean()) * scale + lms.mean(axis=(0, 1))
+  pans = equalize_pan(
+    pan[:, :, None], pan.mean(), std2(pan_lr), lms.mean(axis=(0, 1)), std2(lms, (0, 1))
+  )
   details = pans - awlp_low_pass(pans, math.ceil(math.log2(ratio)))
   return details * intensity_ratio + lms
 

@@ -23,7 +23,7 @@ import numpy as np
 from scipy import sparse
 
 from u2net_jax import toolbox
-from u2net_jax.methods import multiresolution as _mra
+from u2net_jax.methods.common import check_inputs, decimate, std2
 
 # ---------------------------------------------------------------------------------------------
 # TV (`TV_pansharpen.m`, Palsson et al. 2014).
@@ -135,7 +135,7 @@ def tv(
   Returns:
     (H, W, C) float64.
   """
-  lms, pan, ms_lr, entry, ratio = _mra.check_inputs(lms, pan, ms_lr, sensor, ratio)
+  lms, pan, ms_lr, entry, ratio = check_inputs(lms, pan, ms_lr, ratio, sensor)
   if ratio != 4:
     raise ValueError(f'ratio: TV_pansharpen.m resizes by 0.25 and 4 only, got {ratio}')
   given = {'w': w, 'c': c, 'alpha': alpha, 'maxiter': maxiter, 'lambda': lam}
@@ -156,8 +156,8 @@ def tv(
   a, lam_, cc = float(p['alpha']), float(p['lambda']), float(p['c'])
   offset = bands if fix_pairing else 4
   h, wd = pan.shape
-  decimate = _Resizer((h, wd), 0.25, 'bilinear')
-  interpolate = _Resizer((h // 4, wd // 4), 4, 'bilinear')
+  shrink = _Resizer((h, wd), 0.25, 'bilinear')
+  enlarge = _Resizer((h // 4, wd // 4), 4, 'bilinear')
   x = np.zeros((h, wd, bands))
   z = np.zeros((h, wd, 2 * bands))
   for _ in range(maxiter):
@@ -166,7 +166,7 @@ def tv(
     for i in range(bands):
       hx_pan = hx_pan + weights[i] * x[:, :, i]
     r_pan = pan - hx_pan
-    b = a * x + (interpolate(ms_lr - decimate(x)) + weights * r_pan[:, :, None])
+    b = a * x + (enlarge(ms_lr - shrink(x)) + weights * r_pan[:, :, None])
     # znext: W from the previous x; z1 = (D b + cIDDTz(z0)) ./ W.
     grad = 2 * a / lam_ * np.sqrt(_dx(x) ** 2 + _dy(x) ** 2) + cc
     weight = np.concatenate([grad, grad], axis=2)
@@ -258,7 +258,7 @@ def sr_d(lms, pan, ms_lr=None, *, sensor, ratio=4, ts=7, ol=4, n_atoms=10):
   Returns:
     (H, W, C) float64.
   """
-  lms, pan, ms_lr, entry, ratio = _mra.check_inputs(lms, pan, ms_lr, sensor, ratio)
+  lms, pan, ms_lr, entry, ratio = check_inputs(lms, pan, ms_lr, ratio, sensor, need_ms_lr=False)
   if not (isinstance(ts, int) and isinstance(ol, int) and 0 <= ol < ts):
     raise ValueError(f'ts, ol: expected integers with 0 <= ol < ts, got ts={ts}, ol={ol}')
   h, w, bands = lms.shape
@@ -267,12 +267,12 @@ def sr_d(lms, pan, ms_lr=None, *, sensor, ratio=4, ts=7, ol=4, n_atoms=10):
     raise ValueError(f'lms: SR-D needs an MS grid of at least ts={ts} pixels a side, got {hl}x{wl}')
   gains = entry['ms_gnyq']
   # CS.m l. 57-60: (P - mean2(P)) / std2(P) * std2(MS_b) + mean2(MS_b).
-  pans = (pan[:, :, None] - pan.mean()) / np.std(pan, ddof=1) * np.std(lms, axis=(0, 1), ddof=1)
+  pans = (pan[:, :, None] - pan.mean()) / std2(pan) * std2(lms, (0, 1))
   pans = pans + lms.mean(axis=(0, 1))
-  ms_details = _mra.decimate(lms - toolbox.mtf_filter(lms, gains, ratio), ratio)
-  pan_lp = toolbox.imresize(_mra.decimate(toolbox.mtf_filter(pans, gains, ratio), ratio), ratio)
+  ms_details = decimate(lms - toolbox.mtf_filter(lms, gains, ratio), ratio)
+  pan_lp = toolbox.imresize(decimate(toolbox.mtf_filter(pans, gains, ratio), ratio), ratio)
   pan_details = pans - pan_lp
-  pan_details_lr = _mra.decimate(toolbox.mtf_filter(pan_details, gains, ratio), ratio)
+  pan_details_lr = decimate(toolbox.mtf_filter(pan_details, gains, ratio), ratio)
 
   rows, cols = _tiles(hl, ts, ol), _tiles(wl, ts, ol)
   big = ts * ratio
