@@ -288,3 +288,52 @@ def test_cli_sigterm_removes_the_temporary_and_a_sigkill_one_is_cleaned_later(
   result = json.loads(done.stdout.strip().splitlines()[-1])
   assert result['temporaries'] == {'removed': [str(left)], 'left': []}  # ... the next run does.
   assert [p.name for p in out.parent.iterdir()] == ['fused.tif']
+
+
+# ---------------------------------------------------------------------------------------------
+# The workdir lock: of processes taking over a stale lock at the same instant, exactly one wins.
+
+RACERS, ROUNDS = 8, 40
+
+
+def _racer(folder, barrier, results):
+  from u2net_jax.run import workdir
+
+  for _ in range(ROUNDS):
+    barrier.wait()  # The stale lock is in place: all start at once.
+    lock = workdir.WorkdirLock(folder)
+    try:
+      lock.acquire()
+      lock._stop.set()  # Holds it (no release) until the next round's stale lock replaces it.
+      results.put(True)
+    except errors.WorkdirError:
+      results.put(False)
+    barrier.wait()
+
+
+@pytest.mark.filterwarnings('ignore::RuntimeWarning')  # JAX's fork warning: racers use no JAX.
+def test_racing_takeovers_of_a_stale_lock_admit_exactly_one(tmp_path):
+  import multiprocessing
+
+  from u2net_jax.run import workdir
+
+  ctx = multiprocessing.get_context('fork')
+  barrier, results = ctx.Barrier(RACERS + 1), ctx.Queue()
+  racers = [ctx.Process(target=_racer, args=(tmp_path, barrier, results)) for _ in range(RACERS)]
+  for p in racers:
+    p.start()
+  stale = json.dumps({'host': socket.gethostname(), 'pid': _dead_pid(), 'started': 0})
+  winners = []
+  try:
+    for _ in range(ROUNDS):
+      (tmp_path / workdir.LOCK_NAME).write_text(stale)
+      barrier.wait(timeout=60)
+      barrier.wait(timeout=60)
+      winners.append(sum(results.get(timeout=60) for _ in range(RACERS)))
+  finally:
+    for p in racers:
+      p.join(timeout=10)
+      if p.is_alive():
+        p.kill()
+  assert winners == [1] * ROUNDS
+  assert sorted(p.name for p in tmp_path.iterdir()) == [workdir.LOCK_NAME]

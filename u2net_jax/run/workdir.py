@@ -8,6 +8,10 @@
   per-host local disks, which would otherwise hang at the first checkpoint. A second run on a
   locked workdir stops at once naming the holder; a lock left by a crash is taken over when its
   process is gone (same host) or its refreshes stopped `STALE_AFTER_S` ago (another host).
+  The lock appears whole (written beside it, then hard-linked to its name: exclusive), and a
+  takeover happens under an exclusive `flock` of the workdir folder, re-reading the lock there
+  and removing it only when it is still the stale one judged: of processes taking over one
+  stale lock at the same instant, exactly one acquires it.
 - `check_config(workdir, config)`: on resume, the stored `config.json` and the new config must
   agree on everything that defines the run (model, data, seed, optimizer, batch); the schedule
   (`train.num_epochs`, evaluation / checkpoint / log intervals), the evaluation settings and the
@@ -18,6 +22,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -76,7 +81,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 class WorkdirLock:
-  """`workdir/.lock`, created exclusively; its content names the holder (host, pid)."""
+  """`workdir/.lock`, created exclusively and whole; its content names the holder (host, pid)."""
 
   def __init__(self, workdir: str | Path):
     self.path = Path(workdir) / LOCK_NAME
@@ -84,11 +89,17 @@ class WorkdirLock:
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
 
-  def _read(self) -> dict | None:
+  def _read_bytes(self) -> bytes | None:
     try:
-      data = json.loads(self.path.read_text())
+      return self.path.read_bytes()
+    except OSError:
+      return None
+
+  def _read(self, raw: bytes | None = None) -> dict | None:
+    try:
+      data = json.loads(self._read_bytes() if raw is None else raw)
       return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
+    except (TypeError, ValueError):
       return None
 
   def _stale_reason(self, holder: dict | None) -> str | None:
@@ -108,32 +119,68 @@ class WorkdirLock:
       return f'host {holder.get("host")} stopped refreshing it {age:.0f} s ago'
     return None
 
+  def _create(self) -> bool:
+    """Creates the lock with its content in one step; False when a lock exists."""
+    # Written under a private name, then linked: the lock never exists empty or half-written,
+    # and `link` fails when the name exists (exclusive, also on NFS).
+    tmp = self.path.with_name(f'{LOCK_NAME}.new-{self.holder["host"]}-{os.getpid()}')
+    try:
+      tmp.write_text(json.dumps(self.holder))
+      os.link(tmp, self.path)
+      return True
+    except FileExistsError:
+      return False
+    except OSError as e:
+      raise errors.WorkdirError(f'cannot create the lock {self.path}: {e}') from e
+    finally:
+      tmp.unlink(missing_ok=True)
+
+  @contextlib.contextmanager
+  def _takeover_guard(self) -> Iterator[None]:
+    """An exclusive `flock` of the workdir folder while a stale lock is replaced."""
+    try:
+      fd = os.open(self.path.parent, os.O_RDONLY)
+    except OSError:
+      yield
+      return
+    try:
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+      except OSError as e:  # A filesystem without locks: the re-check below still narrows it.
+        logging.warning('Cannot flock %s (%s): a simultaneous takeover may race.', fd, e)
+      yield
+    finally:
+      os.close(fd)  # Releases the flock.
+
+  def _take_over(self, judged: bytes | None) -> None:
+    """Removes the lock if it still holds `judged`, the content found stale (under the guard)."""
+    with self._takeover_guard():
+      raw = self._read_bytes()
+      if raw is None or raw != judged:
+        return  # Gone, or another process took it over meanwhile: judge again.
+      reason = self._stale_reason(self._read(raw))
+      if reason is None:
+        return
+      logging.warning('Taking over the lock %s: %s.', self.path, reason)
+      self.path.unlink(missing_ok=True)
+
   def acquire(self) -> None:
     """Takes the lock or raises `errors.WorkdirError` naming the holder."""
-    for _ in range(3):
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
-        holder = self._read()
-        reason = self._stale_reason(holder)
-        if reason is None:
-          who = (
-            f'process {holder.get("pid")} on host {holder.get("host")}' if holder else 'a process'
-          )
-          raise errors.WorkdirError(
-            f'workdir {self.path.parent} is in use by {who} (lock {self.path}); wait for it to '
-            'finish or choose another --workdir. If that run is dead, delete the lock file.'
-          ) from None
-        logging.warning('Taking over the lock %s: %s.', self.path, reason)
-        self.path.unlink(missing_ok=True)
-        continue
-      except OSError as e:
-        raise errors.WorkdirError(f'cannot create the lock {self.path}: {e}') from e
-      with os.fdopen(fd, 'w') as f:
-        json.dump(self.holder, f)
-      self._thread = threading.Thread(target=self._refresh, name='workdir-lock', daemon=True)
-      self._thread.start()
-      return
+    for _ in range(5):
+      if self._create():
+        self._thread = threading.Thread(target=self._refresh, name='workdir-lock', daemon=True)
+        self._thread.start()
+        return
+      raw = self._read_bytes()
+      holder = self._read(raw) if raw is not None else None
+      if raw is not None and self._stale_reason(holder) is None:
+        who = f'process {holder.get("pid")} on host {holder.get("host")}' if holder else 'a process'
+        raise errors.WorkdirError(
+          f'workdir {self.path.parent} is in use by {who} (lock {self.path}); wait for it to '
+          'finish or choose another --workdir. If that run is dead, delete the lock file.'
+        )
+      if raw is not None:
+        self._take_over(raw)
     raise errors.WorkdirError(f'could not take the lock {self.path} (contended)')
 
   def _refresh(self) -> None:
