@@ -350,7 +350,7 @@ def figure(
     rgb: the natural-colour bands (`reporting.rgb_bands`).
     max_value: the sensor maximum.
     error_max: top of the error scale (fraction of the maximum); None: the 99th percentile
-      of all error maps rounded up to 1, 2 or 5 x 10^k.
+      of all error maps' pixels rounded up to 1, 2 or 5 x 10^k.
     per_row: pictures per row of the grid.
 
   Returns:
@@ -366,7 +366,8 @@ def figure(
     else {}
   )
   if error_max is None:
-    top = max((float(np.nanpercentile(e, 99)) for e in errs.values()), default=0.0)
+    # The 99th percentile of all error pixels together: the worst method does not wash out the rest.
+    top = float(np.nanpercentile(np.stack(list(errs.values())), 99)) if errs else 0.0
     error_max = _nice_ceiling(top)
   cells += [(n, o, errs.get(n)) for n, o in outputs.items()]
   h, w = anchor.shape[:2]
