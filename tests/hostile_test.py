@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 import rasterio
-from conftest import run_script
+from conftest import REPO, run_script
 from scene_test import (  # noqa: F401 (fixtures)
   PAN_PIXEL,
   SIZE,
@@ -246,7 +246,7 @@ def _fuse_cli(workdir, folder, out, *flags, wait=True, log=None):
 @pytest.mark.slow
 def test_cli_bad_flags_are_one_line(tiny_workdir, pair, tmp_path):
   folder, _, _ = pair
-  for flag in ('--dtype=foo', '--max_value=nan'):
+  for flag in ('--dtype=foo',):  # The other flags: test_bad_flags_are_refused_before_any_work.
     done = _fuse_cli(tiny_workdir, folder, tmp_path / 'o.tif', flag)
     assert done.returncode == 1 and 'Traceback' not in done.stderr, done.stderr
     last = done.stderr.strip().splitlines()[-1]
@@ -256,10 +256,9 @@ def test_cli_bad_flags_are_one_line(tiny_workdir, pair, tmp_path):
 
 @pytest.mark.slow
 def test_cli_sigterm_removes_the_temporary_and_a_sigkill_one_is_cleaned_later(
-  tiny_workdir,
-  tmp_path,
+  tiny_workdir, pair, tmp_path
 ):
-  pan, ms = make_pair(np.random.default_rng(5), 512, 512)
+  pan, ms = make_pair(np.random.default_rng(5), 256, 256)  # Seconds to fuse: time to signal.
   write_tiff(tmp_path / 'pan.tif', pan)
   write_tiff(tmp_path / 'ms.tif', ms, pixel=4 * PAN_PIXEL)
   out = tmp_path / 'out' / 'fused.tif'
@@ -283,7 +282,7 @@ def test_cli_sigterm_removes_the_temporary_and_a_sigkill_one_is_cleaned_later(
   proc.kill()
   proc.wait(60)
   (left,) = out.parent.iterdir()  # A SIGKILL cannot clean up ...
-  done = _fuse_cli(tiny_workdir, tmp_path, out, '--window=512', log=None)
+  done = _fuse_cli(tiny_workdir, pair[0], out)  # The small pair: the same output name.
   assert done.returncode == 0, done.stderr
   result = json.loads(done.stdout.strip().splitlines()[-1])
   assert result['temporaries'] == {'removed': [str(left)], 'left': []}  # ... the next run does.
@@ -337,3 +336,79 @@ def test_racing_takeovers_of_a_stale_lock_admit_exactly_one(tmp_path):
         p.kill()
   assert winners == [1] * ROUNDS
   assert sorted(p.name for p in tmp_path.iterdir()) == [workdir.LOCK_NAME]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: damage falls back, rotation is not damage, foreign folders are named.
+
+
+@pytest.fixture
+def two_steps(tmp_path):
+  """A tiny-model workdir with params-only steps 0 and 5; returns (workdir, model config)."""
+  from scene_test import TILE, TILE_BATCH
+  from tiling_test import TINY_MODEL, random_params
+
+  from u2net_jax import models
+  from u2net_jax.run import checkpointing, config_utils
+
+  config = config_utils.load_config_file(REPO / 'configs' / 'wv3.py')
+  with config.unlocked():
+    config.model.update(TINY_MODEL)
+    config.eval.tile_size, config.eval.tile_batch = TILE, TILE_BATCH
+  workdir = tmp_path / 'run'
+  config_utils.save_config(config, workdir)
+  params = random_params(models.create_model(config.model))
+  for step in (0, 5):
+    checkpointing.save_params(workdir, params, step=step)
+  return workdir, config.model
+
+
+def test_a_non_integer_meta_step_is_damage_and_falls_back(two_steps, caplog):
+  from u2net_jax.run import checkpointing
+
+  workdir, model = two_steps
+  meta = workdir / 'checkpoints' / '5' / 'meta' / 'metadata'
+  meta.write_text(meta.read_text().replace('"step": 5', '"step": "5a"'))
+  _, step, _ = checkpointing.restore_params(workdir, model, which='latest')
+  assert step == 0 and "meta records step '5a'" in caplog.text
+
+
+def test_a_step_rotated_away_while_read_is_listed_again_not_damaged(two_steps, monkeypatch, caplog):
+  import shutil
+
+  from u2net_jax.run import checkpointing
+
+  workdir, model = two_steps
+  chosen = checkpointing.select_step(workdir, which='latest')
+  shutil.rmtree(workdir / 'checkpoints' / str(chosen))  # A training run rotates it away.
+  _, step, _ = checkpointing.restore_params(workdir, model, step=chosen)
+  assert step == 0 and 'damaged' not in caplog.text
+  # Gone between the listing and the read inside one restore.
+  checkpointing.save_params(workdir, checkpointing.restore_params(workdir, model).params, step=7)
+  real = checkpointing.restore
+
+  def rotate_then_read(manager, step, **kw):
+    if step == 7:
+      shutil.rmtree(workdir / 'checkpoints' / '7')
+    return real(manager, step, **kw)
+
+  monkeypatch.setattr(checkpointing, 'restore', rotate_then_read)
+  _, step, _ = checkpointing.restore_params(workdir, model, which='latest')
+  assert step == 0 and 'damaged' not in caplog.text
+
+
+def test_renamed_step_folders_are_named_not_ignored(two_steps, caplog):
+  from u2net_jax.run import checkpointing
+
+  workdir, model = two_steps
+  folder = workdir / 'checkpoints'
+  (folder / '5').rename(folder / '5_good')
+  assert checkpointing.select_step(workdir, which='latest') == 0
+  assert "not steps (not named by an integer): ['5_good']" in caplog.text
+  (folder / '0').rename(folder / 'best')
+  for call in (
+    lambda: checkpointing.select_step(workdir),
+    lambda: checkpointing.create_manager(workdir),  # What training opens: no fresh start.
+  ):
+    with pytest.raises(errors.CheckpointError, match=r"\['5_good', 'best'\] and no step"):
+      call()

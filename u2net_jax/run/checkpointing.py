@@ -59,6 +59,39 @@ def checkpoint_dir(workdir: str | Path) -> Path:
   return Path(workdir).resolve() / 'checkpoints'
 
 
+def foreign_folders(workdir: str | Path) -> list[str]:
+  """Folders of `workdir/checkpoints` that are not steps (a renamed or copied-in step).
+
+  Orbax lists only folders named by an integer; a step renamed `1200_good` or `best` would be
+  ignored without a word, and a run whose steps are all renamed would start afresh.
+  """
+  directory = checkpoint_dir(workdir)
+  if not directory.is_dir():
+    return []
+  return sorted(
+    p.name
+    for p in directory.iterdir()
+    if p.is_dir() and not p.name.isdigit() and '.orbax-checkpoint-tmp' not in p.name
+  )
+
+
+def _check_foreign(workdir: str | Path, steps: Sequence[int]) -> None:
+  """Refuses a checkpoint folder whose every step-like folder is foreign; warns otherwise."""
+  foreign = foreign_folders(workdir)
+  if not foreign:
+    return
+  what = (
+    f'{checkpoint_dir(workdir)} holds folders that are not steps (not named by an integer): '
+    f'{foreign}'
+  )
+  if not steps:
+    raise errors.CheckpointError(
+      f'{what} and no step: rename each back to its step number (e.g. 1200), or move them out '
+      'of checkpoints/ to start afresh'
+    )
+  logging.warning('%s; they are ignored (steps: %s).', what, sorted(steps))
+
+
 def create_manager(
   workdir: str | Path, *, keep: int = 3, async_save: bool = True, read_only: bool = False
 ) -> ocp.CheckpointManager:
@@ -96,9 +129,15 @@ def create_manager(
     if read_only and jax.process_count() > 1
     else ocp.options.MultiprocessingOptions(),
   )
-  return ocp.CheckpointManager(
+  manager = ocp.CheckpointManager(
     checkpoint_dir(workdir), item_names=('params', 'opt_state', 'meta'), options=options
   )
+  try:
+    _check_foreign(workdir, manager.all_steps())
+  except errors.CheckpointError:
+    manager.close()
+    raise
+  return manager
 
 
 def _host_leaves(tree: Any) -> list[np.ndarray]:
@@ -190,6 +229,7 @@ def restore(
     raise errors.CheckpointError(f'{directory}: meta unreadable ({_brief(e)})') from e
   if not isinstance(meta, dict):
     raise errors.CheckpointError(f'{directory}: meta is not a JSON object')
+  _check_meta(meta, step, directory)
   wanted = ['params'] + (['opt_state'] if abstract_opt_state is not None else [])
   for name in wanted:
     if not (directory / name).is_dir():
@@ -220,6 +260,28 @@ def restore(
       )
   result['meta'] = {k: v for k, v in meta.items() if k != 'checksums'}
   return result
+
+
+def _check_meta(meta: dict, step: int, directory: Path) -> None:
+  """Refuses the facts a resume relies on when they are not what `save` writes (damaged meta)."""
+  recorded = meta.get('step', step)
+  if not isinstance(recorded, int) or isinstance(recorded, bool) or recorded != step:
+    raise errors.CheckpointError(
+      f"{directory}: meta records step {recorded!r}, not the folder's integer step {step} "
+      '(damaged meta)'
+    )
+  for name in ('epoch', 'data_position'):
+    value = meta.get(name, 0)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not value >= 0:
+      raise errors.CheckpointError(
+        f'{directory}: meta records {name} {value!r}, not a number >= 0 (damaged meta)'
+      )
+
+
+def _vanished(manager: ocp.CheckpointManager, step: int) -> bool:
+  """Whether `step`'s folder is gone: removed by the run that writes the workdir (it keeps the
+  last few steps), not damaged."""
+  return not (Path(manager.directory) / str(step)).exists()
 
 
 def _brief(e: BaseException) -> str:
@@ -262,17 +324,29 @@ def restore_intact(
     steps: the candidates, in order of preference (e.g. newest first).
     restore_one: step -> restored value; raises `errors.CheckpointError` on a damaged step.
 
+  A step whose folder disappears while it is read was removed by a training run writing the
+  workdir (it keeps only the last few): the steps are listed again and the newest untried ones
+  tried, and it is not called damaged.
+
   Returns:
     (the step restored, its value, the damage found in the steps tried before it).
 
   Raises:
     errors.CheckpointError: no candidate is intact; the message lists each one's damage.
   """
-  damage = []
-  for step in steps:
+  damage, tried = [], set()
+  pending = list(steps)
+  while pending:
+    step = pending.pop(0)
+    tried.add(step)
     try:
       value = restore_one(step)
     except errors.CheckpointError as e:
+      if _vanished(manager, step):
+        logging.info('Checkpoint step %d was removed while being read; listing again.', step)
+        manager.reload()
+        pending = sorted((s for s in manager.all_steps() if s not in tried), reverse=True)
+        continue
       damage.append(str(e))
       logging.warning('Checkpoint step %d is damaged: %s', step, e)
       continue
@@ -399,6 +473,11 @@ def restore_params(
     errors.CheckpointError (a FileNotFoundError): no checkpoint, not that step, or no intact one.
   """
   with _read_only(workdir) as manager:
+    if step is not None and fallback and step not in manager.all_steps():
+      # Chosen by `select_step`, then rotated away by the training writing this workdir.
+      logging.info('Checkpoint step %d is gone (a running training removed it); newest used.', step)
+      step = None
+      which = 'latest'
     chosen = _choose(manager, step, which)  # Fails before the model is traced.
     abstract = abstract_params(model_config, placement)
     others = sorted((s for s in manager.all_steps() if s != chosen), reverse=True)
