@@ -101,6 +101,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.b1 = 0.9  # PyTorch Adam defaults, as the official code uses.
   config.optimizer.b2 = 0.999
   config.optimizer.eps = 1e-8
+  # The recipes of other networks (`u2net_jax.run.losses`, configs/baseline.py): 'adam' | 'sgd'
+  # (PyTorch's SGD with `momentum`); `weight_decay` is PyTorch's coupled L2 (added to the
+  # gradient); the parameters under module `last_layer` train at lr * `last_layer_lr_factor`.
+  config.optimizer.name = 'adam'
+  config.optimizer.momentum = 0.9
+  config.optimizer.weight_decay = 0.0
+  config.optimizer.last_layer = ''
+  config.optimizer.last_layer_lr_factor = 1.0
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 16  # Global batch, split over all devices.
@@ -110,6 +118,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.eval_every_epochs = 10
   config.train.checkpoint_every_epochs = 50
   config.train.keep_checkpoints = 3
+  # The training loss (`u2net_jax.run.losses`): 'l1' (the paper's Eq. 4) | 'mse'; computed on
+  # the output and `gt` cropped by `loss_border` pixels per side; plus `l2_weight * sum(kernel^2)
+  # / 2`, whose gradient is dropped when `l2_literal` (the DLPan-Toolbox's `.data` term).
+  config.train.loss = 'l1'
+  config.train.loss_border = 0
+  config.train.l2_weight = 0.0
+  config.train.l2_literal = False
   config.init_from = ''  # A workdir whose weights start training (fine-tuning).
 
   config.eval = ml_collections.ConfigDict()

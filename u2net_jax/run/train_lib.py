@@ -54,7 +54,15 @@ from flax.training import train_state
 from u2net_jax import errors, metrics, models
 from u2net_jax.data import input_pipeline
 from u2net_jax.io import fileio
-from u2net_jax.run import checkpointing, config_utils, distributed, sharding, summaries, train_log
+from u2net_jax.run import (
+  checkpointing,
+  config_utils,
+  distributed,
+  losses,
+  sharding,
+  summaries,
+  train_log,
+)
 from u2net_jax.run import workdir as workdir_lib
 
 TrainState = train_state.TrainState
@@ -105,10 +113,8 @@ def create_train_state(
   model = models.create_model(config.model)
   if params is None:
     params = models.init_params(model, rng)
-  opt = config.optimizer
-  tx = optax.adam(
-    create_learning_rate_fn(config, steps_per_epoch), b1=opt.b1, b2=opt.b2, eps=opt.eps
-  )
+  # Adam unless the config names another (`losses.make_optimizer`: the baselines' recipes).
+  tx = losses.make_optimizer(config, create_learning_rate_fn(config, steps_per_epoch))
   return TrainState.create(apply_fn=models.BatchApply(model), params=params, tx=tx)
 
 
@@ -127,14 +133,18 @@ def l1_loss(params, apply_fn: Callable, batch: Batch) -> jax.Array:
   return jnp.mean(jnp.abs(out - batch['gt']))
 
 
-def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One Adam step on the L1 loss of `batch` (roles 'ms', 'guide', 'gt'; NHWC in [0, 1]).
+def train_step(
+  state: TrainState, batch: Batch, loss_fn: Callable = l1_loss
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on the loss of `batch` (roles 'gt' and the model's; NHWC in [0, 1]).
+
+  `loss_fn` is L1 unless the config names another (`losses.make_loss`, `compile_steps`).
 
   Returns:
     (the new state, {'loss': the batch's loss before the step, 'grad_norm': the gradients'
     global norm, 'param_norm': the new parameters' global norm}); the norms feed the NaN guard.
   """
-  loss, grads = jax.value_and_grad(l1_loss)(state.params, state.apply_fn, batch)
+  loss, grads = jax.value_and_grad(loss_fn)(state.params, state.apply_fn, batch)
   state = state.apply_gradients(grads=grads)
   return state, {
     'loss': loss,
@@ -162,8 +172,11 @@ def eval_step(params, batch: Batch, *, apply_fn: Callable, ratio: int = 4) -> di
   }
 
 
-def compile_steps(mesh: jax.sharding.Mesh, apply_fn: Callable, ratio: int = 4):
-  """`train_step` and `eval_step` jitted over `mesh`: batch sharded, state replicated, donated.
+def compile_steps(
+  mesh: jax.sharding.Mesh, apply_fn: Callable, ratio: int = 4, loss_fn: Callable = l1_loss
+):
+  """`train_step` (on `loss_fn`) and `eval_step` jitted over `mesh`: batch sharded, state
+  replicated, donated.
 
   Returns:
     (p_train_step(state, batch), p_eval_step(params, batch)).
@@ -171,7 +184,7 @@ def compile_steps(mesh: jax.sharding.Mesh, apply_fn: Callable, ratio: int = 4):
   replicated = sharding.replicated(mesh)
   batch_sharded = sharding.batch_sharding(mesh)
   p_train = jax.jit(
-    train_step,
+    train_step if loss_fn is l1_loss else functools.partial(train_step, loss_fn=loss_fn),
     in_shardings=(replicated, batch_sharded),
     out_shardings=(replicated, replicated),
     donate_argnums=(0,),
@@ -461,7 +474,9 @@ def _train(config, workdir: Path, mesh, train_source, valid_source, plan: Plan) 
   is_main = jax.process_index() == 0
   manager = checkpointing.create_manager(workdir, keep=config.train.keep_checkpoints)
   state, meta = _restore_or_init(config, workdir, manager, plan.steps_per_epoch, mesh)
-  p_train, p_eval = compile_steps(mesh, state.apply_fn, config.model.scale)
+  p_train, p_eval = compile_steps(
+    mesh, state.apply_fn, config.model.scale, loss_fn=losses.make_loss(config)
+  )
   p_train = summaries.log_first_call(p_train, 'the train step')  # Says it compiles, and how long.
   writer = train_log.MetricWriter(workdir, enabled=is_main)
   log = train_log.TrainLog(
