@@ -75,4 +75,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=config_utils.parse_flags)  # A mistyped --config.FIELD: one line.

@@ -412,3 +412,76 @@ def test_renamed_step_folders_are_named_not_ignored(two_steps, caplog):
   ):
     with pytest.raises(errors.CheckpointError, match=r"\['5_good', 'best'\] and no step"):
       call()
+
+
+@pytest.mark.slow  # Orbax writes: seconds.
+def test_convert_allow_non_finite_converts_what_it_suggests(tmp_path):
+  from conftest import load_config
+  from robustness_test import _tiny_pth
+
+  from u2net_jax import convert
+  from u2net_jax.run import checkpointing
+
+  config = load_config('tiny')
+  pth = _tiny_pth(tmp_path, config, float('nan'))
+  with pytest.raises(Exception, match='--allow_non_finite'):
+    convert.convert_to_workdir(pth, config, tmp_path / 'refused')
+  convert.convert_to_workdir(pth, config, tmp_path / 'run', allow_non_finite=True)
+  params, _, _ = checkpointing.restore_params(tmp_path / 'run', config.model)
+  assert np.isnan(params['to_hrms1']['bias'][0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files and --config.FIELD flags: one line naming the file or the field, with a suggestion.
+
+
+@pytest.mark.parametrize(
+  'field, suggestion',
+  [('train.batchsize', 'train.batch_size'), ('trian.batch_size', 'train.batch_size')],
+)
+def test_a_mistyped_config_field_names_the_nearest(field, suggestion):
+  from u2net_jax.run import config_utils
+
+  argv = ['train.py', '--config=configs/tiny.py', f'--config.{field}=2']
+  message = config_utils.override_problem(argv, AttributeError('raw'))
+  assert message == (
+    f"--config.{field}: configs/tiny.py has no field '{field}'; did you mean --config.{suggestion}?"
+  )
+
+
+@pytest.mark.parametrize(
+  'case, message',
+  [
+    ('missing', r'conf\.py does not exist; did you mean .*conff\.py\?'),
+    ('folder', 'is a folder; give a file'),
+    ('no get_config', r'defines no get_config\(\)'),
+    ('syntax', r'cannot be loaded \(line 1\): SyntaxError'),
+  ],
+)
+def test_bad_config_files_are_one_clear_error(tmp_path, case, message):
+  from u2net_jax.run import config_utils
+
+  (tmp_path / 'conff.py').write_text('x = 1\n' if case == 'no get_config' else 'def get_config(')
+  spec = {'missing': 'conf.py', 'folder': '.', 'no get_config': 'conff.py', 'syntax': 'conff.py'}
+  with pytest.raises(config_utils.ConfigError, match=message) as e:
+    config_utils.check_config_arg(tmp_path / spec[case])
+  assert isinstance(e.value, FileNotFoundError) and '\n' not in str(e.value)
+
+
+@pytest.mark.slow  # A train.py process.
+def test_train_py_reports_a_mistyped_field_in_one_line(tmp_path):
+  done = run_script('train.py', '--config=configs/tiny.py', '--config.train.batchsize=2')
+  assert done.returncode == 1 and 'Traceback' not in done.stderr, done.stderr
+  assert done.stderr.strip().splitlines()[-1] == (
+    "error: --config.train.batchsize: configs/tiny.py has no field 'train.batchsize'; did you "
+    'mean --config.train.batch_size?'
+  )
+
+
+def test_prepare_pansharpening_names_a_corrupt_tif(tmp_path):
+  from u2net_jax.data import prepare_pansharpening as prep
+
+  path = tmp_path / 'pan.tif'
+  path.write_bytes(b'II*\x00' + b'\x00' * 64)  # A TIFF header and nothing readable.
+  with pytest.raises(DataError, match=rf'{path}: not a readable GeoTIFF'):
+    prep.load_array(path, None, 2)

@@ -69,8 +69,12 @@ def _tiff_array(path: Path) -> np.ndarray:
     import rasterio
   except ImportError as e:
     raise DataError(f'{path}: reading GeoTIFF needs `pip install rasterio`') from e
-  with rasterio.open(path) as src:
-    a = src.read()  # (bands, H, W)
+  try:
+    with rasterio.open(path) as src:
+      a = src.read()  # (bands, H, W)
+  except rasterio.errors.RasterioError as e:  # Not a TIFF, truncated, a corrupt block.
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise DataError(f'{path}: not a readable GeoTIFF ({first})') from e
   return a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)
 
 

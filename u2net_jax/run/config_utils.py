@@ -25,6 +25,7 @@ because the rule table lists every field once; splitting it would scatter that o
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import inspect
 import json
@@ -42,6 +43,10 @@ from u2net_jax.io import fileio
 
 class ConfigError(ValueError):
   """A config field has a value it cannot have, or disagrees with another field."""
+
+
+class ConfigFileError(ConfigError, FileNotFoundError):
+  """A config file that is missing, a folder, unloadable or without `get_config`."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,18 +379,115 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 # Loading and saving.
 
 
+def _siblings(path: Path) -> list[str]:
+  """The Python files beside `path` (for a 'did you mean')."""
+  try:
+    return [p.name for p in path.parent.glob('*.py')]
+  except OSError:
+    return []
+
+
+def _fields(node, prefix: str = '') -> list[str]:
+  """Every dotted field path of a ConfigDict, sections included."""
+  found = []
+  for key, value in node.items():
+    found.append(f'{prefix}{key}')
+    if _is_mapping(value):
+      found.extend(_fields(value, f'{prefix}{key}.'))
+  return found
+
+
+def _overrides(argv) -> tuple[str | None, list[str]]:
+  """(the --config file spec, the --config.FIELD paths) of a command line."""
+  spec, fields = None, []
+  for i, arg in enumerate(argv):
+    name, eq, value = arg.lstrip('-').partition('=')
+    if not arg.startswith('-'):
+      continue
+    if name == 'config':
+      spec = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    elif name.startswith(('config.', 'noconfig.')):
+      fields.append(name.split('.', 1)[1])
+  return spec, fields
+
+
+def override_problem(argv, error: BaseException) -> str:
+  """One line saying why the command line's config flags could not be parsed.
+
+  Names a `--config.FIELD` the config lacks with the nearest existing field (difflib), or the
+  config file's own problem, else the parser's first line.
+
+  Args:
+    argv: the command line.
+    error: what parsing it raised.
+
+  Returns:
+    The message (without 'error: ').
+  """
+  spec, fields = _overrides(argv)
+  if spec:
+    try:
+      module, arg = _config_module(spec)
+      config = module.get_config(arg) if arg else module.get_config()
+    except ConfigError as e:
+      return str(e)
+    except Exception:  # noqa: BLE001 (then the parser's own message is the best there is)
+      config = None
+    if config is not None:
+      known = _fields(config)
+      for field in fields:
+        if field not in known:
+          near = difflib.get_close_matches(field, known, n=1, cutoff=0.6)
+          hint = f'; did you mean --config.{near[0]}?' if near else ''
+          return f'--config.{field}: {spec} has no field {field!r}{hint}'
+  text = str(error).strip().splitlines()
+  return f'cannot parse the flags: {type(error).__name__}: {text[0] if text else ""}'
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing (`app.run(main, flags_parser=config_utils.parse_flags)`), with a bad
+  `--config` / `--config.FIELD` reported as one `error:` line instead of a traceback.
+
+  Returns:
+    The arguments left after the flags.
+  """
+  from absl import app
+
+  try:
+    return app.parse_flags_with_usage(argv)
+  except Exception as e:  # noqa: BLE001 (ml_collections raises AttributeError, KeyError, ...)
+    sys.exit(f'error: {override_problem(argv, e)}')
+
+
 def _config_module(spec: str | Path):
   """Imports a config file named as `file.py[:arg]`; returns (module, arg) after checking arg."""
   path_str, _, arg = str(spec).partition(':')
   path = Path(path_str).resolve()
+  if path.is_dir():
+    raise ConfigFileError(f'config file {path} is a folder; give a file such as configs/wv3.py')
   if not path.is_file():
-    raise FileNotFoundError(f'config file {path} does not exist')
+    near = difflib.get_close_matches(path.name, _siblings(path), n=1)
+    hint = f'; did you mean {path.with_name(near[0])}?' if near else ''
+    raise ConfigFileError(f'config file {path} does not exist{hint}')
+  if path.suffix != '.py':
+    raise ConfigFileError(f'config file {path} is not a Python file (configs/*.py)')
   root = str(path.parent.parent)
   if root not in sys.path:
     sys.path.insert(0, root)
   spec_ = importlib.util.spec_from_file_location(f'_u2net_config_{path.stem}', path)
   module = importlib.util.module_from_spec(spec_)
-  spec_.loader.exec_module(module)
+  try:
+    spec_.loader.exec_module(module)
+  except Exception as e:  # noqa: BLE001 (whatever the file raises, it is the file's fault)
+    where = f' (line {e.lineno})' if isinstance(e, SyntaxError) else ''
+    raise ConfigFileError(
+      f'config file {path} cannot be loaded{where}: {type(e).__name__}: {e}'
+    ) from e
+  if not callable(getattr(module, 'get_config', None)):
+    raise ConfigFileError(
+      f'config file {path} defines no get_config() (every config file returns its ConfigDict '
+      'from one)'
+    )
   choices = getattr(module, 'CONFIG_ARGS', None)
   takes_arg = bool(inspect.signature(module.get_config).parameters)
   if arg and not takes_arg:
