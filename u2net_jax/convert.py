@@ -165,7 +165,12 @@ def convert_to_workdir(
   params = torch_to_flax(state_dict, config.model)
   with fileio.atomic_dir(workdir) as tmp:
     config_utils.save_config(config, tmp)
-    checkpointing.save_params(tmp, params, meta={'converted_from': str(Path(checkpoint).resolve())})
+    checkpointing.save_params(
+      tmp,
+      params,
+      meta={'converted_from': str(Path(checkpoint).resolve())},
+      allow_non_finite=allow_non_finite,
+    )
   return params
 
 

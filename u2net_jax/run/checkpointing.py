@@ -176,6 +176,7 @@ def save(
   opt_state: Any = None,
   meta: dict | None = None,
   metrics: dict | None = None,
+  allow_non_finite: bool = False,
 ) -> None:
   """Saves a step (asynchronously if the manager is async) with the checksums of its items.
 
@@ -186,11 +187,14 @@ def save(
     opt_state: the optimizer state (training runs); None for a params-only checkpoint.
     meta: JSON-serialisable facts about the step (epoch, data position, origin, ...).
     metrics: {BEST_METRIC: value} for the keep-the-best policy.
+    allow_non_finite: save NaN or infinite parameters (converted weights said to be wanted so;
+      training never saves them).
 
   Raises:
     errors.DivergedError: `params` holds NaN or infinite values (nothing is written).
   """
-  _check_finite(params, step)
+  if not allow_non_finite:
+    _check_finite(params, step)
   checksums = {'params': tree_checksum(params)}
   items = {'params': ocp.args.StandardSave(params)}
   if opt_state is not None:
@@ -363,7 +367,14 @@ def restore_intact(
   )
 
 
-def save_params(workdir: str | Path, params: Any, *, step: int = 0, meta: dict | None = None):
+def save_params(
+  workdir: str | Path,
+  params: Any,
+  *,
+  step: int = 0,
+  meta: dict | None = None,
+  allow_non_finite: bool = False,
+):
   """Synchronously saves a params-only checkpoint (e.g. converted official weights).
 
   Args:
@@ -371,9 +382,16 @@ def save_params(workdir: str | Path, params: Any, *, step: int = 0, meta: dict |
     params: the parameter tree.
     step: the step number to save it as.
     meta: extra JSON facts (e.g. 'converted_from'); 'step' is added.
+    allow_non_finite: save NaN or infinite parameters (`convert --allow_non_finite`).
   """
   manager = create_manager(workdir, async_save=False)
-  save(manager, step, params=params, meta=dict(meta or {}, step=step))
+  save(
+    manager,
+    step,
+    params=params,
+    meta=dict(meta or {}, step=step),
+    allow_non_finite=allow_non_finite,
+  )
   manager.wait_until_finished()
   manager.close()
 
