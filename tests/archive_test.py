@@ -215,7 +215,7 @@ def test_a_killed_worker_costs_only_its_scene(tiny_workdir, cluster, tmp_path): 
   while killed is None and time.monotonic() < deadline:
     busy = [w for w, keys in client.processing().items() if keys]
     if busy:
-      killed = client.scheduler_info()['workers'][busy[0]]['pid']
+      killed = client.run(os.getpid, workers=busy[:1])[busy[0]]
       os.kill(killed, signal.SIGKILL)  # Mid-scene: the worker's process dies.
     time.sleep(0.02)
   thread.join(timeout=120)
