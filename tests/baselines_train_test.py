@@ -170,7 +170,7 @@ def test_trains_and_resumes_on_demo_data(name, tmp_path):
   config = baseline(f'{name},qb', **over)
   workdir = tmp_path / 'run'
   first = train_lib.train_and_evaluate(config, workdir)
-  assert first['step'] == 2 and np.isfinite(first['last_metrics']['loss'])
+  assert first['step'] == 2 and np.isfinite(first['valid']['valid_loss'])
   shutil.rmtree(workdir / 'checkpoints' / '2')  # As if killed before its last save.
   second = train_lib.train_and_evaluate(config, workdir)
   assert second['step'] == 2
