@@ -381,7 +381,7 @@ def test_a_step_rotated_away_while_read_is_listed_again_not_damaged(two_steps, m
   workdir, model = two_steps
   chosen = checkpointing.select_step(workdir, which='latest')
   shutil.rmtree(workdir / 'checkpoints' / str(chosen))  # A training run rotates it away.
-  _, step, _ = checkpointing.restore_params(workdir, model, step=chosen)
+  _, step, _ = checkpointing.restore_params(workdir, model, step=chosen, chosen_by_select=True)
   assert step == 0 and 'damaged' not in caplog.text
   # Gone between the listing and the read inside one restore.
   checkpointing.save_params(workdir, checkpointing.restore_params(workdir, model).params, step=7)

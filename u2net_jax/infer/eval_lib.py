@@ -566,7 +566,11 @@ def evaluate(
       # Onto this process's devices, whatever topology saved it; a damaged best / latest step
       # falls back to the newest intact one (with a warning), an explicit --step does not.
       params, step, _ = checkpointing.restore_params(
-        workdir, config.model, step=step, fallback=requested is None
+        workdir,
+        config.model,
+        step=step,
+        fallback=requested is None,
+        chosen_by_select=requested is None,
       )
       fuser = tiling.Fuser(
         config.model,

@@ -469,6 +469,7 @@ def restore_params(
   *,
   placement: jax.sharding.Sharding | None = None,
   fallback: bool = True,
+  chosen_by_select: bool = False,
 ) -> Restored:
   """Restores a workdir's params for `models.create_model(model_config)` on this topology.
 
@@ -482,6 +483,9 @@ def restore_params(
       devices; training passes its mesh's). Any saving topology restores onto it.
     fallback: when the chosen step is damaged, use the newest intact other step (with a
       WARNING) instead of failing.
+    chosen_by_select: `step` was chosen by `select_step` (not asked for by the user): if a running
+      training has rotated it away since, the steps are listed again and the newest is used. An
+      explicit step that does not exist stays an error.
 
   Returns:
     `Restored(params, step, meta)` (a named tuple: `params, step, meta = restore_params(...)`);
@@ -491,7 +495,7 @@ def restore_params(
     errors.CheckpointError (a FileNotFoundError): no checkpoint, not that step, or no intact one.
   """
   with _read_only(workdir) as manager:
-    if step is not None and fallback and step not in manager.all_steps():
+    if step is not None and chosen_by_select and step not in manager.all_steps():
       # Chosen by `select_step`, then rotated away by the training writing this workdir.
       logging.info('Checkpoint step %d is gone (a running training removed it); newest used.', step)
       step = None
