@@ -616,14 +616,15 @@ def default_workers() -> tuple[int, int]:
   """(worker processes, threads each) for a LocalCluster on this machine.
 
   With an accelerator (`/dev/nvidia0`, a TPU's `/dev/accel0`): one worker, which splits each
-  tile batch over all the local devices. On CPU: one single-threaded worker per 2 cores (XLA
-  runs each worker's batches on several threads; 2 workers on 2 cores gave more scenes per hour
-  than 1 in `benchmarks/archive_benchmark.py`, see the README).
+  tile batch over all the local devices. On CPU: single-threaded workers, one per core up to 2
+  cores and one per 2 cores beyond (XLA runs a worker's batches on several threads; on 2 cores, 2
+  workers gave 1.35x the scenes per hour of 1 in `benchmarks/archive_benchmark.py`, README).
   """
   if any(Path(p).exists() for p in ('/dev/nvidia0', '/dev/accel0')):
     return 1, 1
   cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-  return max(1, (cores or 1) // 2) if (cores or 1) > 2 else (cores or 1), 1
+  cores = cores or 1
+  return (cores if cores <= 2 else cores // 2), 1
 
 
 class _Progress:
