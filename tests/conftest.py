@@ -43,6 +43,31 @@ def shared_path(*parts: str) -> Path:
   return path
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+  """Under pytest-xdist (`-n 2 --dist loadgroup`, pyproject.toml), keeps a module on one worker
+  when its tests share a module-scoped fixture (a trained workdir, a fused scene: built once, not
+  once per worker) or when it starts several processes per test (`MULTIPROCESS_MODULES`: two
+  of them at once would oversubscribe the cores and time out). Runs before xdist reads groups."""
+  for item in items:
+    module = item.nodeid.split('::')[0]
+    defs = getattr(item, '_fixtureinfo', None)
+    shared = defs is not None and any(
+      d.scope == 'module' and d.baseid == module
+      for fixture_defs in defs.name2fixturedefs.values()
+      for d in fixture_defs
+    )
+    if Path(module).name in MULTIPROCESS_MODULES:
+      item.add_marker(pytest.mark.xdist_group('multiprocess'))
+    elif shared:
+      item.add_marker(pytest.mark.xdist_group(module))
+
+
+# Test modules whose tests each start several processes (JAX multi-process runs, a dask cluster,
+# parallel TPU compiles): one group, so that no two of them run at once.
+MULTIPROCESS_MODULES = {'multihost_test.py', 'archive_test.py', 'tpu_compile_test.py'}
+
+
 @pytest.fixture(autouse=True, scope='session')
 def _private_cache_dir(tmp_path_factory):
   """Keeps the value-check cache (`$XDG_CACHE_HOME/u2net_jax`) of the test runs out of ~/.cache."""
