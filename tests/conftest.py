@@ -61,9 +61,6 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(pytest.mark.xdist_group('multiprocess'))
     elif shared:
       item.add_marker(pytest.mark.xdist_group(module))
-  # The slow tests first (otherwise in file order): the workers take the next test or group as
-  # they come free, so a minutes-long end-to-end run started last would leave one worker idle.
-  items.sort(key=lambda item: item.get_closest_marker('slow') is None)
 
 
 # Test modules whose tests each start several processes (JAX multi-process runs, a dask cluster,
