@@ -227,7 +227,8 @@ def _metric_means(out_dir) -> dict:
 
 def _evaluate_processes(tmp_path, workdir, out_dir, n=2):
   code = (
-    'from u2net_jax import distributed, eval_lib\n'
+    'from u2net_jax.infer import eval_lib\n'
+    'from u2net_jax.run import distributed\n'
     'distributed.initialize()\n'
     f'eval_lib.evaluate(None, {str(workdir)!r}, output_dir={str(out_dir)!r}, save_images=False)\n'
   )

@@ -155,12 +155,12 @@ def test_training_fidelity_official_loss_and_gradients():
   batch = {k: jnp.asarray(ref[k].transpose(0, 2, 3, 1)) for k in ('ms', 'pan', 'gt')}
   batch['guide'] = batch.pop('pan')
   loss_and_grads = jax.jit(jax.value_and_grad(train_lib.l1_loss), static_argnums=1)
-  loss, _ = loss_and_grads(params, models.create_model(config.model).apply, batch)
+  loss, _ = loss_and_grads(params, models.BatchApply(models.create_model(config.model)), batch)
   assert abs(float(loss) - float(ref['loss'])) <= 1e-6
   with jax.enable_x64(True):
     to64 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
     model = models.create_model(config.model, dtype='float64')
-    loss64, grads = loss_and_grads(to64(params), model.apply, to64(batch))
+    loss64, grads = loss_and_grads(to64(params), models.BatchApply(model), to64(batch))
     grads = jax.device_get(grads)
   assert abs(float(loss64) - float(ref['loss'])) <= 1e-6
   official = {k[len('grad/') :]: ref[k] for k in ref.files if k.startswith('grad/')}
@@ -266,7 +266,7 @@ def test_fine_tuning_starts_from_converted_weights(tmp_path):
   mesh = sharding.create_mesh()
   first = next(input_pipeline.train_batches(config, source, mesh=mesh, start_step=0))
   model = models.create_model(config.model)
-  expected = float(train_lib.l1_loss(params, model.apply, first))
+  expected = float(train_lib.l1_loss(params, models.BatchApply(model), first))
   assert _jsonl(workdir)[0]['train_loss'] == pytest.approx(expected, abs=1e-6)
 
 

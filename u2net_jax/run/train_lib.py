@@ -184,7 +184,7 @@ def compile_steps(
   replicated = sharding.replicated(mesh)
   batch_sharded = sharding.batch_sharding(mesh)
   p_train = jax.jit(
-    train_step if loss_fn is l1_loss else functools.partial(train_step, loss_fn=loss_fn),
+    functools.partial(train_step, loss_fn=loss_fn),
     in_shardings=(replicated, batch_sharded),
     out_shardings=(replicated, replicated),
     donate_argnums=(0,),
