@@ -129,6 +129,8 @@ def test_unknown_sensor_and_unknown_field():
     ('model.dtype', 'float16', "'float32', 'bfloat16'"),
     ('model.attention', 'flash', "'direct', 'blockwise', 'cudnn', 'auto'"),
     ('model.variant', 'v9', "'u2net', 'v1_single_branch', 'u2net_l'"),
+    ('train.loss', 'huber', "'l1', 'mse'"),
+    ('optimizer.name', 'rmsprop', "'adam', 'sgd'"),
   ],
 )
 def test_enum_fields_are_checked_with_the_allowed_values(field, value, allowed):
@@ -137,6 +139,23 @@ def test_enum_fields_are_checked_with_the_allowed_values(field, value, allowed):
   assert f"{field}='{value}' is not one of (" in str(e.value)
   for v in allowed.split(', '):
     assert v in str(e.value)
+
+
+@pytest.mark.parametrize(
+  'field,value,expected',
+  [
+    ('train.loss_border', -1, 'an integer >= 0'),
+    ('train.l2_weight', -1e-5, 'a finite number in [0, inf)'),
+    ('optimizer.momentum', 1.0, 'a finite number in [0, '),
+    ('optimizer.weight_decay', -0.1, 'a finite number in [0, inf)'),
+    ('optimizer.last_layer_lr_factor', -1.0, 'a finite number in [0, inf)'),
+  ],
+)
+def test_recipe_fields_are_checked(field, value, expected):
+  # The baselines' recipe fields (`run.losses`) are refused before training, not deep inside it.
+  with pytest.raises(config_utils.ConfigError) as e:
+    _load('wv3.py', **{field: value})
+  assert f'{field}=' in str(e.value) and expected in str(e.value)
 
 
 def test_config_json_round_trip(tmp_path):

@@ -178,6 +178,7 @@ def field_rules() -> list[FieldRule]:
   from u2net_jax import models
   from u2net_jax.data import value_checks
   from u2net_jax.models import attention, u2net
+  from u2net_jax.run import losses
 
   inf = math.inf
   return [
@@ -224,6 +225,12 @@ def field_rules() -> list[FieldRule]:
     number('optimizer.b1', 0, 1 - 1e-12),
     number('optimizer.b2', 0, 1 - 1e-12),
     number('optimizer.eps', 0, 1, low_open=True),
+    # The recipes of the other networks (`run.losses`).
+    one_of('optimizer.name', losses.OPTIMIZERS),
+    number('optimizer.momentum', 0, 1 - 1e-12),
+    number('optimizer.weight_decay', 0, inf),
+    of_type('optimizer.last_layer', str, 'a string (a module name, or empty)'),
+    number('optimizer.last_layer_lr_factor', 0, inf),
     # Schedule.
     integer('train.batch_size', 1),
     integer('train.num_epochs', 1, MAX_EPOCHS),
@@ -231,6 +238,10 @@ def field_rules() -> list[FieldRule]:
     integer('train.eval_every_epochs', 1),
     integer('train.checkpoint_every_epochs', 1),
     integer('train.keep_checkpoints', 1),
+    one_of('train.loss', losses.LOSSES),
+    integer('train.loss_border', 0),
+    number('train.l2_weight', 0, inf),
+    of_type('train.l2_literal', bool, 'a bool'),
     of_type('init_from', str, 'a string (a workdir, or empty)'),
     # Evaluation.
     one_of('eval.mode', EVAL_MODES),
