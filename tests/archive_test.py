@@ -1,5 +1,7 @@
 """Tests of `infer.archive` (`fuse.py --scenes`): many scenes on a real Dask LocalCluster.
 
+Also its scene lists (`data.scene_lists`) and manifests (`io.manifests`).
+
 The scene lists (CSV, glob pairs, STAC) and the restart logic run without a cluster (quick); the
 rest on one LocalCluster of 2 worker processes shared by the module (slow): outputs equal to
 single-scene runs, a corrupt scene isolated, a killed worker survived, a re-run that redoes
@@ -19,7 +21,7 @@ import scipy.io
 from conftest import run_script, script_env, shared_path
 from scene_test import PAN_PIXEL, make_pair, tiny_workdir, write_tiff  # noqa: F401
 
-from u2net_jax.data import DataError
+from u2net_jax.data import DataError, scene_lists
 from u2net_jax.infer import scene
 
 distributed = pytest.importorskip('distributed', reason='dask.distributed is not installed')
@@ -72,11 +74,11 @@ def test_scene_lists_csv_globs_and_stac(tmp_path):
     'pan,ms,out\n'
     + ''.join(f'in/{p.name},in/{m.name},{o}\n' for (p, m), o in zip(pairs, 'abc', strict=True))
   )
-  scenes = archive.read_scenes(str(tmp_path / 'list.csv'), tmp_path / 'out')
+  scenes = scene_lists.read_scenes(str(tmp_path / 'list.csv'), tmp_path / 'out')
   assert [s.name for s in scenes] == ['a', 'b', 'c']
   assert scenes[0].pan == str(pairs[0][0]) and scenes[0].out == str(tmp_path / 'out' / 'a.tif')
   globs = f'{tmp_path}/in/*_pan.tif,{tmp_path}/in/*_ms.tif'
-  scenes = archive.read_scenes(globs, tmp_path / 'out')
+  scenes = scene_lists.read_scenes(globs, tmp_path / 'out')
   assert [(s.name, s.ms) for s in scenes] == [(f's{i}_pan', str(pairs[i][1])) for i in range(3)]
   items = []
   for i, (p, m) in enumerate(pairs):
@@ -87,7 +89,7 @@ def test_scene_lists_csv_globs_and_stac(tmp_path):
     item.add_asset('multispectral', pystac.Asset(str(m)))
     items.append(item)
   (tmp_path / 'items.json').write_text(json.dumps(pystac.ItemCollection(items).to_dict()))
-  scenes = archive.read_scenes(
+  scenes = scene_lists.read_scenes(
     str(tmp_path / 'items.json'),
     tmp_path / 'out',
     pan_asset='panchromatic',
@@ -96,25 +98,25 @@ def test_scene_lists_csv_globs_and_stac(tmp_path):
   assert [s.name for s in scenes] == ['item0', 'item1', 'item2']
   assert scenes[1].pan == str(pairs[1][0]) and scenes[1].datetime.startswith('2020-01-02')
   with pytest.raises(DataError, match=r"no asset 'pan' \(--pan_asset\)"):
-    archive.read_scenes(str(tmp_path / 'items.json'), tmp_path / 'out')
+    scene_lists.read_scenes(str(tmp_path / 'items.json'), tmp_path / 'out')
 
 
 def test_scene_lists_are_checked(tmp_path):
   pairs = _pairs(tmp_path / 'in', sizes=[(32, 32)] * 2)
   pairs[1][1].rename(tmp_path / 'in' / 's2_ms.tif')  # s1's MS missing: s0-s0, s1-s2.
   with pytest.raises(DataError, match='wildcard parts differ'):
-    archive.read_scenes(f'{tmp_path}/in/*_pan.tif,{tmp_path}/in/*_ms.tif', tmp_path / 'out')
+    scene_lists.read_scenes(f'{tmp_path}/in/*_pan.tif,{tmp_path}/in/*_ms.tif', tmp_path / 'out')
   (tmp_path / 'in' / 's3_ms.tif').write_bytes(b'')
   with pytest.raises(DataError, match='2 PAN files match .* but 3 MS files'):
-    archive.read_scenes(f'{tmp_path}/in/*_pan.tif,{tmp_path}/in/*_ms.tif', tmp_path / 'out')
+    scene_lists.read_scenes(f'{tmp_path}/in/*_pan.tif,{tmp_path}/in/*_ms.tif', tmp_path / 'out')
   (tmp_path / 'dup.csv').write_text('pan,ms\na/x.tif,a/y.tif\nb/x.tif,b/y.tif\n')
   with pytest.raises(DataError, match='two scenes write x.tif'):
-    archive.read_scenes(str(tmp_path / 'dup.csv'), tmp_path / 'out')
+    scene_lists.read_scenes(str(tmp_path / 'dup.csv'), tmp_path / 'out')
   (tmp_path / 'cols.csv').write_text('a,b\n1,2\n')
   with pytest.raises(DataError, match='needs the columns pan,ms'):
-    archive.read_scenes(str(tmp_path / 'cols.csv'), tmp_path / 'out')
+    scene_lists.read_scenes(str(tmp_path / 'cols.csv'), tmp_path / 'out')
   with pytest.raises(DataError, match='no such file'):
-    archive.read_scenes(str(tmp_path / 'none.csv'), tmp_path / 'out')
+    scene_lists.read_scenes(str(tmp_path / 'none.csv'), tmp_path / 'out')
 
 
 def test_cli_refuses_bad_flags_in_one_line(tmp_path):
@@ -161,7 +163,9 @@ def test_archive_equals_single_runs_isolates_failures_and_reruns_nothing(
   pairs = _pairs(tmp_path / 'in')
   (tmp_path / 'in' / 'bad_pan.tif').write_bytes(b'II*\x00 truncated')  # A corrupt TIFF.
   write_tiff(tmp_path / 'in' / 'bad_ms.tif', np.zeros((8, 8, 8), np.uint16))
-  scenes = archive.read_scenes(f'{tmp_path}/in/*_pan.tif,{tmp_path}/in/*_ms.tif', tmp_path / 'out')
+  scenes = scene_lists.read_scenes(
+    f'{tmp_path}/in/*_pan.tif,{tmp_path}/in/*_ms.tif', tmp_path / 'out'
+  )
   summary = _run(scenes, tiny_workdir, tmp_path / 'out', cluster)
   assert (summary['done'], summary['failed'], summary['skipped']) == (4, 1, 0)
   rows = {r['scene']: r for r in summary['rows']}
@@ -203,7 +207,9 @@ def test_archive_equals_single_runs_isolates_failures_and_reruns_nothing(
 @pytest.mark.slow
 def test_a_killed_worker_costs_only_its_scene(tiny_workdir, cluster, tmp_path):  # noqa: F811
   pairs = _pairs(tmp_path / 'in', sizes=[(192, 192)] * 4, seed=10)
-  scenes = archive.read_scenes(f'{tmp_path}/in/*_pan.tif,{tmp_path}/in/*_ms.tif', tmp_path / 'out')
+  scenes = scene_lists.read_scenes(
+    f'{tmp_path}/in/*_pan.tif,{tmp_path}/in/*_ms.tif', tmp_path / 'out'
+  )
   client = cluster[1]
   result = {}
   thread = threading.Thread(
@@ -286,7 +292,7 @@ def test_real_wv2_crop_from_a_stac_list(tiny_workdir, cluster, tmp_path):  # noq
   item.add_asset('pan', pystac.Asset('pan.tif'))
   item.add_asset('ms', pystac.Asset('ms.tif'))
   (tmp_path / 'items.json').write_text(json.dumps(pystac.ItemCollection([item]).to_dict()))
-  scenes = archive.read_scenes(str(tmp_path / 'items.json'), tmp_path / 'out')
+  scenes = scene_lists.read_scenes(str(tmp_path / 'items.json'), tmp_path / 'out')
   summary = _run(scenes, tiny_workdir, tmp_path / 'out', cluster)
   assert summary['done'] == 1, summary
   _assert_same(

@@ -2,26 +2,22 @@
 
   python fuse.py --workdir=W --scenes=scenes.csv --out_dir=OUT [--workers=N | --scheduler=ADDR]
 
-  scenes = archive.read_scenes('scenes.csv', 'OUT')
+  scenes = scene_lists.read_scenes('scenes.csv', 'OUT')
   summary = archive.run(scenes, archive.Engine(workdir='W'), 'OUT', workers=2)
 
-Scenes (`read_scenes`): a CSV with `pan,ms` columns and an optional `out` (a file name under the
-output folder; by default the PAN's stem + `.tif`), a pair of glob patterns `'PAN_GLOB,MS_GLOB'`
-(paired in sorted order; the parts the wildcards match must agree, e.g. `a` in `a_pan.tif` and
-`a_ms.tif`), or a STAC ItemCollection JSON whose items carry a PAN and an MS asset (the output is
-named after the item id). Relative paths are resolved against the CSV's or the JSON's folder.
-
-Each scene is one Dask task (`fuse_task`) that runs today's streaming fuser
+Scenes come from `data.scene_lists.read_scenes` (a CSV, a pair of glob patterns or a STAC
+ItemCollection). Each scene is one Dask task (`fuse_task`) that runs today's streaming fuser
 (`scene.fuse_files`) with the weights kept once per worker process (`_load`: restored and
 compiled once per workdir, step and tile shape, not per scene). What fuses is an `Engine`: a
 workdir's weights, or a classical method's name (`Engine(method=...)`: the task is designed for
 it, the method is not wired in yet).
 
-Outputs in the output folder, per scene: `<name>.tif` (a Cloud-Optimized GeoTIFF),
-`<name>.stac.json` (a STAC Item: the output asset, `derived_from` links to its inputs, the
-method and the weights) and `<name>.manifest.json`, written last: the inputs' identity (size,
-mtime, a fast hash), the engine's identity (workdir, step, a checksum of the parameters), the
-options and the output's SHA-256. A re-run skips a scene whose manifest matches all of these
+Outputs in the output folder, per scene (`io.manifests`): `<name>.tif` (a Cloud-Optimized
+GeoTIFF), `<name>.stac.json` (a STAC Item: the output asset, `derived_from` links to its inputs,
+the method and the weights) and `<name>.manifest.json`, written last: the inputs' identity (size,
+mtime, a fast hash of their first, middle and last MiB), the engine's identity (workdir, step,
+tile batch and a BLAKE2b over the checkpoint's parameter files: each file's path and fast hash),
+the options and the output's SHA-256. A re-run skips a scene whose manifest matches all of these
 (the output re-hashed) and redoes the others; a scene without a valid manifest is fused again,
 replacing its output. Outputs are renamed into place only when complete (`fileio.atomic_file`),
 so a killed worker leaves no partial file; the scheduler reschedules its scene on another worker
@@ -38,12 +34,10 @@ import csv
 import dataclasses
 import datetime as dt
 import glob
-import hashlib
 import io
 import json
 import logging
 import os
-import re
 import sys
 import threading
 import time
@@ -54,14 +48,10 @@ from typing import Any
 
 from u2net_jax import errors
 from u2net_jax.data import DataError
-from u2net_jax.io import fileio
+from u2net_jax.data.scene_lists import Scene, read_scenes
+from u2net_jax.io import fileio, manifests
 
 SUMMARY_FIELDS = ('scene', 'status', 'seconds', 'pixels', 'nodata_pixels', 'error', 'output')
-MANIFEST_VERSION = 1
-# The fast hash of an input reads this many bytes at its start, middle and end: a changed file
-# almost always changes its size, mtime or one of these; reading whole multi-GB scenes again on
-# every re-run would cost more than the check is worth.
-HASH_CHUNK = 1 << 20
 
 
 def _dask():
@@ -73,174 +63,6 @@ def _dask():
       'many scenes (--scenes) need dask and distributed: pip install "u2net-jax[archive]"'
     ) from e
   return distributed
-
-
-# ---------------------------------------------------------------------------------------------
-# Scenes.
-
-
-@dataclasses.dataclass(frozen=True)
-class Scene:
-  """One PAN/MS pair and where its output goes.
-
-  Attributes:
-    name: the output's stem (unique in a run): the summary's `scene`.
-    pan, ms: absolute input paths.
-    out: the absolute output path (`.tif`).
-    source: the STAC Item the pair came from (a path or URL), or None.
-    datetime: the acquisition time (ISO 8601) from the STAC Item, or None.
-  """
-
-  name: str
-  pan: str
-  ms: str
-  out: str
-  source: str | None = None
-  datetime: str | None = None
-
-
-def _resolve(path: str, base: Path) -> str:
-  if re.match(r'^[a-z][a-z0-9+.-]*://', path):
-    return path  # A URL: refused by the task with a clear reason (inputs are local files).
-  p = Path(path).expanduser()
-  return str(p if p.is_absolute() else (base / p).resolve())
-
-
-def _output(out_dir: Path, name: str, where: str) -> tuple[str, str]:
-  if not name or '/' in name or '\\' in name or name in ('.', '..'):
-    raise DataError(f'{where}: output {name!r} must be a file name (no folder)')
-  path = Path(name)
-  if path.suffix.lower() not in ('.tif', '.tiff'):
-    path = path.with_name(path.name + '.tif')
-  return path.stem, str((out_dir / path).resolve())
-
-
-def _from_csv(path: Path, out_dir: Path) -> list[Scene]:
-  try:
-    text = path.read_text()
-  except (OSError, UnicodeDecodeError) as e:
-    raise DataError(f'--scenes {path}: cannot read it ({e})') from e
-  reader = csv.DictReader(io.StringIO(text))
-  columns = [c.strip() for c in reader.fieldnames or []]
-  if not {'pan', 'ms'} <= set(columns):
-    raise DataError(
-      f'--scenes {path}: needs the columns pan,ms (and optionally out); has {columns}'
-    )
-  scenes = []
-  for line, row in enumerate(reader, start=2):
-    row = {(k or '').strip(): (v or '').strip() for k, v in row.items()}
-    if not row['pan'] or not row['ms']:
-      raise DataError(f'--scenes {path}, line {line}: empty pan or ms')
-    name, out = _output(out_dir, row.get('out') or Path(row['pan']).stem, f'{path}, line {line}')
-    scenes.append(
-      Scene(name, _resolve(row['pan'], path.parent), _resolve(row['ms'], path.parent), out)
-    )
-  return scenes
-
-
-def _glob_regex(pattern: str) -> re.Pattern:
-  """The pattern as a regex capturing what each `*` / `?` matches (for the pairing check)."""
-  parts = []
-  for token in re.split(r'(\*+|\?)', pattern):
-    if token.startswith('*'):
-      parts.append('(.*)')
-    elif token == '?':
-      parts.append('(.)')
-    else:
-      parts.append(re.escape(token))
-  return re.compile(''.join(parts) + '$')
-
-
-def _from_globs(spec: str, out_dir: Path) -> list[Scene]:
-  patterns = [p.strip() for p in spec.split(',')]
-  if len(patterns) != 2 or not all(patterns):
-    raise DataError(f'--scenes {spec!r}: expected a CSV, a STAC JSON or "PAN_GLOB,MS_GLOB"')
-  found = [sorted(glob.glob(os.path.expanduser(p))) for p in patterns]
-  for pattern, files in zip(patterns, found, strict=True):
-    if not files:
-      raise DataError(f'--scenes: the pattern {pattern!r} matches no file')
-  if len(found[0]) != len(found[1]):
-    raise DataError(
-      f'--scenes: {len(found[0])} PAN files match {patterns[0]!r} but {len(found[1])} MS files '
-      f'match {patterns[1]!r}; they are paired in sorted order'
-    )
-  regexes = [_glob_regex(os.path.expanduser(p)) for p in patterns]
-  scenes = []
-  for pan, ms in zip(*found, strict=True):
-    keys = [r.match(f) for r, f in zip(regexes, (pan, ms), strict=True)]
-    if keys[0] and keys[1] and keys[0].groups() != keys[1].groups():
-      raise DataError(
-        f'--scenes: sorted pairing gives PAN {pan} with MS {ms}, whose wildcard parts differ '
-        f'({keys[0].groups()} vs {keys[1].groups()}); a file is missing on one side'
-      )
-    name, out = _output(out_dir, Path(pan).stem, pan)
-    scenes.append(Scene(name, str(Path(pan).resolve()), str(Path(ms).resolve()), out))
-  return scenes
-
-
-def _from_stac(path: Path, out_dir: Path, pan_asset: str, ms_asset: str) -> list[Scene]:
-  try:
-    import pystac
-  except ImportError as e:
-    raise DataError('STAC scene lists need pystac: pip install "u2net-jax[archive]"') from e
-  try:
-    items = pystac.ItemCollection.from_file(str(path))
-  except Exception as e:  # pystac raises many types for a file that is not an ItemCollection.
-    raise DataError(f'--scenes {path}: not a readable STAC ItemCollection ({e})') from e
-  scenes = []
-  for item in items:
-    hrefs = []
-    for key, flag in ((pan_asset, '--pan_asset'), (ms_asset, '--ms_asset')):
-      if key not in item.assets:
-        raise DataError(
-          f'--scenes {path}: item {item.id!r} has no asset {key!r} ({flag}); its assets: '
-          f'{sorted(item.assets)}'
-        )
-      hrefs.append(_resolve(item.assets[key].href, path.parent))
-    name, out = _output(out_dir, item.id, f'{path}, item {item.id!r}')
-    when = item.datetime or item.common_metadata.start_datetime
-    source = item.get_self_href() or f'{path.resolve()}#{item.id}'
-    scenes.append(Scene(name, *hrefs, out, source, when.isoformat() if when else None))
-  return scenes
-
-
-def read_scenes(
-  spec: str, out_dir: str | os.PathLike, *, pan_asset: str = 'pan', ms_asset: str = 'ms'
-) -> list[Scene]:
-  """The scenes of `--scenes`: a CSV, `'PAN_GLOB,MS_GLOB'` or a STAC ItemCollection JSON.
-
-  Args:
-    spec: the `--scenes` value.
-    out_dir: the output folder (outputs are named inside it).
-    pan_asset, ms_asset: the STAC asset keys of the PAN and the MS.
-
-  Returns:
-    The scenes, in the order given.
-
-  Raises:
-    DataError: an unreadable list, a bad pairing, or two scenes with the same output name.
-  """
-  out_dir = Path(out_dir).expanduser()
-  path = Path(spec).expanduser()
-  if path.suffix.lower() in ('.json', '.geojson') and path.is_file():
-    scenes = _from_stac(path, out_dir, pan_asset, ms_asset)
-  elif path.is_file():
-    scenes = _from_csv(path, out_dir)
-  elif ',' in spec:
-    scenes = _from_globs(spec, out_dir)
-  else:
-    raise DataError(f'--scenes {spec}: no such file (a CSV, a STAC JSON or "PAN_GLOB,MS_GLOB")')
-  if not scenes:
-    raise DataError(f'--scenes {spec}: no scenes listed')
-  seen: dict[str, Scene] = {}
-  for s in scenes:
-    if s.name in seen:
-      raise DataError(
-        f'--scenes {spec}: two scenes write {s.name}.tif ({seen[s.name].pan} and {s.pan}); give '
-        'an out column (CSV) or unique names'
-      )
-    seen[s.name] = s
-  return scenes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,7 +143,8 @@ def engine_identity(engine: Engine) -> tuple[Engine, dict[str, Any]]:
 
   Returns:
     (engine with the chosen step, so every worker restores the same one; its identity: method,
-    workdir, step, the tile batch and a hash of the checkpoint's parameter files).
+    workdir, step, the tile batch and `manifests.checkpoint_hash` of the checkpoint's parameter
+    files).
 
   Raises:
     errors.CheckpointError, FileNotFoundError: no config or checkpoint in the workdir.
@@ -333,174 +156,14 @@ def engine_identity(engine: Engine) -> tuple[Engine, dict[str, Any]]:
   config = config_utils.load_config(engine.workdir)
   step = checkpointing.select_step(engine.workdir, engine.step, engine.which)
   folder = checkpointing.checkpoint_dir(engine.workdir) / str(step) / 'params'
-  digest = hashlib.blake2b(digest_size=16)
-  for path in sorted(p for p in folder.rglob('*') if p.is_file()):
-    if path.name != 'commit_success.txt':  # Holds the save's time, not the weights.
-      digest.update(f'{path.relative_to(folder)}:{file_identity(path)["fast_hash"]};'.encode())
   identity = {
     'method': 'u2net',
     'workdir': engine.workdir,
     'step': int(step),
-    'checkpoint_hash': digest.hexdigest(),
+    'checkpoint_hash': manifests.checkpoint_hash(folder),
     'tile_batch': int(engine.tile_batch or config.eval.tile_batch),
   }
   return dataclasses.replace(engine, step=int(step)), identity
-
-
-def file_identity(path: str | os.PathLike) -> dict[str, Any]:
-  """An input's identity: size, mtime (ns) and a BLAKE2b of its first, middle and last MiB."""
-  path = Path(path)
-  st = path.stat()
-  digest = hashlib.blake2b(str(st.st_size).encode(), digest_size=16)
-  with open(path, 'rb') as f:
-    for offset in sorted(
-      {0, max(0, st.st_size // 2 - HASH_CHUNK // 2), max(0, st.st_size - HASH_CHUNK)}
-    ):
-      f.seek(offset)
-      digest.update(f.read(HASH_CHUNK))
-  return {
-    'path': str(path),
-    'size': st.st_size,
-    'mtime_ns': st.st_mtime_ns,
-    'fast_hash': digest.hexdigest(),
-  }
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-  """The SHA-256 (hex) of a whole file, read by 8 MiB blocks."""
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    while block := f.read(8 << 20):
-      digest.update(block)
-  return digest.hexdigest()
-
-
-def manifest_path(out: str | os.PathLike) -> Path:
-  """`<name>.manifest.json` beside the output `<name>.tif`."""
-  out = Path(out)
-  return out.with_name(out.stem + '.manifest.json')
-
-
-def stac_path(out: str | os.PathLike) -> Path:
-  """`<name>.stac.json` beside the output `<name>.tif`."""
-  out = Path(out)
-  return out.with_name(out.stem + '.stac.json')
-
-
-def _manifest(s: Scene, engine: dict, options: dict) -> dict | None:
-  """The scene's manifest if it was made by the same engine and options (and its STAC Item and
-  output exist), else None."""
-  try:
-    manifest = json.loads(manifest_path(s.out).read_text())
-  except (OSError, ValueError):
-    return None
-  same = (
-    isinstance(manifest, dict)
-    and manifest.get('version') == MANIFEST_VERSION
-    and manifest.get('engine') == engine
-    and manifest.get('options') == options
-    and Path(s.out).is_file()
-    and stac_path(s.out).is_file()
-  )
-  return manifest if same else None
-
-
-def _stat(path: str | os.PathLike) -> list[int]:
-  st = os.stat(path)
-  return [st.st_size, st.st_mtime_ns]
-
-
-def quick_complete(s: Scene, engine: dict, options: dict) -> dict | None:
-  """The manifest when the output is complete by `stat` alone (client side, before any task).
-
-  The inputs' and the output's sizes and mtimes equal the manifest's: skipped without reading a
-  byte. Anything else (e.g. files copied with new mtimes) goes to a task, which compares the
-  contents (`_complete`).
-  """
-  manifest = _manifest(s, engine, options)
-  if manifest is None:
-    return None
-  try:
-    inputs = manifest['inputs']
-    same = (
-      _stat(s.pan) == [inputs['pan']['size'], inputs['pan']['mtime_ns']]
-      and _stat(s.ms) == [inputs['ms']['size'], inputs['ms']['mtime_ns']]
-      and _stat(s.out) == [manifest['output']['size'], manifest['output']['mtime_ns']]
-    )
-  except (OSError, KeyError, TypeError):
-    return None
-  return manifest if same else None
-
-
-def _complete(s: Scene, inputs: dict, engine: dict, options: dict) -> dict | None:
-  """The manifest of a complete output made from the same inputs (by size and fast hash), engine
-  and options, its SHA-256 checked; the manifest is refreshed when only mtimes changed."""
-  manifest = _manifest(s, engine, options)
-  if manifest is None:
-    return None
-  content = {r: (v['size'], v['fast_hash']) for r, v in inputs.items()}
-  try:
-    if content != {r: (v['size'], v['fast_hash']) for r, v in manifest['inputs'].items()}:
-      return None
-    if sha256_file(s.out) != manifest['output']['sha256']:
-      return None  # Changed or damaged since: made again.
-  except (OSError, KeyError, TypeError, AttributeError):
-    return None
-  manifest['inputs'] = inputs
-  manifest['output'].update(zip(('size', 'mtime_ns'), _stat(s.out), strict=True))
-  fileio.atomic_write_text(manifest_path(s.out), json.dumps(manifest, indent=1))
-  return manifest
-
-
-def _stac_item(s: Scene, result: dict, engine: dict, options: dict) -> dict:
-  """The output's STAC Item (as a dict): its asset, its inputs, the method and the weights."""
-  import pystac
-  import rasterio
-  import rasterio.warp
-
-  with rasterio.open(s.out) as f:
-    bounds, crs = f.bounds, f.crs
-  geometry = bbox = None
-  if crs is not None:
-    west, south, east, north = rasterio.warp.transform_bounds(crs, 'EPSG:4326', *bounds)
-    bbox = [west, south, east, north]
-    ring = [[west, south], [east, south], [east, north], [west, north], [west, south]]
-    geometry = {'type': 'Polygon', 'coordinates': [ring]}
-  now = dt.datetime.now(dt.UTC)
-  when = dt.datetime.fromisoformat(s.datetime) if s.datetime else now
-  from u2net_jax import __version__
-
-  item = pystac.Item(
-    id=s.name,
-    geometry=geometry,
-    bbox=bbox,
-    datetime=when,
-    properties={
-      'created': now.isoformat(),
-      'u2net:method': engine['method'],
-      'u2net:weights': {k: v for k, v in engine.items() if k != 'method'},
-      'u2net:options': options,
-      'u2net:software': f'u2net-jax {__version__}',
-      'u2net:nodata_pixels': result['nodata_pixels'],
-      'u2net:shape': result['shape'],
-      'u2net:crs': crs.to_string() if crs is not None else None,
-    },
-  )
-  item.add_asset(
-    'fused',
-    pystac.Asset(
-      href=Path(s.out).name, media_type=pystac.MediaType.COG, roles=['data'], title='fused'
-    ),
-  )
-  item.add_link(
-    pystac.Link('derived_from', s.pan, media_type=pystac.MediaType.GEOTIFF, title='PAN')
-  )
-  item.add_link(pystac.Link('derived_from', s.ms, media_type=pystac.MediaType.GEOTIFF, title='MS'))
-  if s.source:
-    item.add_link(pystac.Link('derived_from', s.source, title='input STAC Item'))
-  if engine.get('workdir'):
-    item.add_link(pystac.Link('via', engine['workdir'], title='weights (workdir)'))
-  return item.to_dict(include_self_link=False, transform_hrefs=False)
 
 
 def _peak_rss_mb() -> float | None:
@@ -547,15 +210,16 @@ def fuse_task(
         raise DataError(f'{role} {path}: only local (or mounted) files can be read')
       if not Path(path).is_file():
         raise DataError(f'{role} {path}: file not found')
-    inputs = {'pan': file_identity(s.pan), 'ms': file_identity(s.ms)}
+    inputs = {'pan': manifests.file_identity(s.pan), 'ms': manifests.file_identity(s.ms)}
     pixel_options = {k: options.get(k) for k in ('max_value', 'dtype')}
-    manifest = _complete(s, inputs, identity, pixel_options)
+    manifest = manifests.complete(s, inputs, identity, pixel_options)
     if manifest is not None:
       row.update(
         status='skipped', pixels=manifest['pixels'], nodata_pixels=manifest['nodata_pixels']
       )
     else:
-      manifest_path(s.out).unlink(missing_ok=True)  # Not complete until a new one is written.
+      # Not complete until a new manifest is written.
+      manifests.manifest_path(s.out).unlink(missing_ok=True)
       out = Path(s.out)
       # A killed worker's temporaries of this output (only this task writes them).
       for stale in out.parent.glob(f'.{glob.escape(out.name)}.*.tmp*'):
@@ -574,26 +238,9 @@ def fuse_task(
         progress=False,
         loaded=(fuser, step),
       )
-      pixels = result['shape'][0] * result['shape'][1]
-      fileio.atomic_write_text(
-        stac_path(s.out), json.dumps(_stac_item(s, result, identity, pixel_options), indent=1)
-      )
-      manifest = {
-        'version': MANIFEST_VERSION,
-        'scene': s.name,
-        'inputs': inputs,
-        'engine': identity,
-        'options': pixel_options,
-        'output': dict(
-          zip(('size', 'mtime_ns'), _stat(s.out), strict=True), sha256=sha256_file(s.out)
-        ),
-        'pixels': pixels,
-        'nodata_pixels': result['nodata_pixels'],
-        'seconds': result['seconds'],
-        'created': dt.datetime.now(dt.UTC).isoformat(),
-      }
-      fileio.atomic_write_text(manifest_path(s.out), json.dumps(manifest, indent=1))
-      row.update(status='done', pixels=pixels, nodata_pixels=result['nodata_pixels'])
+      manifests.write_stac_item(s, result, identity, pixel_options)
+      manifest = manifests.write_manifest(s, inputs, identity, pixel_options, result)
+      row.update(status='done', pixels=manifest['pixels'], nodata_pixels=result['nodata_pixels'])
   except (*errors.user_errors(), FileNotFoundError) as e:
     row['error'] = str(e)
   except Exception as e:  # A hostile file can break a reader in any way: it fails alone.
@@ -724,7 +371,7 @@ def run(
   pixel_options = {k: options.get(k) for k in ('max_value', 'dtype')}
   rows: dict[str, dict] = {}
   for s in scenes:  # Complete outputs by stat alone: no task, no cluster when all are.
-    manifest = quick_complete(s, identity, pixel_options)
+    manifest = manifests.quick_complete(s, identity, pixel_options)
     if manifest is not None:
       rows[s.name] = {
         'scene': s.name,
