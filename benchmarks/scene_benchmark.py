@@ -19,11 +19,29 @@ the parent's high-water mark into a child started by fork/vfork + exec):
                   ../shared/official/code, 2 threads) on the first `--official_tiles` tiles of
                   the real scene: its rate in megapixels of PAN per second (extrapolated; all 441
                   tiles take ~10 min on 2 cores). Needs torch; skipped without it.
+  vs_gdal         GDAL's `gdal_pansharpen` (weighted Brovey with equal weights, cubic resampling,
+                  streaming, multi-threaded C++; `-threads ALL_CPUS` and `-threads 1`) beside
+                  `fuse.py --method=NAME` (the classical methods, streamed) and `fuse.py
+                  --workdir` (U2Net) on the same GeoTIFF scenes (`--vs_scenes`: synthetic
+                  `synSIDExBANDS`, uint16 in 0..2047, 4x MS; `wv2`, the real scene above), in
+                  interleaved rounds (`--rounds`; each round runs every runner once, the order
+                  rotated). Every run is the real command line in its own process, timed from
+                  its start to its end (interpreter start and imports included, as a user
+                  waits for them), its peak RSS read by a stdlib-only launcher process through
+                  `os.wait4` (the launcher's own few MB are the bound on what it adds). Both
+                  sides write the same GeoTIFF (256-px tiles, deflate, predictor 2); the table
+                  gives MP of PAN/s, CPU s, peak RSS, output size, the speed ratio to
+                  gdal_pansharpen (ALL_CPUS) in the same round (median over rounds), and whether
+                  the output has GDAL's grid (CRS, transform, shape, bands). GDAL rows are
+                  skipped with the reason when `gdal_pansharpen.py` is absent (`apt-get install
+                  gdal-bin python3-gdal`); method rows when `fuse.py` has no `--method`.
 
 Usage (from the repository root)::
 
   python benchmarks/scene_benchmark.py                 # every case (~5 min on 2 CPU cores)
   python benchmarks/scene_benchmark.py --cases=synthetic_2048,synthetic_8192
+  python benchmarks/scene_benchmark.py --cases=vs_gdal --rounds=3 \
+      --vs_scenes=syn2048x4,syn2048x8,wv2 --vs_runners=gdal,gdal_1thread,bt-h,mtf-glp-fs
 
 Writes `benchmarks/results/scene_benchmark.json` (or `--out`) and prints a markdown table.
 """
@@ -32,6 +50,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,7 +66,30 @@ SCENE = SHARED / 'data' / 'pnn-wv2-ikonos-geoeye1' / 'imgWV2.mat'
 WEIGHTS = SHARED / 'official' / 'u2net_wv3_200000_iter.pth'
 OFFICIAL_CODE = SHARED / 'official' / 'code'
 RESULTS = REPO / 'benchmarks' / 'results' / 'scene_benchmark.json'
-CASES = ('wv2_scene', 'synthetic_2048', 'synthetic_8192', 'official_wv2')
+CASES = ('wv2_scene', 'synthetic_2048', 'synthetic_8192', 'official_wv2', 'vs_gdal')
+VS_SCENES = ('syn2048x4', 'syn2048x8', 'syn8192x4', 'syn8192x8', 'wv2')
+VS_RUNNERS = (
+  'gdal',
+  'gdal_1thread',
+  'bt-h',
+  'gsa',
+  'mtf-glp-hpm',
+  'mtf-glp-fs',
+  'awlp',
+  'u2net_tiny',
+  'u2net',
+)
+SENSOR_OF_BANDS = {4: 'QB', 8: 'WV2'}  # Synthetic scenes: 11-bit sensors with these band counts.
+GDAL_INSTALL = 'apt-get install gdal-bin python3-gdal'
+# What fuse.py writes (raster_sinks.open_sink): the same GeoTIFF layout for GDAL's output.
+GDAL_CREATION = (
+  'TILED=YES',
+  'BLOCKXSIZE=256',
+  'BLOCKYSIZE=256',
+  'COMPRESS=DEFLATE',
+  'PREDICTOR=2',
+  'BIGTIFF=IF_SAFER',
+)
 CRS = 'EPSG:32633'
 PAN_PIXEL = 0.5
 # The cheapest real U2Net: the V2 variant (concatenation + 1x1 projection instead of S2Blocks) at
@@ -99,11 +144,10 @@ def _synthetic_fill(width: int, bands: int, seed: int):
 
 def prepare_inputs(case: str, folder: Path) -> dict:
   """Writes the case's workdir and GeoTIFFs into `folder` (not measured)."""
-  import jax
   import scipy.io
 
-  from u2net_jax import convert, models
-  from u2net_jax.run import checkpointing, config_utils
+  from u2net_jax import convert
+  from u2net_jax.run import config_utils
 
   config = config_utils.load_config_file(REPO / 'configs' / 'wv3.py')
   workdir = folder / 'workdir'
@@ -121,14 +165,26 @@ def prepare_inputs(case: str, folder: Path) -> dict:
     _write_tiff(folder / 'pan.tif', side, side, 1, PAN_PIXEL, _synthetic_fill(side, 1, 0))
     small = side // 4
     _write_tiff(folder / 'ms.tif', small, small, 8, 4 * PAN_PIXEL, _synthetic_fill(small, 8, 1))
-    with config.unlocked():
-      config.model.update(TINY_MODEL)
-      config.eval.tile_batch = TINY_TILE_BATCH
-    model = models.create_model(config.model)
-    params = models.init_params(model, jax.random.key(0))
-    config_utils.save_config(config, workdir)
-    checkpointing.save_params(workdir, params)
+    _tiny_workdir('wv3', workdir)
   return {'workdir': str(workdir), 'pan': str(folder / 'pan.tif'), 'ms': str(folder / 'ms.tif')}
+
+
+def _tiny_workdir(config_name: str, workdir: Path) -> Path:
+  """A workdir of the tiny model (TINY_MODEL, random weights) for configs/<config_name>.py."""
+  import jax
+
+  from u2net_jax import models
+  from u2net_jax.run import checkpointing, config_utils
+
+  config = config_utils.load_config_file(REPO / 'configs' / f'{config_name}.py')
+  with config.unlocked():
+    config.model.update(TINY_MODEL)
+    config.eval.tile_batch = TINY_TILE_BATCH
+  model = models.create_model(config.model)
+  params = models.init_params(model, jax.random.key(0))
+  config_utils.save_config(config, workdir)
+  checkpointing.save_params(workdir, params)
+  return workdir
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,11 +205,12 @@ def _fuse(inputs: dict, out: Path) -> dict:
 def case_wv2_scene(inputs: dict, folder: Path) -> dict:
   import numpy as np
 
-  from u2net_jax.infer import scene, tiling
+  from u2net_jax.data import rasters
+  from u2net_jax.infer import tiling
   from u2net_jax.run import checkpointing, config_utils
 
-  pan = scene.open_raster(inputs['pan'], 'PAN')
-  ms = scene.open_raster(inputs['ms'], 'MS')
+  pan = rasters.open_raster(inputs['pan'], 'PAN')
+  ms = rasters.open_raster(inputs['ms'], 'MS')
   mx = np.float32(2047)
   ms_tiles, guide_tiles = tiling.extract_tiles(
     ms.read(0, ms.height, 0, ms.width).astype(np.float32) / mx,
@@ -205,7 +262,7 @@ def case_official(inputs: dict, folder: Path, tiles: int) -> dict:
   import numpy as np
   import torch
 
-  from u2net_jax.infer import scene
+  from u2net_jax.data import rasters
 
   torch.set_num_threads(2)
   sys.path.insert(0, str(OFFICIAL_CODE))
@@ -213,8 +270,8 @@ def case_official(inputs: dict, folder: Path, tiles: int) -> dict:
 
   model = U2Net(dim=32).eval()
   model.load_state_dict(torch.load(WEIGHTS, map_location='cpu'))
-  pan = scene.open_raster(inputs['pan'], 'PAN')
-  ms = scene.open_raster(inputs['ms'], 'MS')
+  pan = rasters.open_raster(inputs['pan'], 'PAN')
+  ms = rasters.open_raster(inputs['ms'], 'MS')
   x1 = torch.from_numpy(ms.read(0, ms.height, 0, ms.width).astype(np.float32) / 2047.0)
   x2 = torch.from_numpy(pan.read(0, pan.height, 0, pan.width).astype(np.float32) / 2047.0)
   x1, x2 = x1.permute(2, 0, 1)[None], x2.permute(2, 0, 1)[None]
@@ -257,6 +314,265 @@ def run_case(case: str, inputs: dict, folder: Path, official_tiles: int) -> dict
   if case == 'official_wv2':
     return case_official(inputs, folder, official_tiles)
   return case_synthetic(inputs, folder, int(case.split('_')[1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# vs_gdal: gdal_pansharpen beside fuse.py on the same scenes, every run a command in its process.
+
+
+def _gdal_script() -> str | None:
+  return shutil.which('gdal_pansharpen.py') or shutil.which('gdal_pansharpen')
+
+
+def _fuse_has_method() -> bool:
+  return re.search(r"DEFINE_\w+\(\s*'method'", (REPO / 'fuse.py').read_text()) is not None
+
+
+def _scene_spec(name: str):
+  """'syn2048x8' -> (2048, 8); 'wv2' -> None; anything else -> ValueError."""
+  if name == 'wv2':
+    return None
+  match = re.fullmatch(r'syn(\d+)x(\d+)', name)
+  if not match or int(match[1]) % 4 or int(match[2]) not in SENSOR_OF_BANDS:
+    raise ValueError(
+      f'scene {name!r}: expected wv2 or synSIDExBANDS with SIDE a multiple of 4 and BANDS in '
+      f'{sorted(SENSOR_OF_BANDS)}'
+    )
+  return int(match[1]), int(match[2])
+
+
+def prepare_vs_scene(name: str, folder: Path, runners) -> dict:
+  """Writes one scene's GeoTIFFs, and the workdirs its U2Net runners need, into `folder`."""
+  folder.mkdir()
+  spec = _scene_spec(name)
+  if spec is None:
+    if not SCENE.exists():
+      raise FileNotFoundError(f'{SCENE} is absent (../shared)')
+    import scipy.io
+
+    data = scipy.io.loadmat(SCENE)
+    pan, ms = data['I_PAN'][..., None], data['I_MS']
+    _write_tiff(folder / 'pan.tif', *pan.shape, PAN_PIXEL, lambda y0, y1: pan[y0:y1])
+    _write_tiff(folder / 'ms.tif', *ms.shape, 4 * PAN_PIXEL, lambda y0, y1: ms[y0:y1])
+    (height, width), bands, sensor = pan.shape[:2], ms.shape[2], 'WV2'
+  else:
+    (side, bands), sensor = spec, SENSOR_OF_BANDS[spec[1]]
+    height = width = side
+    _write_tiff(folder / 'pan.tif', side, side, 1, PAN_PIXEL, _synthetic_fill(side, 1, 0))
+    small = side // 4
+    fill = _synthetic_fill(small, bands, 1)
+    _write_tiff(folder / 'ms.tif', small, small, bands, 4 * PAN_PIXEL, fill)
+  scene = {
+    'scene': name,
+    'pan': str(folder / 'pan.tif'),
+    'ms': str(folder / 'ms.tif'),
+    'bands': bands,
+    'sensor': sensor,
+    'shape': [height, width],
+    'megapixels': height * width / 1e6,
+  }
+  if 'u2net_tiny' in runners:
+    config_name = {4: 'qb', 8: 'wv2'}[bands]
+    scene['tiny_workdir'] = str(_tiny_workdir(config_name, folder / 'tiny'))
+  if 'u2net' in runners and bands == 8 and WEIGHTS.exists():
+    from u2net_jax import convert
+    from u2net_jax.run import config_utils
+
+    config = config_utils.load_config_file(REPO / 'configs' / 'wv3.py')
+    convert.convert_to_workdir(WEIGHTS, config, folder / 'released')
+    scene['released_workdir'] = str(folder / 'released')
+  return scene
+
+
+def runner_unavailable(runner: str, scene: dict) -> str | None:
+  """Why `runner` cannot run on `scene` (the row is then skipped with it), or None."""
+  if runner.startswith('gdal'):
+    return None if _gdal_script() else f'gdal_pansharpen.py not found ({GDAL_INSTALL})'
+  if runner == 'u2net':
+    return None if 'released_workdir' in scene else 'released WV3 weights: 8-band scenes only'
+  if runner != 'u2net_tiny' and not _fuse_has_method():
+    return 'fuse.py has no --method yet'
+  return None
+
+
+def runner_command(runner: str, scene: dict, out: Path) -> list[str]:
+  """The command line of one run: what a user types."""
+  if runner.startswith('gdal'):
+    bands = scene['bands']
+    # Weighted Brovey with equal weights: pseudo-PAN = the mean of the bands.
+    weights = [a for _ in range(bands) for a in ('-w', f'{1 / bands:.17g}')]
+    creation = [a for option in GDAL_CREATION for a in ('-co', option)]
+    threads = '1' if runner == 'gdal_1thread' else 'ALL_CPUS'
+    return [
+      *[_gdal_script(), scene['pan'], scene['ms'], str(out)],
+      *['-r', 'cubic', *weights, '-threads', threads, *creation, '-q'],
+    ]
+  fuse = [sys.executable, str(REPO / 'fuse.py'), f'--pan={scene["pan"]}', f'--ms={scene["ms"]}']
+  fuse += [f'--out={out}', '--noprogress']
+  if runner == 'u2net_tiny':
+    return [*fuse, f'--workdir={scene["tiny_workdir"]}']
+  if runner == 'u2net':
+    return [*fuse, f'--workdir={scene["released_workdir"]}']
+  return [*fuse, f'--method={runner}', f'--sensor={scene["sensor"]}']
+
+
+def launch(cmd: list[str], log: Path) -> dict:
+  """Launcher side: runs `cmd` (stdout to log.out, stderr to log.err) and measures it.
+
+  The peak RSS is the command's `ru_maxrss` from `os.wait4`: Linux counts into it the mm the
+  command was started from (this launcher's: stdlib only, `launcher_rss_gb`), never the parent
+  benchmark's.
+  """
+  import benchmark
+
+  with open(f'{log}.out', 'w') as out, open(f'{log}.err', 'w') as err:
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+  proc.returncode = os.waitstatus_to_exitcode(status)
+  return {
+    'rc': proc.returncode,
+    'wall_s': wall,
+    'cpu_s': usage.ru_utime + usage.ru_stime,
+    'peak_rss_gb': usage.ru_maxrss * 1024 / 1e9,
+    'launcher_rss_gb': benchmark._peak_rss_gb(),
+  }
+
+
+def _grid(path: Path) -> dict:
+  import rasterio
+
+  with rasterio.open(path) as src:
+    return {
+      'crs': str(src.crs),
+      'transform': [round(v, 9) for v in tuple(src.transform)[:6]],
+      'shape': [src.height, src.width],
+      'count': src.count,
+      'dtype': src.dtypes[0],
+    }
+
+
+def _run_once(runner: str, scene: dict, folder: Path, grids: dict) -> dict:
+  """One run of `runner` in a launcher process; its output's grid kept the first time."""
+  out = folder / f'{runner}.tif'
+  out.unlink(missing_ok=True)
+  log = folder / runner
+  load = os.getloadavg()[0]
+  cmd = [sys.executable, __file__, f'--launch={json.dumps(runner_command(runner, scene, out))}']
+  proc = subprocess.run([*cmd, f'--log={log}'], cwd=REPO, stdout=subprocess.PIPE, text=True)
+  if proc.returncode:
+    return {'error': f'launcher exit {proc.returncode}', 'load': load}
+  run = dict(json.loads(proc.stdout.strip().splitlines()[-1]), load=load)
+  if run['rc'] != 0 or not out.exists():
+    tail = Path(f'{log}.err').read_text()[-1500:]
+    return dict(run, error=f'exit {run["rc"]}: {tail}')
+  run['output_mb'] = out.stat().st_size / 1e6
+  if not runner.startswith('gdal'):  # fuse.py's JSON summary: the time inside the fusion loop.
+    summary = json.loads(Path(f'{log}.out').read_text().strip().splitlines()[-1])
+    run['inner_s'] = summary.get('seconds')
+  if runner not in grids:
+    grids[runner] = _grid(out)
+  out.unlink()  # Large scenes: one output on disk at a time.
+  return run
+
+
+def _summarise(scene: dict, runs: dict, grids: dict) -> list[dict]:
+  """One row per runner: medians over the rounds, the ratio to gdal_pansharpen per round."""
+  rows = []
+  base = {'case': 'vs_gdal', 'scene': scene['scene'], 'megapixels': scene['megapixels']}
+  reference = grids.get('gdal') or grids.get('gdal_1thread')
+  for runner, done in runs.items():
+    row = dict(base, runner=runner, runs=done)
+    errors = [r['error'] for r in done if 'error' in r]
+    if errors:
+      rows.append(dict(row, error=errors[0]))
+      continue
+    wall = statistics.median(r['wall_s'] for r in done)
+    row.update(
+      rounds=len(done),
+      wall_s=wall,
+      mp_per_s=scene['megapixels'] / wall,
+      cpu_s=statistics.median(r['cpu_s'] for r in done),
+      peak_rss_gb=max(r['peak_rss_gb'] for r in done),
+      output_mb=done[0]['output_mb'],
+      load=[min(r['load'] for r in done), max(r['load'] for r in done)],
+      grid=grids[runner],
+    )
+    if all(r.get('inner_s') is not None for r in done):
+      row['inner_s'] = statistics.median(r['inner_s'] for r in done)
+    if 'gdal' in runs and not any('error' in r for r in runs['gdal']):
+      # Same round, same scene: GDAL's time over this runner's (> 1: faster than GDAL).
+      ratios = [g['wall_s'] / r['wall_s'] for g, r in zip(runs['gdal'], done, strict=True)]
+      row.update(ratios_to_gdal=ratios, ratio_to_gdal=statistics.median(ratios))
+    if reference is not None:
+      row['same_grid_as_gdal'] = all(
+        grids[runner][k] == reference[k] for k in ('crs', 'transform', 'shape', 'count')
+      )
+    rows.append(row)
+  return rows
+
+
+def run_vs_gdal(args, root: Path) -> list[dict]:
+  """Every scene of `--vs_scenes`: `--rounds` rounds of every runner, the order rotated."""
+  runners = [r.strip() for r in args.vs_runners.split(',') if r.strip()]
+  rows = []
+  for name in [s.strip() for s in args.vs_scenes.split(',') if s.strip()]:
+    base = {'case': 'vs_gdal', 'scene': name}
+    print(f'preparing {name} ...', flush=True)
+    try:
+      scene = prepare_vs_scene(name, root / f'vs_{name}', runners)
+    except FileNotFoundError as e:
+      rows.append(dict(base, runner='-', skipped=str(e)))
+      continue
+    skipped = {r: runner_unavailable(r, scene) for r in runners}
+    active = [r for r in runners if not skipped[r]]
+    runs, grids = {r: [] for r in active}, {}
+    for k in range(args.rounds):
+      shift = k % max(1, len(active))
+      for runner in active[shift:] + active[:shift]:
+        run = _run_once(runner, scene, root / f'vs_{name}', grids)
+        runs[runner].append(dict(run, round=k))
+        shown = 'error' if 'error' in run else f'{run["wall_s"]:.2f} s, {run["peak_rss_gb"]:.3f} GB'
+        print(f'  {name} round {k + 1}/{args.rounds} {runner}: {shown}', flush=True)
+    done = {row['runner']: row for row in _summarise(scene, runs, grids)}
+    for runner in runners:  # The rows in the order asked for.
+      rows.append(done.get(runner) or dict(base, runner=runner, skipped=skipped[runner]))
+  return rows
+
+
+def _runner_what(runner: str) -> str:
+  if runner == 'gdal':
+    return 'gdal_pansharpen, weighted Brovey, -threads ALL_CPUS'
+  if runner == 'gdal_1thread':
+    return 'gdal_pansharpen, weighted Brovey, -threads 1'
+  if runner == 'u2net_tiny':
+    return 'fuse.py --workdir, U2Net V2 width 4 (random weights)'
+  if runner == 'u2net':
+    return 'fuse.py --workdir, U2Net (released WV3 weights)'
+  return f'fuse.py --method={runner}'
+
+
+def format_vs_table(rows: list[dict]) -> str:
+  lines = [
+    '| scene | runner | MP of PAN/s | wall s | in fusion loop s | CPU s | peak RSS (GB) | '
+    "output (MB) | speed / gdal_pansharpen (ALL_CPUS) | grid = GDAL's |",
+    '|---|---|---|---|---|---|---|---|---|---|',
+  ]
+  for r in rows:
+    head = f'| {r["scene"]} | {_runner_what(r["runner"]) if r["runner"] != "-" else "-"} |'
+    if 'skipped' in r or 'error' in r:
+      why = r.get('skipped') or r['error'].replace('\n', ' ')[:120]
+      lines.append(f'{head} {"skipped" if "skipped" in r else "error"}: {why} ||||||||')
+      continue
+    inner = f'{r["inner_s"]:.2f}' if r.get('inner_s') is not None else '-'
+    ratio = f'{r["ratio_to_gdal"]:.3f}' if 'ratio_to_gdal' in r else '-'
+    grid = {True: 'yes', False: '**no**'}.get(r.get('same_grid_as_gdal'), '-')
+    lines.append(
+      f'{head} {r["mp_per_s"]:.3f} | {r["wall_s"]:.2f} | {inner} | {r["cpu_s"]:.2f} | '
+      f'{r["peak_rss_gb"]:.3f} | {r["output_mb"]:.1f} | {ratio} | {grid} |'
+    )
+  return '\n'.join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,19 +624,59 @@ def format_table(results: list[dict]) -> str:
   return '\n'.join(lines)
 
 
+def _check_vs_flags(parser, args) -> None:
+  for name in args.vs_scenes.split(','):
+    try:
+      _scene_spec(name.strip())
+    except ValueError as e:
+      parser.error(f'--vs_scenes: {e}')
+  unknown = [r for r in args.vs_runners.split(',') if r.strip() not in VS_RUNNERS]
+  if unknown:
+    from u2net_jax.methods import METHODS
+
+    unknown = [r for r in unknown if r.strip() not in METHODS]
+    if unknown:
+      parser.error(
+        f'--vs_runners: unknown {unknown}; choose from {VS_RUNNERS} or {sorted(METHODS)}'
+      )
+  if args.rounds < 1:
+    parser.error(f'--rounds must be at least 1, got {args.rounds}')
+
+
+def _gdal_version() -> str | None:
+  if not shutil.which('gdalinfo'):
+    return None
+  proc = subprocess.run(['gdalinfo', '--version'], stdout=subprocess.PIPE, text=True)
+  return proc.stdout.strip() or None
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--cases', default=','.join(CASES), help=f'comma-separated, from {CASES}')
   parser.add_argument('--official_tiles', type=int, default=16, help='tiles the official code runs')
   parser.add_argument('--out', default=str(RESULTS), help='JSON output path')
+  parser.add_argument(
+    '--vs_scenes', default=','.join(VS_SCENES), help='vs_gdal: wv2 and/or synSIDExBANDS scenes'
+  )
+  parser.add_argument(
+    '--vs_runners',
+    default=','.join(VS_RUNNERS),
+    help=f'vs_gdal: from {VS_RUNNERS} or any fuse.py --method name',
+  )
+  parser.add_argument('--rounds', type=int, default=3, help='vs_gdal: interleaved rounds')
   parser.add_argument('--child', default=None, help=argparse.SUPPRESS)
   parser.add_argument('--inputs', default=None, help=argparse.SUPPRESS)
   parser.add_argument('--folder', default=None, help=argparse.SUPPRESS)
+  parser.add_argument('--launch', default=None, help=argparse.SUPPRESS)
+  parser.add_argument('--log', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   sys.path.insert(0, str(REPO))
   sys.path.insert(0, str(REPO / 'benchmarks'))
   import benchmark  # noqa: E402  (benchmarks/benchmark.py: peak-RSS reader, JSON report)
 
+  if args.launch:  # Stdlib only from here: this process's memory bounds what it adds.
+    print(json.dumps(launch(json.loads(args.launch), Path(args.log))), flush=True)
+    return 0
   if args.child:
     result = run_case(args.child, json.loads(args.inputs), Path(args.folder), args.official_tiles)
     print(json.dumps(dict(result, peak_rss_gb=benchmark._peak_rss_gb())), flush=True)
@@ -329,15 +685,27 @@ def main(argv=None) -> int:
   unknown = sorted(set(cases) - set(CASES))
   if unknown:
     parser.error(f'unknown cases {unknown}; choose from {CASES}')
-  results = []
+  if 'vs_gdal' in cases:
+    _check_vs_flags(parser, args)
+  results, vs_rows = [], []
   with tempfile.TemporaryDirectory(prefix='scene_benchmark_') as root:
     for case in cases:
       print(f'running {case} ...', flush=True)
+      if case == 'vs_gdal':
+        vs_rows = run_vs_gdal(args, Path(root))
+        continue
       results.append(_spawn(case, args, Path(root)))
       print(f'  {json.dumps(results[-1])}', flush=True)
-  table = format_table(results)
+  tables = ([format_table(results)] if results else []) + (
+    [format_vs_table(vs_rows)] if vs_rows else []
+  )
+  table = '\n\n'.join(tables)
   print(table)
-  benchmark.write_report(args.out, 'scene_benchmark.py', results, table)
+  extra = {}
+  if vs_rows:
+    extra = {'rounds': args.rounds, 'gdal': _gdal_version(), 'cpu_count': os.cpu_count()}
+  results += vs_rows
+  benchmark.write_report(args.out, 'scene_benchmark.py', results, table, **extra)
   return 1 if any('error' in r for r in results) else 0
 
 
