@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 
 from u2net_jax.data import DataError
+from u2net_jax.io import naming
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,12 +52,10 @@ def _resolve(path: str, base: Path) -> str:
 
 
 def _output(out_dir: Path, name: str, where: str) -> tuple[str, str]:
-  if not name or '/' in name or '\\' in name or name in ('.', '..'):
+  if not naming.is_name(name):
     raise DataError(f'{where}: output {name!r} must be a file name (no folder)')
-  path = Path(name)
-  if path.suffix.lower() not in ('.tif', '.tiff'):
-    path = path.with_name(path.name + '.tif')
-  return path.stem, str((out_dir / path).resolve())
+  path = naming.output_path(out_dir, 'scene', scene=name)
+  return naming.scene_name(path), str(path.resolve())
 
 
 def _from_csv(path: Path, out_dir: Path) -> list[Scene]:

@@ -49,7 +49,7 @@ from typing import Any
 from u2net_jax import errors
 from u2net_jax.data import DataError
 from u2net_jax.data.scene_lists import Scene, read_scenes
-from u2net_jax.io import fileio, manifests
+from u2net_jax.io import fileio, manifests, naming
 
 SUMMARY_FIELDS = ('scene', 'status', 'seconds', 'pixels', 'nodata_pixels', 'error', 'output')
 
@@ -324,10 +324,12 @@ def write_summary(out_dir: str | os.PathLike, rows: Sequence[dict], extra: dict)
   writer = csv.DictWriter(buffer, SUMMARY_FIELDS, extrasaction='ignore', lineterminator='\n')
   writer.writeheader()
   writer.writerows(rows)
-  fileio.atomic_write_text(out_dir / 'summary.csv', buffer.getvalue())
+  fileio.atomic_write_text(naming.output_path(out_dir, 'summary', ext='csv'), buffer.getvalue())
   totals = {k: sum(r['status'] == k for r in rows) for k in ('done', 'skipped', 'failed')}
   summary = dict(extra, scenes=len(rows), **totals, rows=list(rows))
-  fileio.atomic_write_text(out_dir / 'summary.json', json.dumps(summary, indent=1))
+  fileio.atomic_write_text(
+    naming.output_path(out_dir, 'summary', ext='json'), json.dumps(summary, indent=1)
+  )
   return summary
 
 
@@ -545,7 +547,7 @@ def run_from_flags(flags) -> int | str:
   if summary['failed']:
     print(
       f'error: {summary["failed"]} of {summary["scenes"]} scenes failed (reasons in '
-      f'{Path(flags.out_dir) / "summary.csv"})',
+      f'{naming.output_path(flags.out_dir, "summary", ext="csv")})',
       file=sys.stderr,
       flush=True,
     )

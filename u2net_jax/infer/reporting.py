@@ -30,7 +30,7 @@ import scipy.io
 from PIL import Image, ImageDraw, ImageFont
 
 from u2net_jax import metrics, toolbox
-from u2net_jax.io import fileio
+from u2net_jax.io import fileio, naming
 
 STRETCH_PERCENTILES = (2.0, 98.0)
 NOTES = {
@@ -131,9 +131,11 @@ def write_summary(folder: str | Path, result: Mapping[str, Any]) -> str:
   """
   folder = Path(folder)
   table = format_report(result)
-  (folder / 'table.txt').write_text(table, encoding='utf-8')
-  (folder / 'metrics.json').write_text(json.dumps(result, indent=2) + '\n', encoding='utf-8')
-  (folder / 'per_image.csv').write_text(csv_text(result['methods']), encoding='utf-8')
+  naming.output_path(folder, 'table', ext='txt').write_text(table, encoding='utf-8')
+  naming.output_path(folder, 'metrics').write_text(
+    json.dumps(result, indent=2) + '\n', encoding='utf-8'
+  )
+  naming.output_path(folder, 'per_image').write_text(csv_text(result['methods']), encoding='utf-8')
   return table
 
 
@@ -162,13 +164,17 @@ def write_image(
   save_output(folder, index, fused)
   pictures = previews(fused, ref, rgb=rgb, max_value=max_value, error_max=error_max)
   for what, picture in pictures.items():
-    name = f'preview_{index}.png' if what == 'panel' else f'preview_{index}_{what}.png'
-    Image.fromarray(picture).save(folder / name, format='PNG')
+    path = (
+      naming.output_path(folder, 'preview', index=index)
+      if what == 'panel'
+      else naming.output_path(folder, 'preview_part', index=index, part=what)
+    )
+    Image.fromarray(picture).save(path, format='PNG')
 
 
 def save_output(folder: str | Path, index: int, fused: np.ndarray) -> None:
   """Writes `output_mulExm_{index}.mat` with `sr` = `fused` (H x W x C), its dtype kept."""
-  scipy.io.savemat(Path(folder) / f'output_mulExm_{index}.mat', {'sr': fused})
+  scipy.io.savemat(naming.output_path(folder, 'fused', index=index), {'sr': fused})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from u2net_jax.io import fileio
+from u2net_jax.io import fileio, naming
 
 if TYPE_CHECKING:
   from u2net_jax.data.scene_lists import Scene
@@ -84,14 +84,12 @@ def checkpoint_hash(folder: str | os.PathLike) -> str:
 
 def manifest_path(out: str | os.PathLike) -> Path:
   """`<name>.manifest.json` beside the output `<name>.tif`."""
-  out = Path(out)
-  return out.with_name(out.stem + '.manifest.json')
+  return naming.beside_output(out, 'manifest')
 
 
 def stac_path(out: str | os.PathLike) -> Path:
   """`<name>.stac.json` beside the output `<name>.tif`."""
-  out = Path(out)
-  return out.with_name(out.stem + '.stac.json')
+  return naming.beside_output(out, 'stac_item')
 
 
 def read_manifest(s: Scene, engine: dict, options: dict) -> dict | None:
