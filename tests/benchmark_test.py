@@ -185,3 +185,79 @@ def test_profile_resolves_loop_bodies_and_sums_events():
   summary = profile.summarise(events, names, calls=1)
   assert summary['ops_ms_per_call'] == pytest.approx(5e-3 * len(body))
   assert sum(summary['share'].values()) == pytest.approx(1.0)
+
+
+# gdal_pansharpen beside fuse.py on the same scene (benchmarks/scene_benchmark.py --cases=vs_gdal).
+
+
+def _scene_module():
+  spec = importlib.util.spec_from_file_location(
+    'u2net_scene_benchmark', REPO / 'benchmarks' / 'scene_benchmark.py'
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _vs_gdal(scene, tmp_path, runners, rounds=1, side=128):
+  out = tmp_path / 'scene.json'
+  flags = [f'--vs_scenes=syn{side}x4', f'--vs_runners={runners}', f'--rounds={rounds}']
+  code = scene.main(['--cases=vs_gdal', *flags, f'--out={out}'])
+  rows = {r['runner']: r for r in json.loads(out.read_text())['results']}
+  return code, rows
+
+
+def test_vs_gdal_skips_the_gdal_rows_with_the_reason_without_gdal(tmp_path, monkeypatch, capsys):
+  scene = _scene_module()
+  monkeypatch.setattr(scene, '_gdal_script', lambda: None)
+  code, rows = _vs_gdal(scene, tmp_path, 'gdal,gdal_1thread', side=64)
+  assert code == 0
+  for runner in ('gdal', 'gdal_1thread'):
+    assert rows[runner]['skipped'] == (
+      'gdal_pansharpen.py not found (apt-get install gdal-bin python3-gdal)'
+    )
+  assert 'skipped: gdal_pansharpen.py not found' in capsys.readouterr().out
+
+
+def test_vs_gdal_rounds_of_gdal_pansharpen(tmp_path):
+  scene = _scene_module()
+  if scene._gdal_script() is None:
+    pytest.skip(f'gdal_pansharpen.py is absent ({scene.GDAL_INSTALL})')
+  code, rows = _vs_gdal(scene, tmp_path, 'gdal,gdal_1thread', rounds=2)
+  assert code == 0, rows
+  for runner in ('gdal', 'gdal_1thread'):
+    row = rows[runner]
+    assert [r['round'] for r in row['runs']] == [0, 1] and row['mp_per_s'] > 0
+    assert 0 < row['peak_rss_gb'] < 2 and row['output_mb'] > 0
+    assert row['grid']['shape'] == [128, 128] and row['grid']['count'] == 4
+    assert row['same_grid_as_gdal'] is True
+  assert rows['gdal']['ratio_to_gdal'] == 1.0 and len(rows['gdal_1thread']['ratios_to_gdal']) == 2
+
+
+def test_vs_gdal_flags_are_checked(capsys):
+  scene = _scene_module()
+  with pytest.raises(SystemExit) as info:
+    scene.main(['--cases=vs_gdal', '--vs_scenes=syn100x3'])
+  assert info.value.code == 2
+  assert '--vs_scenes: scene' in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    scene.main(['--cases=vs_gdal', '--vs_runners=gdal,brovey-typo'])
+  assert "unknown ['brovey-typo']" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_vs_gdal_fuse_rows_have_gdal_grid(tmp_path):
+  # fuse.py (a classical method and the tiny U2Net) beside GDAL: same CRS, transform and shape.
+  scene = _scene_module()
+  code, rows = _vs_gdal(scene, tmp_path, 'gdal,bt-h,u2net_tiny')
+  assert code == 0, rows
+  fused = [rows['u2net_tiny']]
+  if scene._fuse_has_method():
+    fused.append(rows['bt-h'])
+  else:
+    assert rows['bt-h']['skipped'] == 'fuse.py has no --method yet'
+  pan_grid = {'crs': 'EPSG:32633', 'transform': [0.5, 0.0, 500000.0, 0.0, -0.5, 4600000.0]}
+  for row in fused:
+    assert row['mp_per_s'] > 0 and row['inner_s'] > 0 and row['output_mb'] > 0
+    assert row['grid'] == dict(pan_grid, shape=[128, 128], count=4, dtype='uint16')
+    assert row.get('same_grid_as_gdal') is (None if 'skipped' in rows['gdal'] else True)

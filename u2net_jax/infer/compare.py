@@ -43,7 +43,7 @@ from PIL import Image, ImageDraw
 
 from u2net_jax import errors, methods
 from u2net_jax.infer import eval_lib, reporting, tiling
-from u2net_jax.io import fileio
+from u2net_jax.io import fileio, naming
 from u2net_jax.run import checkpointing, config_utils
 
 CLASSICAL = tuple(methods.METHODS)  # In the registry's order (the paper's families).
@@ -457,7 +457,7 @@ def compare_test_set(
   rgb = reporting.rgb_bands(cfg.model.spectral_bands, sensor)
   n = len(test_set)
   rows: dict[str, dict[str, Any]] = {}
-  final = out_dir / test_set.name
+  final = naming.output_path(out_dir, test_set=test_set.name)
   with fileio.atomic_dir(final) as folder:
     refs = [test_set.source.reference(k, test_set.source.example(k)) for k in range(n)]
     outputs: list[dict[str, np.ndarray]] = [{} for _ in range(n)]
@@ -468,8 +468,9 @@ def compare_test_set(
       )
       row['per_image'].append(eval_lib.image_metrics(test_set, refs[k], out.astype(np.float64)))
       row['seconds_per_image'].append(seconds)
-      (folder / folder_name).mkdir(exist_ok=True)
-      reporting.save_output(folder / folder_name, k, out)
+      method_dir = naming.output_path(folder, method=folder_name)
+      method_dir.mkdir(exist_ok=True)
+      reporting.save_output(method_dir, k, out)
       outputs[k][name] = out
 
     for name in method_names:
@@ -500,7 +501,7 @@ def compare_test_set(
       picture, scale = figure(
         outputs[k], refs[k], rgb=rgb, max_value=max_value, error_max=error_max
       )
-      Image.fromarray(picture).save(folder / f'figure_{k}.png', format='PNG')
+      Image.fromarray(picture).save(naming.output_path(folder, 'figure', index=k), format='PNG')
       scales.append(scale)
       outputs[k] = {}
     for row in rows.values():
@@ -526,9 +527,10 @@ def compare_test_set(
     }
     tables = format_tables(result)
     for ext, text in tables.items():
-      (folder / f'table.{ext}').write_text(text, encoding='utf-8')
-    (folder / 'metrics.json').write_text(json.dumps(result, indent=2) + '\n', encoding='utf-8')
-    (folder / 'per_image.csv').write_text(reporting.csv_text(rows), encoding='utf-8')
+      naming.output_path(folder, 'table', ext=ext).write_text(text, encoding='utf-8')
+    metrics_text = json.dumps(result, indent=2) + '\n'
+    naming.output_path(folder, 'metrics').write_text(metrics_text, encoding='utf-8')
+    naming.output_path(folder, 'per_image').write_text(reporting.csv_text(rows), encoding='utf-8')
   if verbose:
     print(tables['txt'], flush=True)
   return dict(result, table=tables['txt'], dir=str(final))

@@ -50,7 +50,7 @@ from absl import logging
 from u2net_jax import metrics, toolbox
 from u2net_jax.data import DataError, input_pipeline, pancollection
 from u2net_jax.infer import reporting, tiling
-from u2net_jax.io import fileio
+from u2net_jax.io import fileio, naming
 from u2net_jax.run import checkpointing, config_utils, distributed
 
 MODES = tiling.MODES
@@ -462,7 +462,7 @@ def evaluate_test_set(
   rgb = reporting.rgb_bands(cfg.model.spectral_bands, test_set.sensor)
   per_image = {METHOD: [], BASELINE: []}
   times = dict.fromkeys(('inference', 'metrics', 'files'), 0.0)
-  final = None if out_dir is None else out_dir / test_set.name
+  final = None if out_dir is None else naming.output_path(out_dir, test_set=test_set.name)
   with contextlib.nullcontext() if final is None else fileio.atomic_dir(final) as folder:
     start = time.perf_counter()
     for k, (example, fused) in enumerate(fuser.fuse_all(test_set.source)):
@@ -561,7 +561,7 @@ def evaluate(
     # Several processes: the first one restores, fuses, scores and writes everything, so that
     # no host repeats the work (checkpoint reads involve no other process); the others return {}.
     if jax.process_index() == 0:
-      out_dir = Path(output_dir) if output_dir else workdir / 'eval'
+      out_dir = Path(output_dir) if output_dir else naming.output_path(workdir, 'evaluation')
       reporting.prepare_output_root(out_dir)
       # Onto this process's devices, whatever topology saved it; a damaged best / latest step
       # falls back to the newest intact one (with a warning), an explicit --step does not.
