@@ -63,7 +63,7 @@ flags.DEFINE_integer(
   'window',
   1024,
   'PAN pixels per window side, a multiple of the tile size (the width is rounded to a multiple '
-  'of the tile batch: scene.window_tiles).',
+  'of the tile batch: network_fuser.window_tiles).',
 )
 flags.DEFINE_integer('tile_batch', None, 'Tiles per jitted call (default: config.eval.tile_batch).')
 flags.DEFINE_bool('overwrite', False, 'Replace an existing output file.')

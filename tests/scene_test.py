@@ -17,8 +17,8 @@ from tiling_test import TINY_MODEL, random_params
 from u2net_jax import models
 from u2net_jax.data import DataError, pancollection
 from u2net_jax.data import prepare_pansharpening as prep
-from u2net_jax.infer import scene, tiling
-from u2net_jax.io import fileio
+from u2net_jax.infer import network_fuser, scene, tiling
+from u2net_jax.io import fileio, raster_sinks
 from u2net_jax.run import checkpointing, config_utils
 
 CRS = 'EPSG:32633'  # UTM 33N: a projected CRS in metres.
@@ -138,15 +138,15 @@ def test_cut_window_equals_the_whole_image_cut(height, width, tile, pad):
 
 def test_window_tiles_fill_every_batch_position():
   """Windows as wide as a multiple of the batch put equally many tiles at every batch position."""
-  assert scene.window_tiles(1024, 64, 16) == (16, 16)  # The defaults: square windows.
-  assert scene.window_tiles(1024, 64, 64) == (4, 64)
-  assert scene.window_tiles(32, 16, 4) == (1, 4)
+  assert network_fuser.window_tiles(1024, 64, 16) == (16, 16)  # The defaults: square windows.
+  assert network_fuser.window_tiles(1024, 64, 64) == (4, 64)
+  assert network_fuser.window_tiles(32, 16, 4) == (1, 4)
   for window, tile, batch, grid_cols in [
     (1024, 64, 64, 129),
     (1024, 64, 16, 21),
     (256, 16, 12, 50),
   ]:
-    rows, cols = scene.window_tiles(window, tile, batch)
+    rows, cols = network_fuser.window_tiles(window, tile, batch)
     for r0, c0 in [(0, 0), (rows, cols), (3 * rows, 2 * cols)]:
       index = (np.arange(r0, r0 + rows)[:, None] * grid_cols + np.arange(c0, c0 + cols)).ravel()
       counts = np.bincount(index % batch, minlength=batch)
@@ -161,7 +161,7 @@ def test_streamed_windows_equal_the_whole_image_fusion(tiny_workdir, pair, refer
     tiny_workdir, folder / 'pan.tif', folder / 'ms.tif', out, window=window, progress=False
   )
   rows, cols = tiling.tile_grid(*SIZE, TILE)
-  win_rows, win_cols = scene.window_tiles(window, TILE, TILE_BATCH)
+  win_rows, win_cols = network_fuser.window_tiles(window, TILE, TILE_BATCH)
   assert result['tiles'] == rows * cols
   assert result['windows'] == -(-rows // win_rows) * -(-cols // win_cols)
   with rasterio.open(out) as f:
@@ -290,7 +290,7 @@ def test_a_failed_run_leaves_no_file(tiny_workdir, pair, tmp_path, monkeypatch):
     if len(writes) == 2:  # A kill after the first window was written.
       raise KeyboardInterrupt
 
-  monkeypatch.setattr(scene.GeoTiffSink, 'write', write_then_fail)
+  monkeypatch.setattr(raster_sinks.GeoTiffSink, 'write', write_then_fail)
   with pytest.raises(KeyboardInterrupt):
     scene.fuse_files(
       tiny_workdir, folder / 'pan.tif', folder / 'ms.tif', tmp_path / 'o.tif', window=64
