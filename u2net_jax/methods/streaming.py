@@ -38,7 +38,9 @@ What each method is, for a streamer (`KIND`):
   `whole_image_limit` PAN pixels (`fuse.py --whole_image_limit`), and refuses larger scenes
   with one line naming the method and why.
 
-Size: ~560 lines: one small plan per method family plus the shared window operations.
+Size: ~750 lines (formatted): the window operations each plan shares (reads with the toolbox's
+borders, MTF/GLP, B3 and bicubic low-passes by windows), the two accumulators and one small plan
+per method family; split, the plans would import each other's private window operations.
 """
 
 from __future__ import annotations
@@ -717,7 +719,7 @@ def _whole_image_bytes(height, width, bands):
 
 
 def windows(height: int, width: int, window: int, ratio: int = 4):
-  """Row-major windows (y0, y1, x0, x1) of side `window` (a multiple of ratio) covering the scene."""
+  """Row-major windows (y0, y1, x0, x1) of side `window` (a multiple of ratio) over the scene."""
   for y0 in range(0, height, window):
     for x0 in range(0, width, window):
       yield y0, min(height, y0 + window), x0, min(width, x0 + window)
