@@ -107,7 +107,9 @@ def run_archive(folder: Path, workdir: Path, workers: int) -> dict:
   seconds = time.perf_counter() - start
   if done.returncode != 0:
     raise RuntimeError(done.stderr[-3000:])
-  summary = json.loads((out / 'summary.json').read_text())
+  from u2net_jax.io import naming
+
+  summary = json.loads(naming.output_path(out, 'summary', ext='json').read_text())
   peaks: dict[int, float] = {}
   for row in summary['rows']:
     peaks[row['worker_pid']] = max(peaks.get(row['worker_pid'], 0), row['worker_peak_rss_mb'])
