@@ -34,6 +34,15 @@ from u2net_jax.infer import scene
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Workdir of a training run or of converted official weights.')
+# A classical method instead of a workdir (u2net_jax.infer.classical_fuser, methods.streaming).
+flags.DEFINE_string('method', None, 'A classical method (e.g. mtf-glp-hpm) instead of --workdir.')
+flags.DEFINE_string('sensor', None, 'With --method: the sensor (WV3, WV2, QB, GF2, IKONOS, ...).')
+flags.DEFINE_integer(
+  'whole_image_limit',
+  None,
+  'With --method: the largest scene (PAN pixels) a whole-image method (c-gsa, tv, sr-d, pracs, '
+  'bdsd, bdsd-pc) reads at once (default 4096^2).',
+)
 flags.DEFINE_string('pan', None, 'PAN (or RGB guide) file: .tif, .npy, .mat or .h5.')
 flags.DEFINE_string('ms', None, 'MS (or HSI) file: .tif, .npy, .mat or .h5.')
 flags.DEFINE_string('out', None, 'Output file: .tif (GeoTIFF), .npy or .mat.')
@@ -80,7 +89,11 @@ flags.DEFINE_string('scheduler', None, 'With --scenes: an existing Dask schedule
 flags.DEFINE_string('dashboard_address', ':8787', 'With --scenes: the LocalCluster dashboard.')
 flags.DEFINE_string('pan_asset', 'pan', 'With a STAC --scenes: the PAN asset key.')
 flags.DEFINE_string('ms_asset', 'ms', 'With a STAC --scenes: the MS asset key.')
-flags.mark_flag_as_required('workdir')
+flags.register_multi_flags_validator(
+  ['workdir', 'method'],
+  lambda f: (f['workdir'] is None) != (f['method'] is None),
+  message='give --workdir (a network) or --method (a classical method), one of them',
+)
 flags.register_multi_flags_validator(
   ['pan', 'ms', 'out', 'scenes'],
   lambda f: f['scenes'] is not None or None not in (f['pan'], f['ms'], f['out']),
@@ -94,6 +107,20 @@ def _stop(signum, frame):
   raise errors.Interrupted(name, 128 + signum)
 
 
+def _fuse_with_method():
+  """`--method`: the classical method over the scene by windows (`infer.classical_fuser`)."""
+  from u2net_jax.infer import classical_fuser
+
+  fuser = classical_fuser.from_flags(FLAGS)
+  return scene.fuse_files_with(
+    fuser,
+    FLAGS.pan,
+    FLAGS.ms,
+    FLAGS.out,
+    **classical_fuser.scene_options(FLAGS, fuser),
+  )
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -105,26 +132,29 @@ def main(argv):
     signal.signal(signum, _stop)
   logging.info('JAX devices: %s', jax.devices())
   try:
-    result = scene.fuse_files(
-      FLAGS.workdir,
-      FLAGS.pan,
-      FLAGS.ms,
-      FLAGS.out,
-      step=FLAGS.step,
-      which=FLAGS.which,
-      max_value=FLAGS.max_value,
-      dtype=FLAGS.dtype,
-      window=FLAGS.window,
-      tile_batch=FLAGS.tile_batch,
-      overwrite=FLAGS.overwrite,
-      cog=FLAGS.cog,
-      pan_key=FLAGS.pan_key,
-      ms_key=FLAGS.ms_key,
-      progress=FLAGS.progress,
-      nodata=FLAGS.nodata,
-      allow_off_scale=FLAGS.allow_off_scale,
-      rescale_output=FLAGS.rescale_output,
-    )
+    if FLAGS.method is not None:
+      result = _fuse_with_method()
+    else:
+      result = scene.fuse_files(
+        FLAGS.workdir,
+        FLAGS.pan,
+        FLAGS.ms,
+        FLAGS.out,
+        step=FLAGS.step,
+        which=FLAGS.which,
+        max_value=FLAGS.max_value,
+        dtype=FLAGS.dtype,
+        window=FLAGS.window,
+        tile_batch=FLAGS.tile_batch,
+        overwrite=FLAGS.overwrite,
+        cog=FLAGS.cog,
+        pan_key=FLAGS.pan_key,
+        ms_key=FLAGS.ms_key,
+        progress=FLAGS.progress,
+        nodata=FLAGS.nodata,
+        allow_off_scale=FLAGS.allow_off_scale,
+        rescale_output=FLAGS.rescale_output,
+      )
   except (*errors.user_errors(), FileNotFoundError) as e:
     # What a user can fix (inputs, the output path, the workdir): one line, no traceback.
     sys.exit(f'error: {e} (nothing written)')

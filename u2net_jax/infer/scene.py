@@ -72,6 +72,7 @@ class WindowFuser(abc.ABC):
       scale: int = 4        # PAN pixels per MS pixel
       halo: int = 0         # PAN pixels of context a window reads beyond itself, each side
       unit: str = 'window'  # what the progress bar counts (`Window.units`)
+      sensor_scale: bool = False  # strips on the sensor scale (float64), not in [0, 1]
 
       def windows(self, height: int, width: int, window: int) -> list[Window]
       def prepare(self, pan: SceneReader, ms: SceneReader) -> None
@@ -105,6 +106,7 @@ class WindowFuser(abc.ABC):
   scale: int = 4
   halo: int = 0
   unit: str = 'window'
+  sensor_scale: bool = False  # `fuse` strips on the sensor scale, not in [0, 1] (any float).
 
   def windows(self, height: int, width: int, window: int) -> list[Window]:
     return [
@@ -383,6 +385,8 @@ def fuse_scene(
   bar.update(sum(w.units for w in windows[:done]))
   masked = 0
   scale = out_scale or max_value
+  if fuser.sensor_scale:  # Strips already on the sensor scale (float64: classical methods).
+    scale = scale / max_value
   start = time.perf_counter()
   try:
     fuser.prepare(readers['PAN'], readers['MS'])
