@@ -23,7 +23,7 @@ from PIL import Image
 from tiling_test import TINY_MODEL, TINY_TILE, random_params
 
 from u2net_jax import convert, metrics, models
-from u2net_jax.data import DataError, input_pipeline, pancollection
+from u2net_jax.data import DataError, input_pipeline, pancollection, sources
 from u2net_jax.infer import eval_lib, reporting
 from u2net_jax.io import fileio
 from u2net_jax.run import checkpointing, config_utils, train_lib
@@ -208,7 +208,7 @@ def test_hdf5_source_reads_the_file_values_through_one_handle(tmp_path, monkeypa
   monkeypatch.setattr(pancollection, 'open_h5', lambda p: opened.append(p) or real_open(p))
   (test_set,) = eval_lib.select_test_sets(config, f'rr={path}')
   source = test_set.source
-  assert isinstance(source, eval_lib.TestSource) and source.sensor == 'WV3'
+  assert isinstance(source, sources.Source) and source.sensor == 'WV3'
   assert len(source) == 2 and source.file == str(path)
   with h5py.File(path) as f:
     stored = {k: f[k][()] for k in f}
@@ -232,7 +232,7 @@ def test_demo_source_references_are_on_the_sensor_scale():
     config.data.demo_test_size = 96  # A 21-px crop on each side must leave one 32-px block.
   (test_set,) = eval_lib.select_test_sets(config)
   source = test_set.source
-  assert isinstance(source, eval_lib.ScaledTestSource) and source.sensor is None
+  assert isinstance(source, sources.ArraySource) and source.sensor is None
   assert test_set.file == 'demo' and test_set.protocol == 'reduced'
   example = source.example(1)
   ref = source.reference(1, example)

@@ -233,14 +233,14 @@ _TWO_DEVICES = textwrap.dedent(
   from configs import default
   from u2net_jax.data import input_pipeline
   from u2net_jax.run import config_utils, sharding
-  from u2net_jax.data import pancollection
+  from u2net_jax.data import sources
 
   assert jax.device_count() == 2, jax.devices()
   config = config_utils.finalize(default.get_config())
   config.train.batch_size = 4
   config.data.read_threads = 1
   n = 10
-  source = pancollection.ArraySource({
+  source = sources.ArraySource({
     'gt': np.arange(n, dtype=np.float32)[:, None, None, None] * np.ones((1, 8, 8, 3), np.float32),
     'ms': np.zeros((n, 2, 2, 3), np.float32),
   })

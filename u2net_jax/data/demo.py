@@ -27,17 +27,20 @@ The sensor (`toolbox.SENSORS`, `config.data.sensor`) sets what the data stand fo
 table has demo data (e.g. `--config.data.sensor=GF2` on configs/demo.py). The task names
 'pansharpening' and 'hisr' stand for `DEMO_SENSORS`' WV3 and CAVE. `make_split` returns the data
 in [0, 1], i.e. already divided by the sensor's maximum (`metadata(sensor)['max_value']`).
+
+`DemoSource` is the 'demo' reader of the data layer (`sources`, `--config.data.source=demo`).
 """
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import numpy as np
 import scipy.ndimage
 
 from u2net_jax import toolbox
-from u2net_jax.data import wald
+from u2net_jax.data import sources, wald
 
 RATIO = toolbox.get_sensor('WV3')['ratio']  # Every sensor of the table has the same ratio.
 # The sensor a task name stands for (the TFDS demo builder's configs are named by task).
@@ -243,3 +246,24 @@ def metadata(sensor: str) -> dict:
     'task': info['task'],
     'max_value': float(info['max_value']),
   }
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_split(sensor: str, split: str, num: int, size: int, seed: int) -> dict:
+  return make_split(sensor, split, num, size, seed)
+
+
+@sources.register('demo')
+class DemoSource(sources.ArraySource):
+  """The SYNTHETIC demo split of `spec.sensor`, generated in-process (cached per arguments).
+
+  The sensor fixes bands, guide and scale (`config_utils.finalize` made the config agree with
+  it); `spec.options` holds the split's 'split_kind', 'num', 'size' and 'seed'
+  (`sources.spec_from_config`).
+  """
+
+  @classmethod
+  def from_spec(cls, spec: sources.Spec) -> DemoSource:
+    o = spec.options
+    arrays = _cached_split(spec.sensor, o['split_kind'], o['num'], o['size'], o['seed'])
+    return cls(arrays, max_value=spec.max_value, file='demo')

@@ -1,10 +1,9 @@
 """Input pipeline: sources for every split, and global batches placed on the device mesh.
 
-Sources (`get_source`): `config.data.source` picks HDF5 files (`data.pancollection.H5Source`),
-TFDS ArrayRecord datasets (`data.tfds_builders`) or the SYNTHETIC demo data generated in-process
-(`data.demo`). All are random-access: `len(source)` and `source[i]` -> {'gt', 'lms', 'ms',
-'guide'} as (H, W, C) float32 divided by `config.data.max_value` ('gt' absent in full-resolution
-test sets).
+Sources (`get_source`): the data layer's `sources.open_source` for a split of the config
+(files by their suffix, TFDS ArrayRecord datasets, or the SYNTHETIC demo data). All are
+random-access: `len(source)` and `source[i]` -> {'gt', 'lms', 'ms', 'guide'} as (H, W, C) float32
+divided by `config.data.max_value` ('gt' absent in full-resolution test sets).
 
 Order (`train_batches`). The training stream is a pure function of the step. Epoch e visits the
 n examples in the order `epoch_order(n, seed, e)`, the stable argsort of n raw 64-bit draws of
@@ -43,10 +42,7 @@ from __future__ import annotations
 
 import collections
 import functools
-import re
-import zlib
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import grain
@@ -54,7 +50,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from u2net_jax.data import DataError, pancollection
+from u2net_jax.data import DataError, sources
 from u2net_jax.run import sharding
 
 # Stream length used for the "infinite" training MapDataset (in steps); never reached.
@@ -65,130 +61,21 @@ _MAX_STEPS = 1 << 40
 # Sources.
 
 
-# File names that the preparers write, NAME being their --name (default: sensor / format).
-_PREPARED_NAMES = (
-  re.compile(r'^(?:train|valid)_(?P<name>.+)\.h5$'),
-  re.compile(r'^test_(?P<name>.+?)(?:_OrigScale)?_multiExm1\.h5$'),
-  re.compile(r'^test_(?P<name>.+)\.h5$'),
-)
-
-
-def _prepared_name(path: str) -> str | None:
-  """The preparers' --name that produces a file called like `path`, if any."""
-  for pattern in _PREPARED_NAMES:
-    match = pattern.match(Path(path).name)
-    if match:
-      return match['name']
-  return None
-
-
-def _prepare_hint(config, path: str) -> str:
-  """The command that makes the missing file `path`, for the error message."""
-  out = str(Path(path).parent) if path else 'DIR'
-  name = _prepared_name(path) if path else None
-  if config.task == 'hisr':
-    fmt = 'harvard' if config.data.sensor == 'Harvard' else 'cave'
-    command = f'python -m u2net_jax.data.prepare_cave --src SCENES_DIR --srf SRF --out {out}'
-    command += ' --format harvard' if fmt == 'harvard' else ''
-    command += f' --name {name}' if name and name != fmt else ''
-    return (
-      f'prepare it with `{command}` (SRF: the 31x3 Nikon D700 response, .mat/.npy/.csv; it '
-      'writes train_NAME.h5, valid_NAME.h5 and test_NAME.h5), or use --config.data.source=demo'
-    )
-  sensor = config.data.sensor
-  command = (
-    f'python -m u2net_jax.data.prepare_pansharpening --pan P --ms M --sensor {sensor} --out {out}'
-  )
-  command += f' --name {name}' if name and name != sensor.lower() else ''
-  return (
-    'download PanCollection (https://github.com/liangjiandeng/PanCollection) and set '
-    f'--config.data.*_file, or make it from your own full-resolution PAN/MS pair with '
-    f'`{command}` (it writes train_NAME.h5, valid_NAME.h5, test_NAME_multiExm1.h5 and '
-    'test_NAME_OrigScale_multiExm1.h5); or build the TFDS dataset (`python -m '
-    f'u2net_jax.data.tfds_builders --name pan_collection/{sensor.lower()} --manual_dir DIR`) and '
-    'use --config.data.source=tfds; or use --config.data.source=demo'
-  )
-
-
-def _split_path(config, split: str) -> str:
-  if split == 'train':
-    return config.data.train_file
-  if split == 'valid':
-    return config.data.valid_file
-  if split in config.data.test_files:
-    return config.data.test_files[split]
-  raise DataError(
-    f"unknown split {split!r}: expected 'train', 'valid' or a test set of "
-    f'config.data.test_files {sorted(config.data.test_files.keys())}'
-  )
-
-
-def get_source(config, split: str):
-  """A random-access source for one split.
+def get_source(config, split: str) -> sources.Source:
+  """The source of one split: `sources.open_source(sources.spec_from_config(config, split))`.
 
   Args:
     config: the experiment config (`config.data`, `config.model`, `config.task`).
     split: 'train', 'valid', or a test-set name (a key of `config.data.test_files`).
 
   Returns:
-    An object with `len()` and `[i]` -> role -> (H, W, C) float32 divided by the sensor maximum.
+    A `sources.Source`: `len()` and `[i]` -> role -> (H, W, C) float32 divided by the sensor
+    maximum.
 
   Raises:
     DataError: the data are missing (the message says how to prepare them) or invalid.
   """
-  kind = config.data.source
-  if kind == 'demo':
-    return _demo_source(config, split)
-  if kind == 'tfds':
-    from u2net_jax.data import tfds_builders  # Imports tensorflow_datasets only when needed.
-
-    if split not in ('train', 'valid') and split not in config.data.test_files:
-      _split_path(config, split)  # Raises the unknown-split error.
-    return tfds_builders.tfds_source(config, split)
-  if kind != 'hdf5':
-    raise DataError(f"config.data.source = {kind!r}; expected 'hdf5', 'tfds' or 'demo'")
-  path = _split_path(config, split)
-  if not path or not Path(path).exists():
-    raise DataError(
-      f'{path or "(empty path)"}: file not found for split {split!r}; '
-      + _prepare_hint(config, path)
-    )
-  return pancollection.H5Source(
-    path,
-    keys=dict(config.data.h5_keys),
-    max_value=config.data.max_value,
-    spectral_bands=config.model.spectral_bands,
-    guide_bands=config.model.guide_bands,
-    scale=config.model.scale,
-    # Full-resolution test sets have no reference; training and validation must have one.
-    require_gt=split in ('train', 'valid'),
-    check_values=config.data.check_values,
-  )
-
-
-@functools.lru_cache(maxsize=8)
-def _demo_arrays(sensor, split, num, size, seed):
-  from u2net_jax.data import demo
-
-  return demo.make_split(sensor, split, num, size, seed)
-
-
-def _demo_source(config, split: str) -> pancollection.ArraySource:
-  """The SYNTHETIC demo split of `config.data.sensor`, generated in-process (cached per arguments).
-
-  The sensor fixes bands, guide and scale (`config_utils.finalize` made the config agree with it).
-  """
-  if split == 'train':
-    num, size, seed = config.data.demo_num_train, config.data.demo_size, config.seed
-  elif split == 'valid':
-    num, size, seed = config.data.demo_num_valid, config.data.demo_size, config.seed + 1
-  else:
-    _split_path(config, split)  # Only configured test sets exist.
-    num, size = config.data.demo_num_test, config.data.demo_test_size
-    seed = config.seed + 2 + zlib.crc32(split.encode()) % 1000
-  split_kind = split if split in ('train', 'valid') else 'test'
-  arrays = _demo_arrays(config.data.sensor, split_kind, num, size, seed)
-  return pancollection.ArraySource(arrays)
+  return sources.open_source(sources.spec_from_config(config, split))
 
 
 # ----------------------------------------------------------------------------------------------

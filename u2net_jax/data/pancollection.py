@@ -11,11 +11,11 @@ N x C x H x W on the sensor scale (0..2047 for WV3/WV2/QB, 0..1023 for GF-2):
 The CAVE/Harvard files have the same layout under other names (`GT`, `HSI_up`, `LRHSI`, `RGB`,
 values in [0, 1]); `config.data.h5_keys` maps the project's roles to the names in the file.
 
-Reading. `H5Source` validates a file before use (keys, shapes, band counts) and then reads one
-example at a time, so a 5 GB training file is never loaded whole. Each example is transposed
-once, here, to H x W x C float32 and divided by the sensor maximum.
-
-Value checks (`check_values`, `config.data.check_values`): `value_checks.scan_values`.
+Reading. `H5Source` is the 'hdf5' reader of the data layer (`sources`: `.h5`, `.hdf5`, `.he5`).
+It validates a file before use (keys and links here, then `sources.check_stored`: shapes, band
+counts, values) and then reads one example at a time, so a 5 GB training file is never loaded
+whole. Each example is transposed once, here, to H x W x C float32 and divided by the sensor
+maximum; `reference` returns the values as stored (float64), for the metrics.
 
 Writing. `H5Writer` streams examples into a temporary file beside the destination
 (`fileio.atomic_file`) that is renamed only when every row of every dataset has been written;
@@ -33,14 +33,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-from u2net_jax.data import DataError, value_checks
+from u2net_jax.data import DataError, sources
 from u2net_jax.io import fileio
 
 ROLES = ('gt', 'lms', 'ms', 'guide')
-
-
-def _shape_str(shape: Sequence[int]) -> str:
-  return '(' + ','.join(str(int(s)) for s in shape) + ')'
 
 
 def open_h5(path: str | os.PathLike) -> h5py.File:
@@ -114,49 +110,26 @@ def validate_h5(
       raise DataError(
         f'{name}: key {key!r} (role {role!r}) is missing; found keys {sorted(f.keys())}'
       )
-  for key in roles.values():
-    if f[key].ndim != 4:
-      raise DataError(
-        f'{name}: key {key!r} has shape {_shape_str(f[key].shape)}; '
-        'expected 4 dimensions N x C x H x W'
-      )
-  n, c, h, w = f[roles['ms']].shape
-  if n == 0:
-    raise DataError(
-      f'{name}: key {roles["ms"]!r} holds no examples (shape {_shape_str((n, c, h, w))})'
-    )
-  big = (scale * h, scale * w)
-  expected = {
-    'ms': (n, spectral_bands, h, w),
-    'lms': (n, spectral_bands) + big,
-    'gt': (n, spectral_bands) + big,
-    'guide': (n, guide_bands) + big,
-  }
-  for role in sorted(roles, key=('ms', 'gt', 'lms', 'guide').index):
-    key = roles[role]
-    found = tuple(f[key].shape)
-    if found == expected[role]:
-      continue
-    why = ''
-    if found[0] != n:
-      why = f' = as many examples as {roles["ms"]!r} ({n})'
-    elif found[1] != expected[role][1]:
-      what = 'guide_bands' if role == 'guide' else 'spectral_bands'
-      why = f' = config.model.{what} ({expected[role][1]})'
-    elif role != 'ms':
-      why = f' = {scale}x the {roles["ms"]!r} size ({h},{w})'
-    raise DataError(
-      f'{name}: key {key!r} has shape {_shape_str(found)}; expected '
-      f'{_shape_str(expected[role])}{why}'
-    )
+  n = sources.check_layout(
+    name,
+    {role: f[key].shape for role, key in roles.items()},
+    roles,
+    spectral_bands=spectral_bands,
+    guide_bands=guide_bands,
+    scale=scale,
+  )
   return roles, n
 
 
-class H5Source:
-  """Random-access source over one HDF5 file: `len()` and `[i]` -> dict of H x W x C float32.
+@sources.register('hdf5', suffixes=('.h5', '.hdf5', '.he5'))
+class H5Source(sources.Source):
+  """The HDF5 reader: `len()`, `[i]` -> role -> (H, W, C) float32, `reference(i)` as stored.
 
-  The file is opened once, validated, and read through the same handle in this process; a
-  pickled copy (grain worker processes) reopens it lazily in its own process.
+  The file is opened once, validated (`validate_h5`, then `sources.check_stored`'s value checks),
+  and read through the same handle in this process: examples, references (float64, the file's
+  values) and attributes; a pickled copy (grain worker processes) reopens it lazily in its own
+  process. `sensor` is the file's `sensor` attribute (our preparers write it; PanCollection has
+  none).
   """
 
   def __init__(
@@ -182,17 +155,24 @@ class H5Source:
       scale: the guide / MS resolution ratio (`config.model.scale`).
       require_gt: whether the file must hold 'gt' (false only for full-resolution test files).
       check_values: 'sample' (a spread of examples), 'full' (every value, cached) or 'off'; see
-        the module docstring.
+        `value_checks`.
 
     Raises:
       DataError: the file is missing, unreadable, or does not match the configuration.
     """
-    if check_values not in value_checks.CHECK_VALUES:
-      raise DataError(
-        f'{path}: check_values = {check_values!r} (config.data.check_values); expected one of '
-        f'{value_checks.CHECK_VALUES}'
-      )
-    self.path = str(path)
+    spec = sources.Spec(
+      kind='hdf5',
+      location=str(path),
+      max_value=float(max_value),
+      spectral_bands=spectral_bands,
+      guide_bands=guide_bands,
+      scale=scale,
+      keys=dict(keys),
+      require_gt=require_gt,
+      check_values=check_values,
+    )
+    sources.check_values_mode(path, check_values)  # Before the file is opened.
+    self.path = self.file = str(path)
     self.max_value = float(max_value)
     # Opened once: the handle that validated the file serves the reads of this process.
     f = open_h5(path)
@@ -206,13 +186,26 @@ class H5Source:
         scale=scale,
         require_gt=require_gt,
       )
-      if check_values != 'off':
-        value_checks.scan_values(f, path, self.roles, self.max_value, mode=check_values)
+      sources.check_stored(path, f, self.roles, spec)
+      self.sensor = _sensor_attribute(f)
     except BaseException:
       f.close()
       raise
     self._file = f
     self._pid = os.getpid()
+
+  @classmethod
+  def from_spec(cls, spec: sources.Spec) -> H5Source:
+    return cls(
+      spec.location,
+      keys=spec.keys,
+      max_value=spec.max_value,
+      spectral_bands=spec.spectral_bands,
+      guide_bands=spec.guide_bands,
+      scale=spec.scale,
+      require_gt=spec.require_gt,
+      check_values=spec.check_values,
+    )
 
   def __len__(self) -> int:
     return self._len
@@ -224,17 +217,31 @@ class H5Source:
       self._pid = os.getpid()
     return self._file
 
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    """Returns example `index`: role -> (H, W, C) float32 divided by the sensor maximum."""
+  def _check_index(self, index: int) -> int:
     index = int(index)
     if not 0 <= index < self._len:
       raise IndexError(f'{self.path}: index {index} out of range [0, {self._len})')
+    return index
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    """Returns example `index`: role -> (H, W, C) float32 divided by the sensor maximum."""
+    index = self._check_index(index)
     f = self._handle()
     out = {}
     for role, key in self.roles.items():
       x = np.asarray(f[key][index], dtype=np.float32)  # (C, H, W) as stored.
       out[role] = np.ascontiguousarray(x.transpose(1, 2, 0)) / np.float32(self.max_value)
     return out
+
+  def reference(self, index: int, example=None) -> dict[str, np.ndarray]:
+    """Example `index` as stored: role -> (H, W, C) float64 (not float32(x / max) * max)."""
+    del example
+    index = self._check_index(index)
+    f = self._handle()
+    return {
+      role: np.ascontiguousarray(np.asarray(f[key][index], np.float64).transpose(1, 2, 0))
+      for role, key in self.roles.items()
+    }
 
   @property
   def handle(self) -> h5py.File:
@@ -257,23 +264,14 @@ class H5Source:
     return f'H5Source({self.path!r}, n={self._len}, roles={self.roles})'
 
 
-class ArraySource:
-  """Random-access source over in-memory N x H x W x C arrays (demo data, tests)."""
-
-  def __init__(self, arrays: Mapping[str, np.ndarray]):
-    """Args: arrays: role -> (N, H, W, C) float32, already divided by the sensor maximum."""
-    lengths = {len(v) for v in arrays.values()}
-    if len(lengths) != 1:
-      raise DataError(f'ArraySource: roles have different lengths {lengths}')
-    self.arrays = {k: np.asarray(v, np.float32) for k, v in arrays.items()}
-    self.roles = {k: k for k in self.arrays}
-    self._len = lengths.pop()
-
-  def __len__(self) -> int:
-    return self._len
-
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    return {k: v[int(index)] for k, v in self.arrays.items()}
+def _sensor_attribute(f: h5py.File) -> str | None:
+  """The file's `sensor` attribute as a string, or None."""
+  value = f.attrs.get('sensor')
+  if isinstance(value, bytes | np.bytes_):
+    value = value.decode()
+  if value is not None and np.ndim(value):
+    value = np.asarray(value).reshape(-1)[0]
+  return None if value is None else str(value)
 
 
 def to_file_layout(example: Mapping[str, np.ndarray], keys: Mapping[str, str]) -> dict:

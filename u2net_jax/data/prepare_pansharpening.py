@@ -36,7 +36,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import scipy.io
 from absl import flags
 
 from u2net_jax import toolbox
@@ -45,6 +44,7 @@ from u2net_jax.data import (
   DataError,
   check_arguments,
   load_npy,
+  matfile,
   pancollection,
   run_command,
   wald,
@@ -53,15 +53,6 @@ from u2net_jax.data import (
 RATIO = toolbox.get_sensor('WV3')['ratio']  # Every pansharpening sensor of the table: 4.
 _PAN_NAMES = ('I_PAN', 'PAN', 'pan', 'I_pan', 'P')
 _MS_NAMES = ('I_MS_LR', 'I_MS', 'MS', 'ms', 'MS_LR', 'M')
-
-
-def _mat_arrays(path: Path) -> dict[str, np.ndarray]:
-  try:
-    data = scipy.io.loadmat(path)
-    return {k: v for k, v in data.items() if not k.startswith('__') and isinstance(v, np.ndarray)}
-  except (NotImplementedError, ValueError):  # v7.3 is HDF5, column-major: reverse the axes.
-    with h5py.File(path, 'r') as f:
-      return {k: np.asarray(v).T for k, v in f.items() if isinstance(v, h5py.Dataset)}
 
 
 def _tiff_array(path: Path) -> np.ndarray:
@@ -111,10 +102,7 @@ def load_array(path: str | Path, key: str | None, ndim: int, dtype=np.float64) -
   if suffix == '.npy':
     arrays = {'': load_npy(path)}
   elif suffix == '.mat':
-    try:
-      arrays = _mat_arrays(path)
-    except (OSError, ValueError, TypeError, EOFError, scipy.io.matlab.MatReadError) as e:
-      raise DataError(f'{path}: not a readable MATLAB file ({type(e).__name__}: {e})') from e
+    arrays = matfile.mat_arrays(path)
   elif suffix in ('.h5', '.hdf5'):
     with pancollection.open_h5(path) as f:
       arrays = {k: _single(np.asarray(v)) for k, v in f.items() if isinstance(v, h5py.Dataset)}

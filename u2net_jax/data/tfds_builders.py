@@ -42,7 +42,15 @@ from etils import epath
 from tensorflow_datasets.core import utils as tfds_utils
 
 from u2net_jax import toolbox
-from u2net_jax.data import H5_KEYS, DataError, demo, pancollection, prepare_cave, run_command
+from u2net_jax.data import (
+  H5_KEYS,
+  DataError,
+  demo,
+  pancollection,
+  prepare_cave,
+  run_command,
+  sources,
+)
 
 ROLES = ('gt', 'lms', 'ms', 'guide')
 _SPLIT_NAMES = {'train': 'train', 'valid': 'validation'}
@@ -306,12 +314,15 @@ class U2netDemo(_Builder):
 # Reading.
 
 
-class TfdsSource:
-  """Random-access source over a TFDS ArrayRecord split: role -> (H, W, C) / max_value."""
+@sources.register('tfds')
+class TfdsSource(sources.Source):
+  """The 'tfds' reader (`sources`): a TFDS ArrayRecord split, role -> (H, W, C) / max_value."""
 
-  def __init__(self, source, max_value: float):
+  def __init__(self, source, max_value: float, file: str = 'tfds'):
     self.source = source
-    self.max_value = np.float32(max_value)
+    self.max_value = float(max_value)
+    self.file = file
+    self.roles = {role: role for role in ROLES}
 
   def __len__(self) -> int:
     return len(self.source)
@@ -322,56 +333,57 @@ class TfdsSource:
     for role in ROLES:
       x = np.asarray(ex[role], np.float32)
       if x.size:  # An empty 'gt' marks a full-resolution example.
-        out[role] = x / self.max_value
+        out[role] = x / np.float32(self.max_value)
     return out
+
+  @classmethod
+  def from_spec(cls, spec: sources.Spec) -> TfdsSource:
+    """The split `spec.split` ('train', 'valid' or a test-set name) of TFDS `spec.location`.
+
+    Raises:
+      DataError: not built (the message gives the build command), a missing split, or metadata
+        that disagree with the spec (sensor maximum, band counts).
+    """
+    name = spec.location
+    if not name:
+      raise DataError(
+        "config.data.source = 'tfds' needs config.data.tfds_name (e.g. pan_collection/wv3)"
+      )
+    data_dir = spec.options.get('data_dir') or None
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # Unknown name or config.
+      raise DataError(f'TFDS dataset {name!r}: {e}') from e
+    if not builder.is_prepared():
+      raise DataError(
+        f'TFDS dataset {name!r} is not built in {builder.data_dir}; '
+        f'build it with `{build_command(name)}`'
+      )
+    tsplit = _SPLIT_NAMES.get(spec.split, spec.split)
+    if tsplit not in builder.info.splits:
+      raise DataError(
+        f'TFDS dataset {name!r} has no split {tsplit!r}; it has '
+        f'{sorted(builder.info.splits.keys())}'
+      )
+    stored = float(builder.info.metadata.get('max_value', spec.max_value))
+    if stored != spec.max_value:
+      raise DataError(
+        f'TFDS dataset {name!r} is on a 0..{stored:g} scale but config.data.max_value = '
+        f'{spec.max_value:g} (wrong sensor maximum)'
+      )
+    feats = builder.info.features
+    for role, want in (('ms', spec.spectral_bands), ('guide', spec.guide_bands)):
+      found = feats[role].shape[-1]
+      if found != want:
+        raise DataError(
+          f'TFDS dataset {name!r}: {role!r} has {found} bands; the config expects {want}'
+        )
+    source = tfds.data_source(name, split=tsplit, data_dir=data_dir)
+    return cls(source, spec.max_value, f'tfds:{name}/{spec.split}')
 
 
 def build_command(name: str) -> str:
   return f'python -m u2net_jax.data.tfds_builders --name {name} --manual_dir DIR --data_dir DIR'
-
-
-def tfds_source(config, split: str) -> TfdsSource:
-  """The TFDS split for `config.data.tfds_name` ('train', 'valid' or a test-set name).
-
-  Raises:
-    DataError: not built (the message gives the build command), a missing split, or metadata
-      that disagree with the config (sensor maximum, band counts).
-  """
-  name = config.data.tfds_name
-  if not name:
-    raise DataError(
-      "config.data.source = 'tfds' needs config.data.tfds_name (e.g. pan_collection/wv3)"
-    )
-  data_dir = config.data.tfds_data_dir or None
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except Exception as e:  # Unknown name or config.
-    raise DataError(f'TFDS dataset {name!r}: {e}') from e
-  if not builder.is_prepared():
-    raise DataError(
-      f'TFDS dataset {name!r} is not built in {builder.data_dir}; '
-      f'build it with `{build_command(name)}`'
-    )
-  tsplit = _SPLIT_NAMES.get(split, split)
-  if tsplit not in builder.info.splits:
-    raise DataError(
-      f'TFDS dataset {name!r} has no split {tsplit!r}; it has {sorted(builder.info.splits.keys())}'
-    )
-  stored = float(builder.info.metadata.get('max_value', config.data.max_value))
-  if stored != config.data.max_value:
-    raise DataError(
-      f'TFDS dataset {name!r} is on a 0..{stored:g} scale but config.data.max_value = '
-      f'{config.data.max_value:g} (wrong sensor maximum)'
-    )
-  feats = builder.info.features
-  for role, want in (('ms', config.model.spectral_bands), ('guide', config.model.guide_bands)):
-    found = feats[role].shape[-1]
-    if found != want:
-      raise DataError(
-        f'TFDS dataset {name!r}: {role!r} has {found} bands; the config expects {want}'
-      )
-  source = tfds.data_source(name, split=tsplit, data_dir=data_dir)
-  return TfdsSource(source, config.data.max_value)
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:

@@ -1,4 +1,7 @@
-"""Value checks of HDF5 fusion datasets: finite, and on the scale of the sensor maximum.
+"""Value checks of stored fusion datasets: finite, and on the scale of the sensor maximum.
+
+Applied once, by `sources.check_stored`, to every reader of stored files (an open HDF5 file, or
+the arrays of a `.mat` file: any mapping of name -> N x C x H x W array).
 
 Values must be finite and on the scale
 of the sensor maximum (catching 11-bit data given to a 10-bit config, or data already divided to
@@ -26,7 +29,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 from absl import logging
 
@@ -111,16 +113,15 @@ def _store_stats(path, stats: Mapping[str, dict]) -> None:
     logging.info('value-check cache not written (%s); the next full check scans again', e)
 
 
-def _read(ds: h5py.Dataset, name: str, start: int, stop: int) -> np.ndarray:
+def _read(ds, name: str, start: int, stop: int) -> np.ndarray:
   try:
     return np.asarray(ds[start:stop])
   except (OSError, RuntimeError) as e:  # A truncated file fails only when read.
-    raise DataError(
-      f'{name}: key {ds.name.lstrip("/")!r} cannot be read (truncated file?): {e}'
-    ) from e
+    key = str(getattr(ds, 'name', '?')).lstrip('/')
+    raise DataError(f'{name}: key {key!r} cannot be read (truncated file?): {e}') from e
 
 
-def _dataset_stats(ds: h5py.Dataset, name: str, starts, per: int, progress) -> dict:
+def _dataset_stats(ds, name: str, starts, per: int, progress) -> dict:
   """Min, max and the first non-finite index over the slabs [s, s + per) of `ds`."""
   lo, hi = np.inf, -np.inf
   for s in starts:
@@ -166,12 +167,12 @@ class _Progress:
 
 
 def value_stats(
-  f: h5py.File, path: str | os.PathLike, names: Sequence[str], *, mode: str = 'sample'
+  f: Mapping[str, Any], path: str | os.PathLike, names: Sequence[str], *, mode: str = 'sample'
 ) -> dict[str, dict]:
   """Per-dataset value statistics: {'min', 'max', 'nonfinite': None} or {'nonfinite': index}.
 
   Args:
-    f: the open file.
+    f: the open file (or a mapping of name -> N x ... array).
     path: its path (for messages and the cache).
     names: the dataset names.
     mode: 'sample' (the examples of `sample_indices`; a cached full result when there is one)
@@ -212,7 +213,7 @@ def value_stats(
 
 
 def scan_values(
-  f: h5py.File,
+  f: Mapping[str, Any],
   path: str | os.PathLike,
   roles: Mapping[str, str],
   max_value: float,
@@ -226,7 +227,7 @@ def scan_values(
   maximum is 2047 or 1023.
 
   Args:
-    f: the open file.
+    f: the open file (or a mapping of name -> N x ... array).
     path: its path (for messages and the cache).
     roles: role -> dataset name, as `validate_h5` returns.
     max_value: `config.data.max_value`.

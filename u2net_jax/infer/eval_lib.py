@@ -19,26 +19,25 @@ bands, maximum and MTF gains; `--sensor` evaluates another sensor's data with it
 (the paper's generalisation test: WV2 files through a WV3 model) when they fit the model.
 
 Test sets (`TestSet`) are opened and validated before anything runs; their data come through the
-`TestSource` interface, which HDF5 files, demo data and TFDS splits implement: one open handle for
-the whole evaluation, the examples in [0, 1] for the network, and the reference arrays on the
-sensor scale (read back from the file when there is one: the toolbox sees the file's values).
+data layer's one interface, `data.sources.Source` (HDF5 files, toolbox `.mat` images, demo data,
+TFDS splits, any registered reader): one open handle for the whole evaluation, the examples in
+[0, 1] for the network, and the reference arrays on the sensor scale (read back from the file when
+there is one: the toolbox sees the file's values).
 
 A failed run leaves no half-written results: each test set's folder is written whole or not at
 all (`fileio.atomic_dir`; an earlier result stays until the new one is complete).
 
-Size: ~600 lines: the three protocols, the sensor policy and the test-set sources (one
-interface, HDF5 and scaled adapters) are the evaluation's own concerns; inference is in `tiling`
-and every output in `reporting`.
+The protocols, the sensor policy and the test sets are the evaluation's own concerns; the data
+are `data.sources`, inference is `tiling` and every output `reporting`.
 """
 
 from __future__ import annotations
 
-import abc
 import contextlib
 import copy
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,7 @@ import numpy as np
 from absl import logging
 
 from u2net_jax import metrics, toolbox
-from u2net_jax.data import DataError, input_pipeline, pancollection
+from u2net_jax.data import DataError, sources
 from u2net_jax.infer import reporting, tiling
 from u2net_jax.io import fileio, naming
 from u2net_jax.run import checkpointing, config_utils, distributed
@@ -61,109 +60,13 @@ METHOD, BASELINE = 'U2Net', 'EXP'  # Row names: the fused images and the upsampl
 # Test-set sources.
 
 
-class TestSource(abc.ABC):
-  """The data of one test set, as the evaluation reads them.
-
-  Attributes:
-    file: where the data come from (a path, 'demo', a TFDS split), for messages and outputs.
-    sensor: the sensor the data say they come from (an HDF5 `sensor` attribute), or None.
-  """
-
-  __test__ = False  # Not a pytest class.
-  file: str = ''
-  sensor: str | None = None
-
-  @abc.abstractmethod
-  def __len__(self) -> int:
-    """The number of images."""
-
-  @abc.abstractmethod
-  def example(self, index: int) -> dict[str, np.ndarray]:
-    """Image `index` for the network: role -> (H, W, C) float32 divided by the sensor maximum."""
-
-  @abc.abstractmethod
-  def reference(self, index: int, example: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Image `index` for the metrics: role -> (H, W, C) float64 on the sensor scale.
-
-    Args:
-      index: the image.
-      example: `example(index)`, for sources whose only copy of the data is that.
-    """
-
-  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    for i in range(len(self)):
-      yield self.example(i)
-
-  def close(self) -> None:  # noqa: B027 (optional: most sources hold no open file)
-    """Releases open files (the default holds none)."""
-
-
-class H5TestSource(TestSource):
-  """An HDF5 test file: examples from the validated `pancollection.H5Source`, references read
-  back from the file as stored (float64), through the source's one handle (the file is opened
-  once), kept open until `close`."""
-
-  def __init__(self, source: pancollection.H5Source):
-    self._source = source
-    self.file = source.path
-    self._h5 = source.handle
-    value = self._h5.attrs.get('sensor')  # Written by our preparers; PanCollection has none.
-    if isinstance(value, bytes | np.bytes_):
-      value = value.decode()
-    if value is not None and np.ndim(value):
-      value = np.asarray(value).reshape(-1)[0]
-    self.sensor = None if value is None else str(value)
-
-  def __len__(self) -> int:
-    return len(self._source)
-
-  def example(self, index: int) -> dict[str, np.ndarray]:
-    return self._source[index]
-
-  def reference(self, index: int, example: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    del example  # The file's values, not float32(x / max) * max.
-    return {
-      role: np.ascontiguousarray(np.asarray(self._h5[key][index], np.float64).transpose(1, 2, 0))
-      for role, key in self._source.roles.items()
-    }
-
-  def close(self) -> None:
-    self._source.close()
-
-
-class ScaledTestSource(TestSource):
-  """A source already divided by the sensor maximum (demo data, TFDS splits): the references
-  are the examples times the maximum, in float64."""
-
-  def __init__(self, source, max_value: float, file: str):
-    """Args: source: `len()` and `[i]` -> role -> (H, W, C) float32 in [0, 1]; max_value: the
-    sensor maximum; file: what the data are, for messages."""
-    self._source = source
-    self.max_value = float(max_value)
-    self.file = file
-
-  def __len__(self) -> int:
-    return len(self._source)
-
-  def example(self, index: int) -> dict[str, np.ndarray]:
-    return self._source[index]
-
-  def reference(self, index: int, example: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {role: np.asarray(x, np.float64) * self.max_value for role, x in example.items()}
-
-
-def open_source(config, split: str) -> TestSource:
-  """The `TestSource` of a test set of `config` (`input_pipeline.get_source` underneath).
+def open_source(config, split: str) -> sources.Source:
+  """The `sources.Source` of a test set of `config` (the data layer's one entry).
 
   Raises:
     DataError: the data are missing or do not match the config.
   """
-  source = input_pipeline.get_source(config, split)
-  if isinstance(source, pancollection.H5Source):
-    return H5TestSource(source)
-  kind = config.data.source
-  where = f'{kind}:{config.data.tfds_name}/{split}' if kind == 'tfds' else kind
-  return ScaledTestSource(source, config.data.max_value, where)
+  return sources.open_source(sources.spec_from_config(config, split))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,13 +139,13 @@ def resolve_sensor(config, sensor: str | None, *, file_sensor: str | None, where
 # Test sets.
 
 
-_HDF5_SUFFIXES = ('.h5', '.hdf5', '.he5')
-
-
 def _is_path(item: str) -> bool:
-  """A plain path (HDF5 suffix, a folder part or an existing file) rather than a test-set name."""
+  """A plain path (a reader's suffix, a folder part or an existing file), not a test-set name."""
   return (
-    item.lower().endswith(_HDF5_SUFFIXES) or '/' in item or os.sep in item or Path(item).is_file()
+    item.lower().endswith(sources.suffixes())
+    or '/' in item
+    or os.sep in item
+    or Path(item).is_file()
   )
 
 
@@ -304,7 +207,7 @@ class TestSet:
   Attributes:
     name: the test set's name (its output folder).
     config: the config with this test set's data settings.
-    source: its `TestSource` (open until `close`).
+    source: its `sources.Source` (open until `close`).
     file: where the data come from.
     sensor: the canonical sensor whose conventions are used.
     protocol: 'reduced', 'full' or 'hisr'.
@@ -413,7 +316,7 @@ def image_metrics(test_set: TestSet, ref: Mapping[str, np.ndarray], out: np.ndar
 
   Args:
     test_set: the test set (protocol, sensor, config).
-    ref: roles on the sensor scale (float64), from `TestSource.reference`.
+    ref: roles on the sensor scale (float64), from `sources.Source.reference`.
     out: (H, W, C) estimate on the sensor scale.
 
   Returns:
