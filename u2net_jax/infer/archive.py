@@ -9,8 +9,8 @@ Scenes come from `data.scene_lists.read_scenes` (a CSV, a pair of glob patterns 
 ItemCollection). Each scene is one Dask task (`fuse_task`) that runs today's streaming fuser
 (`scene.fuse_files`) with the weights kept once per worker process (`_load`: restored and
 compiled once per workdir, step and tile shape, not per scene). What fuses is an `Engine`: a
-workdir's weights, or a classical method's name (`Engine(method=...)`: the task is designed for
-it, the method is not wired in yet).
+workdir's weights, or a classical method (`Engine(method=..., sensor=...)`: a fresh
+`classical_fuser.ClassicalWindowFuser` per scene, `scene.fuse_files_with`; nothing to load).
 
 Outputs in the output folder, per scene (`io.manifests`): `<name>.tif` (a Cloud-Optimized
 GeoTIFF), `<name>.stac.json` (a STAC Item: the output asset, `derived_from` links to its inputs,
@@ -71,7 +71,7 @@ def _dask():
 
 @dataclasses.dataclass(frozen=True)
 class Engine:
-  """What fuses each scene: a workdir's weights or (when wired in) a classical method.
+  """What fuses each scene: a workdir's weights or a classical method (`--method`).
 
   Attributes:
     workdir: a training run's or converted weights' workdir.
@@ -79,6 +79,8 @@ class Engine:
     step, which: the checkpoint (`checkpointing.select_step`).
     tile_batch: tiles per jitted call (default `config.eval.tile_batch`; it is part of the
       output's identity: a tile's last bit can depend on its batch position).
+    sensor: with `method`, the sensor (`toolbox.SENSORS`: MTF gains, bands, ratio).
+    whole_image_limit: with `method`, the largest scene a whole-image method reads at once.
   """
 
   workdir: str | None = None
@@ -86,10 +88,14 @@ class Engine:
   step: int | None = None
   which: str = 'best'
   tile_batch: int | None = None
+  sensor: str | None = None
+  whole_image_limit: int | None = None
 
   def __post_init__(self):
     if (self.workdir is None) == (self.method is None):
       raise ValueError('an Engine takes a workdir or a method, not both or neither')
+    if self.method is not None and self.sensor is None:
+      raise ValueError('an Engine with a method takes its sensor (sensor=...)')
     if self.workdir is not None:
       object.__setattr__(self, 'workdir', str(Path(self.workdir).expanduser().resolve()))
 
@@ -105,12 +111,6 @@ def _load(engine: Engine) -> tuple[Any, int]:
   The `tiling.Fuser` keeps one compiled function per tile shape, so a worker compiles each shape
   once for all its scenes.
   """
-  if engine.method is not None:
-    # The per-scene task takes a method in place of a workdir; running the classical methods
-    # window by window is not wired in yet.
-    raise errors.RunError(
-      f'--method={engine.method}: classical methods cannot fuse scene archives yet; use --workdir'
-    )
   with _LOAD_LOCK:
     if engine not in _LOADED:
       from u2net_jax.infer import tiling
@@ -129,6 +129,35 @@ def _load(engine: Engine) -> tuple[Any, int]:
       _LOADED[engine] = (fuser, int(step))
       LOADS['count'] += 1
   return _LOADED[engine]
+
+
+def _classical(engine: Engine):
+  """A fresh `ClassicalWindowFuser` (one per scene: its statistics are the scene's)."""
+  from u2net_jax.infer import classical_fuser
+  from u2net_jax.methods import streaming
+
+  limit = engine.whole_image_limit or streaming.DEFAULT_WHOLE_IMAGE_LIMIT
+  return classical_fuser.ClassicalWindowFuser(engine.method, engine.sensor, limit)
+
+
+def _fuse_classical(s: Scene, engine: Engine, options: dict[str, Any]) -> dict[str, Any]:
+  """`fuse.py --method` on one scene, as a COG (the sensor's maximum unless `max_value`)."""
+  from u2net_jax import toolbox
+  from u2net_jax.infer import scene as scene_lib
+
+  max_value = options.get('max_value') or float(toolbox.get_sensor(engine.sensor)['max_value'])
+  return scene_lib.fuse_files_with(
+    _classical(engine),
+    s.pan,
+    s.ms,
+    s.out,
+    max_value=max_value,
+    dtype=options.get('dtype'),
+    window=options.get('window', 1024),
+    overwrite=True,
+    cog=True,
+    progress=False,
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +179,8 @@ def engine_identity(engine: Engine) -> tuple[Engine, dict[str, Any]]:
     errors.CheckpointError, FileNotFoundError: no config or checkpoint in the workdir.
   """
   if engine.method is not None:
-    return engine, {'method': engine.method}
+    fuser = _classical(engine)  # Checks the method and the sensor before any scene runs.
+    return engine, fuser.identity()
   from u2net_jax.run import checkpointing, config_utils
 
   config = config_utils.load_config(engine.workdir)
@@ -224,20 +254,23 @@ def fuse_task(
       # A killed worker's temporaries of this output (only this task writes them).
       for stale in out.parent.glob(f'.{glob.escape(out.name)}.*.tmp*'):
         stale.unlink(missing_ok=True)
-      fuser, step = _load(engine)
-      result = scene_lib.fuse_files(
-        engine.workdir,
-        s.pan,
-        s.ms,
-        s.out,
-        max_value=options.get('max_value'),
-        dtype=options.get('dtype'),
-        window=options.get('window', 1024),
-        overwrite=True,  # Only an output without a matching manifest gets here: redo it.
-        cog=True,
-        progress=False,
-        loaded=(fuser, step),
-      )
+      if engine.method is not None:
+        result = _fuse_classical(s, engine, options)
+      else:
+        fuser, step = _load(engine)
+        result = scene_lib.fuse_files(
+          engine.workdir,
+          s.pan,
+          s.ms,
+          s.out,
+          max_value=options.get('max_value'),
+          dtype=options.get('dtype'),
+          window=options.get('window', 1024),
+          overwrite=True,  # Only an output without a matching manifest gets here: redo it.
+          cog=True,
+          progress=False,
+          loaded=(fuser, step),
+        )
       manifests.write_stac_item(s, result, identity, pixel_options)
       manifest = manifests.write_manifest(s, inputs, identity, pixel_options, result)
       row.update(status='done', pixels=manifest['pixels'], nodata_pixels=result['nodata_pixels'])
@@ -526,9 +559,17 @@ def run_from_flags(flags) -> int | str:
     scenes = read_scenes(
       flags.scenes, flags.out_dir, pan_asset=flags.pan_asset, ms_asset=flags.ms_asset
     )
-    engine = Engine(
-      workdir=flags.workdir, step=flags.step, which=flags.which, tile_batch=flags.tile_batch
-    )
+    if flags.method is not None:
+      from u2net_jax.infer import classical_fuser
+
+      fuser = classical_fuser.from_flags(flags)  # The flags' checks, before any cluster.
+      engine = Engine(
+        method=fuser.method, sensor=fuser.sensor, whole_image_limit=fuser.whole_image_limit
+      )
+    else:
+      engine = Engine(
+        workdir=flags.workdir, step=flags.step, which=flags.which, tile_batch=flags.tile_batch
+      )
     summary = run(
       scenes,
       engine,
