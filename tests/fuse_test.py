@@ -125,3 +125,50 @@ def test_real_wv2_scene_equals_evaluate(wv2_run):
   assert np.abs(fused - rounded).max() <= 1
   # Same tiles at the same batch positions: the same bits, so the rounding agrees everywhere.
   assert np.abs(fused - rounded).max() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# A network that takes `lms` (issue 23): the released WV2 PanNet on the real WV2 scene through
+# fuse.py (windows, per-window lms) against evaluate.py --mode=tiled on the same image (its lms
+# from the test file: interp23tap of the whole MS).
+
+
+@pytest.mark.slow
+def test_real_wv2_scene_with_pannet_equals_evaluate(tmp_path):
+  data = scipy.io.loadmat(shared_path('data', 'pnn-wv2-ikonos-geoeye1', 'imgWV2.mat'))
+  checkpoint = shared_path('dlpan', 'weights', 'WV2', 'pannet.pth')
+  pan, ms = data['I_PAN'][:768, :1024], data['I_MS'][:192, :256]  # 12 x 16 windows of 64 px.
+  workdir = tmp_path / 'pannet_wv2'
+  config = config_utils.load_config_file(REPO / 'configs/wv2.py')
+  with config.unlocked():
+    config.model.name = 'pannet'
+  convert.convert_to_workdir(checkpoint, config, workdir)
+  write_tiff(tmp_path / 'pan.tif', pan)
+  write_tiff(tmp_path / 'ms.tif', ms, pixel=4 * PAN_PIXEL)
+  env = script_env(cache_dir=tmp_path / 'jax_cache')
+  fused = tmp_path / 'fused.tif'
+  args = [f'--workdir={workdir}', f'--pan={tmp_path / "pan.tif"}', f'--ms={tmp_path / "ms.tif"}']
+  done = run_script('fuse.py', *args, f'--out={fused}', '--window=256', '--noprogress', env=env)
+  assert done.returncode == 0, done.stderr[-3000:]
+  h5 = tmp_path / 'test_wv2_crop_OrigScale_multiExm1.h5'
+  arrays = {
+    'lms': toolbox.interp23tap(ms.astype(np.float64), 4),
+    'ms': ms.astype(np.float64),
+    'pan': pan.astype(np.float64)[..., None],
+  }
+  pancollection.write_h5(h5, {k: v.transpose(2, 0, 1)[None] for k, v in arrays.items()})
+  done = run_script(
+    'evaluate.py',
+    f'--workdir={workdir}',
+    f'--test_files=wv2_crop={h5}',
+    '--mode=tiled',
+    f'--output_dir={tmp_path / "eval"}',
+    env=env,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  evaluated = scipy.io.loadmat(tmp_path / 'eval' / 'wv2_crop' / 'output_mulExm_0.mat')['sr']
+  with rasterio.open(fused) as f:
+    got = f.read().transpose(1, 2, 0).astype(np.float64)
+  want = np.clip(np.rint(evaluated.astype(np.float64)), 0, 2047)
+  assert got.shape == want.shape == (768, 1024, 8)
+  assert np.abs(got - want).max() == 0

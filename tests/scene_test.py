@@ -14,7 +14,7 @@ from conftest import REPO
 from rasterio.transform import Affine
 from tiling_test import TINY_MODEL, random_params
 
-from u2net_jax import models
+from u2net_jax import models, toolbox
 from u2net_jax.data import DataError, pancollection
 from u2net_jax.data import prepare_pansharpening as prep
 from u2net_jax.infer import network_fuser, scene, tiling
@@ -229,6 +229,96 @@ def test_cog_output(tiny_workdir, pair, reference, tmp_path):
     assert f.crs == rasterio.crs.CRS.from_string(CRS)
     np.testing.assert_array_equal(f.read().transpose(1, 2, 0), reference)
   assert sorted(p.name for p in tmp_path.iterdir()) == ['fused.tif']  # No temporary left.
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks that take the upsampled MS (`lms`, issue 23).
+
+
+@pytest.mark.parametrize('size', [(136, 104), (12, 20), (64, 48)])
+def test_window_lms_equals_the_whole_image_interpolation(size):
+  """Any window (borders, corners, an MS smaller than the halo) gets interp23tap's very bits."""
+  h, w = size[0] // 4, size[1] // 4
+  ms = np.random.default_rng(h).integers(0, 2048, (h, w, 3)).astype(np.uint16)
+  whole = toolbox.interp23tap(ms.astype(np.float64), 4).astype(np.float32) / np.float32(2047)
+
+  class Reader:
+    height, width, max_value = h, w, 2047.0
+
+    def values(self, y0, y1, x0, x1):
+      assert 0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w  # Only pixels of the image.
+      return ms[y0:y1, x0:x1].astype(np.float32)
+
+    def __call__(self, y0, y1, x0, x1):
+      return self.values(y0, y1, x0, x1) / np.float32(2047)
+
+  big_h, big_w = size
+  for y0, y1, x0, x1 in [
+    (0, big_h, 0, big_w),
+    (0, 8, 0, 8),
+    (big_h - 5, big_h, big_w - 9, big_w),
+    (3, 11, 5, 17),
+    (big_h // 2, big_h // 2 + 1, 1, 2),
+  ]:
+    got = network_fuser.window_lms(Reader(), y0, y1, x0, x1)
+    np.testing.assert_array_equal(got, whole[y0:y1, x0:x1], err_msg=str((y0, y1, x0, x1)))
+
+
+def test_read_padded_equals_numpy_pad():
+  image = np.arange(5 * 7 * 2, dtype=np.float32).reshape(5, 7, 2)
+  reads = []
+
+  def read(y0, y1, x0, x1):
+    assert 0 <= y0 < y1 <= 5 and 0 <= x0 < x1 <= 7
+    reads.append((y0, y1, x0, x1))
+    return image[y0:y1, x0:x1]
+
+  for mode in ('wrap', 'symmetric', 'reflect', 'edge'):
+    padded = np.pad(image, ((13, 13), (13, 13), (0, 0)), mode)
+    for y0, y1, x0, x1 in [(-13, 18, -13, 20), (-2, 3, 4, 9), (1, 4, 2, 6)]:
+      got = scene.read_padded(read, y0, y1, x0, x1, 5, 7, mode)
+      np.testing.assert_array_equal(got, padded[y0 + 13 : y1 + 13, x0 + 13 : x1 + 13], mode)
+  assert reads[-1] == (1, 4, 2, 6)  # Inside the image: one read.
+
+
+@pytest.fixture(scope='module', params=['pannet', 'dicnn'])
+def lms_workdir(request, tmp_path_factory):
+  """A WV3 workdir of a network that takes `lms`, random parameters, 16-px tiles."""
+  config = config_utils.load_config_file(REPO / 'configs' / 'wv3.py')
+  with config.unlocked():
+    config.model.name = request.param
+    config.eval.tile_size = TILE
+    config.eval.tile_batch = TILE_BATCH
+  workdir = tmp_path_factory.mktemp(request.param)
+  config_utils.save_config(config, workdir)
+  checkpointing.save_params(workdir, random_params(models.create_model(config.model), 3))
+  return workdir
+
+
+def test_lms_networks_fuse_scenes_as_evaluate_does(lms_workdir, pair, tmp_path):
+  """Window by window (several window sizes) = the whole image through `tiling.Fuser` with the
+  test sets' `lms` (float32 of interp23tap of the MS on the sensor scale, divided), bit for bit."""
+  folder, pan, ms = pair
+  config = config_utils.load_config(lms_workdir)
+  params, _, _ = checkpointing.restore_params(lms_workdir, config.model)
+  fuser = tiling.Fuser(config.model, params, tile_size=TILE, tile_batch=TILE_BATCH)
+  assert fuser.needs_lms
+  mx = np.float32(2047)
+  lms = toolbox.interp23tap(ms.astype(np.float64), 4).astype(np.float32) / mx
+  fused = fuser(ms.astype(np.float32) / mx, pan.astype(np.float32)[..., None] / mx, lms)
+  want = scene._to_output(fused, 2047, np.dtype(np.float32))
+  for window in (32, 64, 1024):
+    out = tmp_path / f'fused_{window}.npy'
+    scene.fuse_files(
+      lms_workdir,
+      folder / 'pan.tif',
+      folder / 'ms.tif',
+      out,
+      window=window,
+      dtype='float32',
+      progress=False,
+    )
+    np.testing.assert_array_equal(np.load(out), want, err_msg=f'window {window}')
 
 
 # ---------------------------------------------------------------------------------------------
