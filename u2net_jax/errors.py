@@ -3,8 +3,9 @@
 Errors a user can act on (a config value, a data file, a workdir, a damaged checkpoint, a run
 that diverged) have their own types; every other exception is a bug or an environment failure
 and keeps its traceback. The data and output errors live beside the code that raises them
-(`data.DataError`, `fileio.OutputError`, `config_utils.ConfigError`); the run's own are here, and
-`user_errors()` lists them all for the entry points:
+(`data.DataError`, `fileio.OutputError`); the config's (`ConfigError`, also
+`config_utils.ConfigError`) and the run's own are here, and `user_errors()` lists them all for the
+entry points:
 
   try:
     ...
@@ -16,6 +17,14 @@ Some subclass a builtin as well so that callers written against the builtin keep
 """
 
 from __future__ import annotations
+
+
+class ConfigError(ValueError):
+  """A config field has a value it cannot have, or disagrees with another field.
+
+  Here, not in `run.config_rules`, so that `user_errors` imports nothing of `run/` (every `run/`
+  module imports this one).
+  """
 
 
 class RunError(Exception):
@@ -74,6 +83,5 @@ def user_errors() -> tuple[type[BaseException], ...]:
   # Imported here: this module must stay importable from every other one without cycles.
   from u2net_jax.data import DataError
   from u2net_jax.io import fileio
-  from u2net_jax.run import config_utils
 
-  return (RunError, config_utils.ConfigError, DataError, fileio.OutputError)
+  return (RunError, ConfigError, DataError, fileio.OutputError)

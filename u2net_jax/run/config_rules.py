@@ -30,11 +30,7 @@ from typing import Any
 import ml_collections
 
 from u2net_jax import toolbox
-
-
-class ConfigError(ValueError):
-  """A config field has a value it cannot have, or disagrees with another field."""
-
+from u2net_jax.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------
 # Field checks.
