@@ -5,10 +5,14 @@ r"""Compares classical pansharpening methods and trained networks: the paper's c
       --methods=classical --out=compare
   python compare.py --test_files=wv2_reduced=test_wv2_multiExm1.h5 --sensor=WV2 \
       --methods=exp,bt-h,bdsd-pc,mtf-glp-fs --workdirs=u2net=workdirs/official_wv3 --out=compare
+  python compare.py --test_files=test_wv2_multiExm1.h5 --sensor=WV2 --methods=none \
+      --workdirs=U2Net=workdirs/official_wv3,PNN=workdirs/pnn_wv3 --paper --out=compare
 
 Every method runs on every test set with the protocol the file implies (reduced resolution with
 `gt`, full resolution without); results go to `OUT/<test set>/` (tables as text, Markdown, LaTeX
 and CSV, metrics.json, per-image CSV, `<method>/output_mulExm_{k}.mat`, one figure per image).
+`--paper` adds the paper's published rows ("U2Net (paper)", from
+`u2net_jax.infer.paper_tables`) when a test file is one of the paper's PanCollection test files.
 The logic lives in `u2net_jax.infer.compare`.
 """
 
@@ -40,6 +44,12 @@ flags.DEFINE_enum('mode', None, list(tiling.MODES), "Network inference (default:
 flags.DEFINE_float(
   'error_max', None, "Top of the figures' error scale, fraction of the maximum (default: auto)."
 )
+flags.DEFINE_bool(
+  'paper',
+  False,
+  "Also print and write the paper's published rows (Tables 1-2) beside the measured ones when a "
+  "test file is one of the paper's PanCollection test files (else one line says why not).",
+)
 flags.DEFINE_string('out', None, 'Output folder: one subfolder per test set.')
 flags.mark_flag_as_required('out')
 
@@ -57,6 +67,7 @@ def main(argv):
       workdirs=FLAGS.workdirs,
       mode=FLAGS.mode,
       error_max=FLAGS.error_max,
+      paper=FLAGS.paper,
     )
   except (*errors.user_errors(), FileNotFoundError) as e:
     # What a user can fix (a flag, a data file, a workdir): one line, no traceback.

@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import scipy.io
 from conftest import REPO, shared_path
-from eval_test import _config, _make_workdir
+from eval_test import _config, _make_workdir, _write_pansharpening_h5
 from PIL import Image
 
 from u2net_jax import errors, methods
 from u2net_jax.data import DataError
-from u2net_jax.infer import compare, eval_lib
+from u2net_jax.infer import compare, eval_lib, paper_tables
+from u2net_jax.run import config_utils
 
 FAST = ['exp', 'bt-h', 'gs', 'mtf-glp-fs', 'bdsd-pc']  # Quick ones, of three families.
 
@@ -34,16 +35,22 @@ def _small_demo():
 
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
-  """The fast methods and a tiny network on the small demo set."""
+  """The fast methods, a tiny U2Net and a DLPan baseline (DiCNN, random weights) beside it, on
+  the small demo set."""
   workdir = _make_workdir(tmp_path_factory.mktemp('tiny'), _config())
+  dicnn = _make_workdir(
+    tmp_path_factory.mktemp('dicnn'),
+    config_utils.load_config_file(f'{REPO}/configs/baseline.py:dicnn,wv3'),
+  )
   out = tmp_path_factory.mktemp('out')
   config = _small_demo()
   results = compare.compare(
     'demo',
     out_dir=out,
     method_names=','.join(FAST),
-    workdirs={'tiny': str(workdir)},
+    workdirs={'tiny': str(workdir), 'DiCNN1': str(dicnn)},
     config=config,
+    paper=True,  # The demo set is no paper's test set: one line says so.
     verbose=False,
   )
   return results['demo'], out / 'demo', config
@@ -51,7 +58,7 @@ def run(tmp_path_factory):
 
 def test_rows_files_and_outputs(run):
   result, folder, config = run
-  rows = [m.upper() for m in FAST] + ['tiny']
+  rows = [m.upper() for m in FAST] + ['tiny', 'DiCNN1']
   assert list(result['methods']) == rows
   assert result['protocol'] == 'reduced' and result['num_images'] == 2
   # The text table: one line per method in order, then the ideal values.
@@ -75,15 +82,26 @@ def test_rows_files_and_outputs(run):
       sr = scipy.io.loadmat(folder / name / f'output_mulExm_{k}.mat')['sr']
       expected = methods.METHODS[name](ref['lms'], ref['guide'][..., 0], ref['ms'], sensor='WV3')
       assert sr.dtype == np.float64 and np.array_equal(sr, expected)
-    sr = scipy.io.loadmat(folder / 'tiny' / f'output_mulExm_{k}.mat')['sr']
-    assert sr.dtype == np.float32 and sr.shape == (96, 96, 8)
-    metrics = eval_lib.image_metrics(test_set, ref, sr.astype(np.float64))
-    assert metrics == result['methods']['tiny']['per_image'][k]
-    with Image.open(folder / f'figure_{k}.png') as im:  # gt + 6 outputs, each above its error.
+    for name in ('tiny', 'DiCNN1'):  # <test set>/<workdir name>/output_mulExm_{k}.mat
+      sr = scipy.io.loadmat(folder / name / f'output_mulExm_{k}.mat')['sr']
+      assert sr.dtype == np.float32 and sr.shape == (96, 96, 8)
+      # C order, as compare had it: loadmat's Fortran order sums in another order (last bits).
+      sr = np.ascontiguousarray(sr, np.float64)
+      assert eval_lib.image_metrics(test_set, ref, sr) == result['methods'][name]['per_image'][k]
+    with Image.open(folder / f'figure_{k}.png') as im:  # gt + 7 outputs, each above its error.
       assert im.mode == 'RGB' and im.size[0] > 6 * 128 and im.size[1] > 2 * 128
   test_set.close()
+  assert result['methods']['DiCNN1']['kind'] == 'network'
   for row in result['methods'].values():
     assert row['seconds']['per_image'] > 0
+  # --paper on the demo set: no published rows, one line saying why.
+  assert result['paper'] == {
+    'applies': False,
+    'reason': "the data are not read from an HDF5 file, so not one of the paper's PanCollection "
+    'test files (test_wv3_multiExm1.h5, test_wv3_OrigScale_multiExm1.h5, test_wv2_multiExm1.h5)',
+  }
+  assert '(paper)' not in result['table']
+  assert lines[-2].startswith('--paper: no published table applies: the data are not read')
 
 
 def test_marks_follow_the_paper(run):
@@ -176,3 +194,154 @@ def test_classical_outputs_equal_the_toolbox(tmp_path):
       assert np.array_equal(sr, methods.METHODS[name](*args, sensor='WV2'))
       sr = methods.METHODS[name](*args, sensor='WV2', segmentation=toolbox['seg'])
     assert np.abs(sr - toolbox['out']).max() <= 1e-9 * 2047, name
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's published rows (--paper) and a baseline beside U2Net (--workdirs).
+
+
+def test_published_numbers_are_the_papers():
+  """Spot values typed from the paper (Table 1, Section 4.2; Table 2, Section 4.3)."""
+  t1r, t1f, t2 = paper_tables.TABLE_1_REDUCED, paper_tables.TABLE_1_FULL, paper_tables.TABLE_2
+  assert len(t1r.rows) == len(t1f.rows) == 15 and len(t2.rows) == 10
+  assert list(t2.rows)[0] == 'PNN' and 'BT-H' not in t2.rows  # Table 2: DL methods only.
+  assert t1r.rows['U2Net']['PSNR'].text == '39.117±3.009'
+  assert t1r.rows['BT-H']['Q2n'] == paper_tables.Cell(0.832, 0.094, '0.832±0.094')
+  assert t1r.rows['DiCNN']['SAM'].mean == 3.592 and t1r.rows['BDPN']['ERGAS'].std == 0.732
+  assert t1f.rows['TV']['D_lambda_K'].mean == 0.0234 and t1f.rows['PanNet']['D_s'].mean == 0.0470
+  assert t1f.rows['U2Net']['HQNR'].text == '0.9514±0.0115'
+  assert t2.rows['U2Net']['PSNR'] == paper_tables.Cell(30.740, 2.173, '30.740±2.173')
+  assert t2.rows['PMACNet']['SAM'].text == '15.95±3.329' and t2.rows['MSDCNN']['Q2n'].mean == 0.824
+  assert t2.rows['FusionNet']['ERGAS'].mean == 5.136
+  # The paper's QNR is the hybrid one: (1 - D_lambda_K)(1 - D_s), to its rounding, every row.
+  for row in t1f.rows.values():
+    hqnr = (1 - row['D_lambda_K'].mean) * (1 - row['D_s'].mean)
+    assert abs(hqnr - row['HQNR'].mean) < 1.5e-3
+
+
+def test_published_for_recognises_pancollection_files():
+  ok = dict(protocol='reduced', sensor='WV2', num_images=20, image_size=(256, 256))
+  assert paper_tables.published_for('d/test_wv2_multiExm1.h5', **ok) == (paper_tables.TABLE_2, '')
+  assert paper_tables.published_for('TEST_WV2_MULTIEXM1.H5', **ok)[0] is paper_tables.TABLE_2
+  full = dict(ok, protocol='full', sensor='WV3', image_size=(512, 512))
+  assert paper_tables.published_for('test_wv3_OrigScale_multiExm1.h5', **full)[0] is (
+    paper_tables.TABLE_1_FULL
+  )
+  none, why = paper_tables.published_for('test_wv2_OrigScale_multiExm1.h5', **full)
+  assert none is None and 'no full-resolution WV2 table' in why
+  none, why = paper_tables.published_for('wv2_rr_sample.h5', **ok)
+  assert none is None and why.startswith("wv2_rr_sample.h5 is not one of the paper's PanCollection")
+  small = dict(ok, num_images=2, image_size=(128, 128), sensor='WV3')
+  none, why = paper_tables.published_for('test_wv2_multiExm1.h5', **small)
+  assert none is None and why == (
+    "test_wv2_multiExm1.h5 is named like PanCollection's but is not the paper's test set: "
+    'sensor WV3 (expected WV2), images 2 (expected 20), size (128, 128) (expected (256, 256))'
+  )
+  assert set(paper_tables.match_rows(paper_tables.TABLE_2, ['u2net', 'DiCNN1', 'APNN', 'EXP'])) == {
+    'u2net',
+    'DiCNN1',
+  }
+
+
+def test_paper_rows_in_every_table_file(tmp_path, monkeypatch):
+  """--paper on a tiny file named like PanCollection's WV3 reduced-resolution test file (its
+  expected count and size shrunk to the file's): each published row right after its measured
+  row, in every table file, never marked."""
+  spec = paper_tables.PANCOLLECTION['test_wv3_multiExm1.h5']
+  monkeypatch.setitem(
+    paper_tables.PANCOLLECTION,
+    'test_wv3_multiExm1.h5',
+    paper_tables.TestFile('WV3', 'reduced', 2, 96, spec.published),
+  )
+  h5 = _write_pansharpening_h5(tmp_path / 'test_wv3_multiExm1.h5')
+  result = compare.compare(
+    str(h5),
+    out_dir=tmp_path / 'out',
+    method_names='bt-h,exp,mtf-glp-fs',
+    paper=True,
+    verbose=False,
+  )['test_wv3_multiExm1']
+  folder = tmp_path / 'out' / 'test_wv3_multiExm1'
+  assert list(result['methods']) == ['BT-H', 'EXP', 'MTF-GLP-FS']
+  paper = result['paper']
+  assert paper['applies'] and paper['table'] == 'Table 1 (reduced resolution)'
+  assert list(paper['rows']) == ['BT-H', 'MTF-GLP-FS'] and paper['rows']['BT-H']['method'] == 'BT-H'
+  assert paper['rows']['MTF-GLP-FS']['text'] == {
+    'PSNR': '32.963±2.753',
+    'Q2n': '0.833±0.092',
+    'SAM': '5.315±1.765',
+    'ERGAS': '4.700±1.597',
+  }
+  assert json.loads((folder / 'metrics.json').read_text())['paper'] == paper
+  # Text: '-' where the paper has no column (Q_avg, SCC, time).
+  lines = (folder / 'table.txt').read_text().splitlines()
+  names = [line.split('  ')[0].strip() for line in lines[3:-4] if not line.startswith('-')]
+  assert names == ['BT-H', 'BT-H (paper)', 'EXP', 'MTF-GLP-FS', 'MTF-GLP-FS (paper)']
+  row = next(line for line in lines if line.startswith('BT-H (paper)')).split()
+  assert row[2:] == ['33.080±2.880', '0.832±0.094', '-', '4.920±1.425', '4.580±1.496', '-', '-']
+  assert 'Table 1 (reduced resolution) (WV3, 20 reduced-resolution' in result['table']
+  # Never marked: the measured rows alone decide best and second.
+  assert set(result['marks']) == set(result['methods'])
+  assert '*33.080' not in result['table'] and '_33.080' not in result['table']
+  md, tex = (folder / 'table.md').read_text(), (folder / 'table.tex').read_text()
+  assert '| BT-H (paper) | 33.080±2.880 | 0.832±0.094 | - |' in md
+  assert r'MTF-GLP-FS (paper) & $32.963\pm2.753$ & $0.833\pm0.092$ & - &' in tex
+  with open(folder / 'table.csv') as f:
+    table = {r['method']: r for r in csv.DictReader(f)}
+  assert table['BT-H (paper)']['kind'] == 'paper' and table['BT-H (paper)']['PSNR_mean'] == '33.08'
+  published = table['BT-H (paper)']
+  assert published['SCC_mean'] == '' and published['seconds_per_image'] == ''
+  # per_image.csv holds the measured rows only.
+  assert len((folder / 'per_image.csv').read_text().splitlines()) == 1 + 2 * 3
+
+
+@pytest.mark.slow
+def test_released_baselines_beside_u2net_command_line(tmp_path):
+  """`compare.py --methods=none --workdirs=PNN=...,U2Net=...` with the released WV3 weights on
+  the real WV2 reduced-resolution samples: one table, `<set>/<name>/output_mulExm_{k}.mat`, PNN's
+  output the DLPan-Toolbox's own (stored float32 outputs, clipped and x 2047 as it saves them)."""
+  pth = shared_path('official', 'u2net_wv3_200000_iter.pth')
+  pnn_pth = shared_path('dlpan', 'weights', 'WV3', 'pnn.pth')
+  ref = np.load(shared_path('dlpan', 'io', 'pnn_wv3.npz'))['rr_out']
+  h5 = shared_path('official', 'wv2_rr_sample.h5')
+  convert = [sys.executable, '-m', 'u2net_jax.convert', '--config', 'configs/wv3.py']
+  for args in (
+    ['--checkpoint', str(pth), '--workdir', str(tmp_path / 'u2net')],
+    ['--checkpoint', str(pnn_pth), '--config.model.name=pnn', '--workdir', str(tmp_path / 'pnn')],
+  ):
+    subprocess.run([*convert, *args], check=True, cwd=REPO, capture_output=True)
+  done = subprocess.run(
+    [
+      sys.executable,
+      str(REPO / 'compare.py'),
+      f'--test_files=wv2_rr={h5}',
+      '--sensor=WV2',
+      '--methods=none',
+      f'--workdirs=PNN={tmp_path / "pnn"},U2Net={tmp_path / "u2net"}',
+      '--paper',
+      f'--out={tmp_path / "out"}',
+    ],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+  )
+  assert done.returncode == 0, done.stderr
+  assert "--paper: no published table applies: wv2_rr_sample.h5 is not one of the paper's" in (
+    done.stdout
+  )
+  folder = tmp_path / 'out' / 'wv2_rr'
+  result = json.loads((folder / 'metrics.json').read_text())
+  assert list(result['methods']) == ['PNN', 'U2Net'] and not result['paper']['applies']
+  assert [line.split()[0] for line in done.stdout.splitlines() if line[:4] in ('PNN ', 'U2Ne')] == [
+    'PNN',
+    'U2Net',
+  ]
+  for k in range(2):
+    sr = scipy.io.loadmat(folder / 'PNN' / f'output_mulExm_{k}.mat')['sr']
+    toolbox = np.clip(ref[k].transpose(1, 2, 0), 0, 1) * np.float32(2047)
+    assert np.abs(sr - toolbox).max() <= 2e-5 * 2047
+    assert scipy.io.loadmat(folder / 'U2Net' / f'output_mulExm_{k}.mat')['sr'].shape == (
+      128,
+      128,
+      8,
+    )

@@ -42,7 +42,7 @@ from absl import logging
 from PIL import Image, ImageDraw
 
 from u2net_jax import errors, methods
-from u2net_jax.infer import eval_lib, reporting, tiling
+from u2net_jax.infer import eval_lib, paper_tables, reporting, tiling
 from u2net_jax.io import fileio, naming
 from u2net_jax.run import checkpointing, config_utils
 
@@ -64,7 +64,12 @@ IDEAL = {
   'HQNR': 1.0,
 }
 DIGITS = 4  # Decimals of the tables (marks are decided on the printed values).
-TEX_NAMES = {'D_lambda': r'$D_\lambda$', 'D_s': r'$D_s$', 'D_lambda_K': r'$D_\lambda^{K}$'}
+TEX_NAMES = {
+  'Q_avg': r'Q\_avg',
+  'D_lambda': r'$D_\lambda$',
+  'D_s': r'$D_s$',
+  'D_lambda_K': r'$D_\lambda^{K}$',
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,6 +238,7 @@ def format_tables(result: Mapping[str, Any]) -> dict[str, str]:
   """
   rows = result['methods']
   keys = list(next(iter(rows.values()))['mean'])
+  paper = (result.get('paper') or {}).get('rows', {})  # Measured row -> its published row.
   shown = reporting._display_names(result['protocol'], result['bands'])
   heads = [shown.get(k, k) for k in keys]
   mark = result['marks']
@@ -245,8 +251,10 @@ def format_tables(result: Mapping[str, Any]) -> dict[str, str]:
   note = (
     reporting.NOTES[result['protocol']]
     .format(crop=result['crop'])
-    .replace(' EXP = the upsampled MS (lms).', ' EXP = interp23tap of the MS.')
+    .replace(' EXP = the upsampled MS (lms).', ' EXP = interp23tap of the MS.' * ('EXP' in rows))
   )
+  if result.get('paper'):  # --paper: the published rows' legend, or why there are none.
+    note += '\n' + paper_note(result['paper'])
 
   def cells(style: str) -> list[list[str]]:
     wrap = {
@@ -271,6 +279,15 @@ def format_tables(result: Mapping[str, Any]) -> dict[str, str]:
         )
       line.append(f'{row["seconds"]["per_image"]:.3f}')
       table.append(line)
+      if name in paper:  # The published row, as printed in the paper, never marked.
+        shown = paper_row_name(name)
+        line = [shown.replace('_', r'\_') if style == 'tex' else shown]
+        for key in keys:
+          text = paper[name]['text'].get(key, '-')
+          if style == 'tex' and text != '-':
+            text = '$' + text.replace('±', r'\pm') + '$'
+          line.append(text)
+        table.append([*line, '-'])
     table.append(['Ideal value', *(_ideal_text(k, style == 'tex') for k in keys), '-'])
     return table
 
@@ -312,7 +329,69 @@ def format_tables(result: Mapping[str, Any]) -> dict[str, str]:
   for name, row in rows.items():
     values = [repr(float(row[s][k])) for k in keys for s in ('mean', 'std')]
     writer.writerow([name, row['kind'], *values, repr(float(row['seconds']['per_image']))])
+    if name in paper:
+      published = paper[name]
+      values = [
+        repr(published[s][k]) if k in published[s] else '' for k in keys for s in ('mean', 'std')
+      ]
+      writer.writerow([paper_row_name(name), 'paper', *values, ''])
   return {'txt': txt, 'md': md_text, 'tex': '\n'.join(tex) + '\n', 'csv': buf.getvalue()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's published rows (`--paper`).
+
+
+def paper_row_name(name: str) -> str:
+  """The table row of the published numbers beside measured row `name`."""
+  return f'{name} (paper)'
+
+
+def paper_result(test_set: eval_lib.TestSet, row_names: Sequence[str]) -> dict[str, Any]:
+  """The `metrics.json` 'paper' entry of a test set: the published rows of its methods.
+
+  Returns:
+    {'applies': True, 'table', 'caption', 'rows': measured row -> {'method' (the paper's name),
+    'mean', 'std', 'text' (metric key -> value / the paper's printed cell)}}; or
+    {'applies': False, 'reason': one sentence}.
+  """
+  from_file = test_set.config.data.source == 'hdf5'
+  published, reason = paper_tables.published_for(
+    test_set.file if from_file else None,
+    protocol=test_set.protocol,
+    sensor=test_set.sensor,
+    num_images=len(test_set),
+    image_size=test_set.shape,
+  )
+  if published is None:
+    return {'applies': False, 'reason': reason}
+  matched = paper_tables.match_rows(published, row_names)
+  if not matched:
+    return {
+      'applies': False,
+      'reason': f'{published.table} has none of these methods (its rows: '
+      f'{", ".join(published.rows)})',
+    }
+  rows = {
+    name: {
+      'method': method,
+      'mean': {k: c.mean for k, c in cells.items()},
+      'std': {k: c.std for k, c in cells.items()},
+      'text': {k: c.text for k, c in cells.items()},
+    }
+    for name, (method, cells) in matched.items()
+  }
+  return {'applies': True, 'table': published.table, 'caption': published.caption, 'rows': rows}
+
+
+def paper_note(paper: Mapping[str, Any]) -> str:
+  """The line under a table about the published rows (or why none apply)."""
+  if not paper.get('applies'):
+    return f'--paper: no published table applies: {paper["reason"]}.'
+  return (
+    f'"NAME (paper)": the paper\'s {paper["table"]} ({paper["caption"]}) as printed there; '
+    'not measured here, never marked.'
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,6 +509,7 @@ def compare_test_set(
   out_dir: Path,
   *,
   error_max: float | None = None,
+  paper: bool = False,
   verbose: bool = True,
 ) -> dict[str, Any]:
   """Runs, scores and saves every method on one test set into `out_dir/<name>` (atomically).
@@ -440,6 +520,7 @@ def compare_test_set(
     networks: restored workdirs.
     out_dir: the output root.
     error_max: the figures' error scale (fraction of the maximum); None: per image, automatic.
+    paper: add the paper's published rows (`paper_result`) when the test set is the paper's.
     verbose: print the table.
 
   Returns:
@@ -525,6 +606,8 @@ def compare_test_set(
       'ideal': {k: _ideal_text(k) for k in next(iter(rows.values()))['mean']},
       'figure_error_max': scales,
     }
+    if paper:
+      result['paper'] = paper_result(test_set, list(rows))
     tables = format_tables(result)
     for ext, text in tables.items():
       naming.output_path(folder, 'table', ext=ext).write_text(text, encoding='utf-8')
@@ -545,6 +628,7 @@ def compare(
   workdirs: str | Mapping[str, str] | None = None,
   mode: str | None = None,
   error_max: float | None = None,
+  paper: bool = False,
   config: ml_collections.ConfigDict | None = None,
   verbose: bool = True,
 ) -> dict[str, dict[str, Any]]:
@@ -559,6 +643,8 @@ def compare(
     workdirs: `parse_workdirs` input (name=path pairs or a dict).
     mode: network inference ('auto', 'tiled', 'whole'); default each workdir's config.eval.mode.
     error_max: the figures' error scale (fraction of the maximum); None: automatic per image.
+    paper: print and write the paper's published rows (Tables 1-2) beside the measured ones
+      when a test set is one of the paper's PanCollection files; else say why in one line.
     config: the base config (default `base_config(sensor)`; tests shrink the demo set).
     verbose: print each table.
 
@@ -589,6 +675,6 @@ def compare(
       stack.callback(test_set.close)
     for test_set in test_sets:
       results[test_set.name] = compare_test_set(
-        test_set, names, networks, out_dir, error_max=error_max, verbose=verbose
+        test_set, names, networks, out_dir, error_max=error_max, paper=paper, verbose=verbose
       )
   return results
