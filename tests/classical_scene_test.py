@@ -5,13 +5,26 @@ size (23 x 19), with windows that cut it into interior, edge and corner pieces a
 holding it whole: bit-identical for the local method (EXP, whose interp23tap borders are
 circular), <= 1e-9 of the sensor maximum for the two-pass ones; the whole-image methods below the
 limit, and their refusal above it.
+
+Through GeoTIFFs (`scene.fuse_files_with` with `ClassicalWindowFuser`, quick): the same equalities
+on a scene of odd size with the PAN's georeference kept, float64 and uint16 outputs, nodata
+pixels written as nodata (and, for the local method, nothing else changed beyond its halo). Slow:
+`fuse.py --method` as a command (its flag errors in one line), `fuse.py --scenes --method` on a
+2-worker LocalCluster, and the real WorldView-2 scene of `../shared`.
 """
+
+import json
 
 import numpy as np
 import pytest
+import rasterio
+import scipy.io
+from conftest import run_script, shared_path
+from scene_test import CRS, PAN_PIXEL, write_tiff
 from scipy import ndimage
 
 from u2net_jax import toolbox
+from u2net_jax.infer import classical_fuser, scene
 from u2net_jax.methods import METHODS, streaming
 
 MAX = 2047
@@ -94,3 +107,152 @@ def test_whole_image_methods_run_below_the_limit_and_are_refused_above(scene_arr
     streaming.make_plan('gs', sensor='WV2', height=8, width=8, bands=4)
   with pytest.raises(streaming.StreamingError, match='--method=nope: unknown method; valid'):
     streaming.make_plan('nope', sensor='WV2', height=8, width=8, bands=8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Through GeoTIFF files.
+
+
+def _tiffs(folder, pan, ms, **kw):
+  pan_path = write_tiff(folder / 'pan.tif', pan.astype(np.uint16), **kw)
+  ms_path = write_tiff(folder / 'ms.tif', ms.astype(np.uint16), pixel=4 * PAN_PIXEL, **kw)
+  return pan_path, ms_path
+
+
+def _fuse(method, pan_path, ms_path, out, window=36, **kw):
+  fuser = classical_fuser.ClassicalWindowFuser(method, 'WV2')
+  options = dict(max_value=MAX, window=window, progress=False, overwrite=True) | kw
+  return scene.fuse_files_with(fuser, pan_path, ms_path, out, **options)
+
+
+def _read(path):
+  with rasterio.open(path) as f:
+    return f.read().transpose(1, 2, 0), f
+
+
+@pytest.mark.parametrize('method', ['exp', 'gsa', 'mtf-glp-hpm-r'])
+def test_geotiff_scene_equals_the_whole_image_method(scene_arrays, tmp_path, method):
+  pan, ms, lms = scene_arrays
+  pan_path, ms_path = _tiffs(tmp_path, pan, ms)
+  ref = METHODS[method](lms, pan, ms, sensor='WV2')
+  result = _fuse(method, pan_path, ms_path, tmp_path / 'f.tif', dtype='float64')
+  out, f = _read(tmp_path / 'f.tif')
+  assert result['windows'] == 9 and result['nodata_pixels'] == 0
+  with rasterio.open(pan_path) as p:
+    assert f.crs == p.crs == rasterio.crs.CRS.from_string(CRS) and f.transform == p.transform
+  if method == 'exp':
+    np.testing.assert_array_equal(out, ref)
+  else:
+    assert np.abs(out - ref).max() <= 1e-9 * MAX
+  # The MS dtype (uint16): the float64 result rounded and clipped, as fuse.py stores networks'.
+  _fuse(method, pan_path, ms_path, tmp_path / 'u.tif')
+  stored, _ = _read(tmp_path / 'u.tif')
+  expected = np.clip(np.rint(ref), 0, 65535)
+  if method == 'exp':
+    np.testing.assert_array_equal(stored, expected)
+  else:  # A value within 1e-9 of k + 0.5 may round either way.
+    assert np.abs(stored - expected).max() <= 1
+
+
+def test_geotiff_nodata_is_written_as_nodata(scene_arrays, tmp_path):
+  pan, ms, lms = scene_arrays
+  ms_holes = ms.copy()
+  ms_holes[5, 7] = 0  # Declared nodata: PAN pixels 20..23 x 28..31 depend on it.
+  pan_holes = pan.copy()
+  pan_holes[60, 50] = 0
+  pan_path, ms_path = _tiffs(tmp_path, pan_holes, ms_holes, nodata=0)
+  result = _fuse('exp', pan_path, ms_path, tmp_path / 'f.tif', dtype='float64', nodata=-1.0)
+  out, f = _read(tmp_path / 'f.tif')
+  bad = np.zeros(pan.shape, bool)
+  bad[20:24, 28:32] = bad[60, 50] = True
+  assert result['nodata_pixels'] == 17 and f.nodata == -1
+  assert (out[bad] == -1).all() and (out[~bad] > 0).all()
+  # EXP is local: beyond interp23tap's reach (9 MS pixels, circular) from the hole, the scene
+  # without it, bit for bit (MS rows 15..17 are 10..12 rows away both ways round).
+  ref = METHODS['exp'](lms, pan, ms, sensor='WV2')
+  far = ~bad
+  far[:60] = far[72:] = False
+  np.testing.assert_array_equal(out[far], ref[far])
+
+
+# ---------------------------------------------------------------------------------------------
+# Slow: the command line, the archive, the real WV2 scene.
+
+
+@pytest.mark.slow
+def test_cli_method_fuses_and_reports_flag_errors_in_one_line(scene_arrays, tmp_path):
+  pan, ms, lms = scene_arrays
+  pan_path, ms_path = _tiffs(tmp_path, pan, ms)
+  args = ['fuse.py', '--method=MTF-GLP', f'--pan={pan_path}', f'--ms={ms_path}']
+  done = run_script(*args, '--sensor=WV2', f'--out={tmp_path / "f.tif"}', '--dtype=float64')
+  assert done.returncode == 0, done.stderr
+  summary = json.loads(done.stdout.strip().splitlines()[-1])
+  assert summary['shape'] == [92, 76, 8] and summary['windows'] == 1
+  out, _ = _read(tmp_path / 'f.tif')
+  ref = METHODS['mtf-glp'](lms, pan, ms, sensor='WV2')
+  assert np.abs(out - ref).max() <= 1e-9 * MAX
+  for flags, message in (
+    ([], 'error: --method=MTF-GLP needs --sensor (its MTF gains'),
+    (['--sensor=QB'], 'the MS has 8 bands; the model takes 4'),
+    (['--sensor=WV2', '--step=3'], 'error: --step chooses a network checkpoint'),
+    (['--method=tv', '--sensor=WV2', '--whole_image_limit=1000'], 'error: --method=tv cannot'),
+  ):
+    bad = run_script(*args, *flags, f'--out={tmp_path / "bad.tif"}')
+    last = bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode == 1 and 'Traceback' not in bad.stderr, bad.stderr
+    assert last.startswith('error: ') and message in last, last
+    assert not (tmp_path / 'bad.tif').exists()
+
+
+@pytest.mark.slow
+def test_archive_with_a_method_equals_single_runs(scene_arrays, tmp_path):
+  pytest.importorskip('distributed', reason='dask.distributed is not installed')
+  from u2net_jax.data import scene_lists
+  from u2net_jax.infer import archive
+
+  pan, ms, _ = scene_arrays
+  pan2, ms2 = _scene(seed=1, hl=17, wl=25)
+  (tmp_path / 'a').mkdir()
+  (tmp_path / 'b').mkdir()
+  pairs = [_tiffs(tmp_path / 'a', pan, ms), _tiffs(tmp_path / 'b', pan2, ms2)]
+  csv = tmp_path / 'scenes.csv'
+  csv.write_text('pan,ms,out\n' + ''.join(f'{p},{m},s{i}.tif\n' for i, (p, m) in enumerate(pairs)))
+  scenes = scene_lists.read_scenes(str(csv), str(tmp_path / 'out'))
+  engine = archive.Engine(method='awlp', sensor='WV2')
+  summary = archive.run(
+    scenes, engine, tmp_path / 'out', options={'window': 36}, workers=2, stream=None
+  )
+  assert summary['done'] == 2 and summary['failed'] == 0, summary
+  for i, (p, m) in enumerate(pairs):
+    _fuse('awlp', p, m, tmp_path / f'single{i}.tif', cog=True)
+    np.testing.assert_array_equal(
+      _read(tmp_path / 'out' / f's{i}.tif')[0], _read(tmp_path / f'single{i}.tif')[0]
+    )
+  assert json.loads((tmp_path / 'out' / 's0.manifest.json').read_text())['engine'] == {
+    'method': 'awlp',
+    'sensor': 'WV2',
+    'kind': 'two-pass',
+  }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('method', ['exp', 'mtf-glp', 'gs'])
+def test_real_wv2_scene(tmp_path, method):
+  """The real WorldView-2 scene (1280 x 1280 PAN, 320 x 320 x 8 MS, uint16) as GeoTIFFs.
+
+  Not MTF-GLP-HPM: on this scene its divisor (the equalised PAN's low-pass) comes near 0, the
+  whole-image output reaches -2e6 and moves by ~1e-5 under rounding-level changes (see
+  ../shared/toolbox/README.md, 'Conditioning'); streamed, it agrees to 2e-7 relative there.
+  """
+  data = scipy.io.loadmat(shared_path('data', 'pnn-wv2-ikonos-geoeye1', 'imgWV2.mat'))
+  pan, ms = data['I_PAN'], data['I_MS']
+  pan_path, ms_path = _tiffs(tmp_path, pan, ms)
+  result = _fuse(method, pan_path, ms_path, tmp_path / 'f.tif', window=512, dtype='float64')
+  out, _ = _read(tmp_path / 'f.tif')
+  pan, ms = pan.astype(np.float64), ms.astype(np.float64)
+  ref = METHODS[method](toolbox.interp23tap(ms, 4), pan, ms, sensor='WV2')
+  assert result['windows'] == 9 and result['nodata_pixels'] == 0
+  if method == 'exp':
+    np.testing.assert_array_equal(out, ref)
+  else:
+    assert np.abs(out - ref).max() <= 1e-9 * MAX
