@@ -14,7 +14,9 @@ or negative are refused naming the file, band, window and value (`--allow_off_sc
 anyway). Nodata (NaN, infinite, the files' nodata or `--nodata`) is filled before fusing and
 written as the output's declared nodata value; the JSON summary counts those pixels.
 SIGTERM / SIGINT remove the temporary output and end with one line; a later run on the same
-output removes the temporaries of killed runs.
+output removes the temporaries of killed runs. With `--resume`, a run keeps a partial output and a
+journal beside the output and a re-run (after a kill, SIGKILL included) continues after the last
+finished window, to the same file (`u2net_jax.infer.scene_resume`).
 The scene is fused with the official tiling (64-px tiles, 4-px margins) in windows of `--window`
 PAN pixels, memory bounded by the window; the output (GeoTIFF with the PAN's georeference, or
 `.npy`/`.mat`) appears under its name only when complete. The logic lives in
@@ -76,6 +78,12 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_integer('tile_batch', None, 'Tiles per jitted call (default: config.eval.tile_batch).')
 flags.DEFINE_bool('overwrite', False, 'Replace an existing output file.')
+flags.DEFINE_bool(
+  'resume',
+  False,
+  'Keep a partial output and its journal beside --out (.NAME.partial.npy/.json) and, when a run '
+  'of the same inputs, weights and options left them, continue after its last finished window.',
+)
 flags.DEFINE_bool('cog', False, 'Write a Cloud-Optimized GeoTIFF (with overviews).')
 flags.DEFINE_string('pan_key', None, 'PAN array name inside .mat/.h5 inputs.')
 flags.DEFINE_string('ms_key', None, 'MS array name inside .mat/.h5 inputs.')
@@ -118,6 +126,7 @@ def _fuse_with_method():
     FLAGS.ms,
     FLAGS.out,
     **classical_fuser.scene_options(FLAGS, fuser),
+    resume=FLAGS.resume,
   )
 
 
@@ -154,6 +163,7 @@ def main(argv):
         nodata=FLAGS.nodata,
         allow_off_scale=FLAGS.allow_off_scale,
         rescale_output=FLAGS.rescale_output,
+        resume=FLAGS.resume,
       )
   except (*errors.user_errors(), FileNotFoundError) as e:
     # What a user can fix (inputs, the output path, the workdir): one line, no traceback.
@@ -162,9 +172,8 @@ def main(argv):
     name, status = (
       (e.signal_name, e.status) if isinstance(e, errors.Interrupted) else ('SIGINT', 130)
     )
-    print(
-      f'error: stopped by {name}; nothing written, the temporary output removed', file=sys.stderr
-    )
+    kept = 'the partial output kept for --resume' if FLAGS.resume else 'nothing written'
+    print(f'error: stopped by {name}; {kept}, the temporary output removed', file=sys.stderr)
     sys.exit(status)
   if isinstance(result.get('nodata'), float) and math.isnan(result['nodata']):
     result['nodata'] = 'nan'  # JSON has no NaN.

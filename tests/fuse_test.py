@@ -1,8 +1,11 @@
 """End-to-end tests of `fuse.py`: the command line, and the real WorldView-2 scene with the
 released weights against `evaluate.py`'s tiled fusion of the same image (slow)."""
 
+import contextlib
 import json
 import os
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -44,6 +47,48 @@ def test_cli_fuses_and_reports_errors_in_one_line(tiny_workdir, tmp_path):  # no
   last = bad.stderr.strip().splitlines()[-1]
   assert last.startswith('error: ') and 'is 3x the PAN pixel' in last
   assert not (tmp_path / 'bad.tif').exists()
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_writes_the_uninterrupted_file(tiny_workdir, tmp_path):  # noqa: F811
+  """fuse.py --resume SIGKILLed after 5 of its 85 windows, then run again with --resume: the
+  uninterrupted run's GeoTIFF, byte for byte; the partial output and journal are gone."""
+  pan, ms = make_pair(np.random.default_rng(5), 256, 256)
+  write_tiff(tmp_path / 'pan.tif', pan)
+  write_tiff(tmp_path / 'ms.tif', ms, pixel=4 * PAN_PIXEL)
+  env = script_env(cache_dir=tmp_path / 'jax_cache')
+  args = [
+    f'--workdir={tiny_workdir}',
+    f'--pan={tmp_path / "pan.tif"}',
+    f'--ms={tmp_path / "ms.tif"}',
+  ]
+  args += ['--window=32', '--noprogress']
+  plain = tmp_path / 'plain' / 'fused.tif'
+  done = run_script('fuse.py', *args, f'--out={plain}', env=env)
+  assert done.returncode == 0, done.stderr[-3000:]
+  out = tmp_path / 'out' / 'fused.tif'
+  journal = out.parent / '.fused.tif.partial.json'
+  child = run_script('fuse.py', *args, f'--out={out}', '--resume', env=env, wait=False)
+  try:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and child.poll() is None:
+      with contextlib.suppress(OSError, ValueError):
+        if json.loads(journal.read_text())['state']['done'] >= 5:
+          break
+      time.sleep(0.01)
+    assert child.poll() is None, 'fuse.py ended before it could be killed'
+    child.send_signal(signal.SIGKILL)
+  finally:
+    child.kill()
+    child.wait()
+  killed_at = json.loads(journal.read_text())['state']['done']
+  assert 5 <= killed_at < 85 and not out.exists()
+  done = run_script('fuse.py', *args, f'--out={out}', '--resume', env=env)
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  assert result['windows'] == 85 and result['resumed_windows'] == killed_at
+  assert out.read_bytes() == plain.read_bytes()
+  assert sorted(p.name for p in out.parent.iterdir()) == ['fused.tif']
 
 
 # ---------------------------------------------------------------------------------------------

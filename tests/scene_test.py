@@ -5,6 +5,8 @@ geometry and the streaming are those of the official 64-px tiling. The real-scen
 (released weights, `evaluate.py`) is in `fuse_test.py`.
 """
 
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -14,10 +16,10 @@ from conftest import REPO
 from rasterio.transform import Affine
 from tiling_test import TINY_MODEL, random_params
 
-from u2net_jax import models, toolbox
+from u2net_jax import errors, models, toolbox
 from u2net_jax.data import DataError, pancollection
 from u2net_jax.data import prepare_pansharpening as prep
-from u2net_jax.infer import network_fuser, scene, tiling
+from u2net_jax.infer import network_fuser, scene, scene_resume, tiling
 from u2net_jax.io import fileio, raster_sinks
 from u2net_jax.run import checkpointing, config_utils
 
@@ -281,7 +283,7 @@ def test_read_padded_equals_numpy_pad():
   assert reads[-1] == (1, 4, 2, 6)  # Inside the image: one read.
 
 
-@pytest.fixture(scope='module', params=['pannet', 'dicnn'])
+@pytest.fixture(scope='module', params=[pytest.param('pannet', marks=pytest.mark.slow), 'dicnn'])
 def lms_workdir(request, tmp_path_factory):
   """A WV3 workdir of a network that takes `lms`, random parameters, 16-px tiles."""
   config = config_utils.load_config_file(REPO / 'configs' / 'wv3.py')
@@ -386,6 +388,82 @@ def test_a_failed_run_leaves_no_file(tiny_workdir, pair, tmp_path, monkeypatch):
       tiny_workdir, folder / 'pan.tif', folder / 'ms.tif', tmp_path / 'o.tif', window=64
     )
   assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming (`fuse.py --resume`, issue 25); the SIGKILL of a real fuse.py is in fuse_test.py.
+
+
+def _interrupted_after(monkeypatch, windows):
+  """Makes the partial output's window writes stop the run (KeyboardInterrupt) after `windows`."""
+  written = []
+  write = scene_resume.PartialSink.write
+
+  def write_then_stop(self, y0, x0, block):
+    if len(written) == windows:
+      raise KeyboardInterrupt
+    written.append((y0, x0))
+    write(self, y0, x0, block)
+
+  monkeypatch.setattr(scene_resume.PartialSink, 'write', write_then_stop)
+  return written
+
+
+@pytest.mark.parametrize(
+  'suffix',
+  [
+    '.tif',
+    pytest.param('.npy', marks=pytest.mark.slow),
+    pytest.param('.mat', marks=pytest.mark.slow),
+  ],
+)
+def test_resume_continues_to_the_same_output(
+  tiny_workdir, pair, reference, tmp_path, monkeypatch, suffix
+):
+  """Stopped after 2 of 6 windows, resumed: the uninterrupted run's file (GeoTIFF: its bytes)."""
+  folder, _, _ = pair
+  inputs = (tiny_workdir, folder / 'pan.tif', folder / 'ms.tif')
+  out = tmp_path / f'fused{suffix}'
+  with monkeypatch.context() as m:
+    _interrupted_after(m, 2)
+    with pytest.raises(KeyboardInterrupt):
+      scene.fuse_files(*inputs, out, window=64, resume=True, progress=False)
+  journal = scene_resume.paths(out)['json']
+  assert json.loads(journal.read_text())['state']['done'] == 2 and not out.exists()
+  written = _interrupted_after(monkeypatch, 10**6)
+  result = scene.fuse_files(*inputs, out, window=64, resume=True, progress=False)
+  assert (result['windows'], result['resumed_windows'], len(written)) == (6, 2, 4)
+  assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # Journal and partial gone.
+  if suffix == '.tif':
+    plain = tmp_path / 'plain' / out.name
+    scene.fuse_files(*inputs, plain, window=64, progress=False)
+    assert out.read_bytes() == plain.read_bytes()  # The same file, byte for byte.
+  else:
+    fused = np.load(out) if suffix == '.npy' else scipy.io.loadmat(out)['sr']
+    np.testing.assert_array_equal(fused, reference)
+
+
+def test_resume_refuses_a_journal_of_another_run(tiny_workdir, pair, tmp_path, monkeypatch):
+  folder, pan, ms = pair
+  inputs = (tiny_workdir, folder / 'pan.tif', folder / 'ms.tif')
+  out = tmp_path / 'fused.tif'
+  with monkeypatch.context() as m:
+    _interrupted_after(m, 2)
+    with pytest.raises(KeyboardInterrupt):
+      scene.fuse_files(*inputs, out, window=64, resume=True, progress=False)
+  partial = scene_resume.paths(out)['npy']
+  before = partial.read_bytes()
+  with pytest.raises(errors.OptionError, match=r'--resume: .* records another run .*dtype'):
+    scene.fuse_files(*inputs, out, window=64, dtype='float32', resume=True, progress=False)
+  with pytest.raises(errors.OptionError, match=r'records another run .*windows'):
+    scene.fuse_files(*inputs, out, window=32, resume=True, progress=False)
+  other = write_tiff(tmp_path / 'ms.tif', ms + 1, pixel=4 * PAN_PIXEL)
+  with pytest.raises(errors.OptionError, match=r'records another run .*inputs\.MS'):
+    scene.fuse_files(tiny_workdir, folder / 'pan.tif', other, out, window=64, resume=True)
+  assert partial.read_bytes() == before and not out.exists()
+  # Without --resume: today's behaviour (the partial run is left for a later --resume).
+  scene.fuse_files(*inputs, out, window=64, progress=False)
+  assert out.exists() and partial.exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,8 +20,10 @@ tile batch and a BLAKE2b over the checkpoint's parameter files: each file's path
 the options and the output's SHA-256. A re-run skips a scene whose manifest matches all of these
 (the output re-hashed) and redoes the others; a scene without a valid manifest is fused again,
 replacing its output. Outputs are renamed into place only when complete (`fileio.atomic_file`),
-so a killed worker leaves no partial file; the scheduler reschedules its scene on another worker
-(`distributed.scheduler.allowed-failures` times).
+so a killed worker leaves no output under the final name; the scheduler reschedules its scene on
+another worker (`distributed.scheduler.allowed-failures` times), which continues after the last
+window the killed one finished (`scene.fuse_files(resume='restart')`: the partial output and its
+journal, `infer.scene_resume`; a journal of other options is started over).
 
 A scene that fails (unreadable, misregistered, anything its task raises) fails alone: its reason
 is in the summary and the others finish. `OUT/summary.csv` and `OUT/summary.json` list every
@@ -157,6 +159,7 @@ def _fuse_classical(s: Scene, engine: Engine, options: dict[str, Any]) -> dict[s
     overwrite=True,
     cog=True,
     progress=False,
+    resume='restart',  # A killed worker's scene continues after its last finished window.
   )
 
 
@@ -270,6 +273,7 @@ def fuse_task(
           cog=True,
           progress=False,
           loaded=(fuser, step),
+          resume='restart',  # A killed worker's scene continues after its last finished window.
         )
       manifests.write_stac_item(s, result, identity, pixel_options)
       manifest = manifests.write_manifest(s, inputs, identity, pixel_options, result)

@@ -19,7 +19,7 @@ output is checked writable and not silently replaced (`raster_sinks.check_output
 nodata. Every output is written under a temporary name and renamed at the end: a killed run
 leaves no file under the final name.
 
-Size: ~700 lines: the fuser protocol and its border helper, the reader every fuser shares, the
+Size: ~790 lines: the fuser protocol and its border helper, the reader every fuser shares, the
 streaming loop and the checked entry points (`fuse_files`, `fuse_files_with`) are one engine;
 the readers, the sinks and the network fuser are modules of their own.
 """
@@ -39,10 +39,12 @@ from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import numpy as np
+from absl import logging
 
 from u2net_jax import errors
 from u2net_jax.data import DataError, rasters
 from u2net_jax.data.rasters import Raster
+from u2net_jax.infer import scene_resume
 from u2net_jax.io import raster_sinks
 from u2net_jax.io.raster_sinks import Sink
 
@@ -339,6 +341,7 @@ def fuse_scene(
   out_scale: float | None = None,
   windows: list[Window] | None = None,
   done: int = 0,
+  nodata_pixels: int = 0,
   on_window: Any = None,
 ) -> dict[str, Any]:
   """Fuses a checked PAN/MS pair window by window into `sink`.
@@ -362,7 +365,9 @@ def fuse_scene(
       it onto the integer dtype's maximum).
     windows: the plan (`fuser.windows(...)`, already made); None makes it here.
     done: windows of the plan already in the sink (a resumed run) that are skipped.
-    on_window: called as `on_window(i)` after window i is written (the resume journal).
+    nodata_pixels: the nodata pixels of those windows.
+    on_window: called as `on_window(i, nodata_pixels)` after window i is written (the resume
+      journal), with the nodata pixels of windows 0..i.
 
   Returns:
     {'windows', 'seconds', 'nodata_pixels', 'nodata', UNITs} with UNIT `fuser.unit` + 's'
@@ -383,13 +388,14 @@ def fuse_scene(
   total = sum(w.units for w in windows)
   bar = _Progress(total, progress, fuser.unit)
   bar.update(sum(w.units for w in windows[:done]))
-  masked = 0
+  masked = nodata_pixels
   scale = out_scale or max_value
   if fuser.sensor_scale:  # Strips already on the sensor scale (float64: classical methods).
     scale = scale / max_value
   start = time.perf_counter()
   try:
-    fuser.prepare(readers['PAN'], readers['MS'])
+    if done < len(windows):  # (A resumed run killed while writing the output has no window.)
+      fuser.prepare(readers['PAN'], readers['MS'])
     for i in range(done, len(windows)):
       w = windows[i]
       for r in readers.values():
@@ -410,7 +416,7 @@ def fuse_scene(
         sink.write(w.y0, w.x0, block)
       del block
       if on_window is not None:
-        on_window(i)
+        on_window(i, masked)
       _release_free_heap()
       bar.update(w.units)
   finally:
@@ -616,6 +622,7 @@ def fuse_files_with(
   nodata: float | None = None,
   allow_off_scale: bool = False,
   rescale_output: bool = False,
+  resume: bool | str = False,
 ) -> dict[str, Any]:
   """Fuses a PAN/MS scene with any `WindowFuser` into `out_path`.
 
@@ -639,6 +646,10 @@ def fuse_files_with(
       maximum, negative) instead of refusing them.
     rescale_output: an integer `dtype` narrower than the data holds 0..max_value mapped onto
       its full range (without it such a dtype is refused: most pixels would clip).
+    resume: keep a partial output and its journal beside the output, and continue the run they
+      record after its last finished window (`infer.scene_resume`; `fuse.py --resume`);
+      'restart': the same, but a journal of another run is replaced instead of refused (the
+      archive's re-runs, whose options may have changed).
 
   Returns:
     `fuse_scene`'s summary plus 'output', 'shape', 'dtype', 'megapixels_per_s' and
@@ -647,7 +658,8 @@ def fuse_files_with(
   Raises:
     DataError: inputs that do not overlay or do not fit the method, a window it cannot use.
     fileio.OutputError: an existing (without `overwrite`) or unwritable output, or an input.
-    errors.OptionError: a flag value that cannot work (`check_options`).
+    errors.OptionError: a flag value that cannot work (`check_options`); with `resume`, a
+      journal of another run or another run writing the same output.
   """
   dtype = check_options(max_value=max_value, dtype=dtype, window=window, nodata=nodata)
   with contextlib.ExitStack() as stack:
@@ -666,21 +678,32 @@ def fuse_files_with(
     out_scale = _output_scale(out_dtype, max_value, rescale_output)
     output_nodata(pan, ms, out_dtype, nodata)  # Refused now rather than after the fusion.
     temporaries = raster_sinks.clean_temporaries(out)
-    with raster_sinks.open_sink(out, pan, ms, out_dtype, cog=cog) as sink:
-      result = fuse_scene(
-        fuser,
-        pan,
-        ms,
-        sink,
-        max_value=max_value,
-        window=window,
-        nodata=nodata,
-        progress=progress,
-        check_values=not allow_off_scale,
-        out_scale=out_scale,
-        windows=windows,
-      )
-      sink.finish(result['nodata'])
+    run = dict(
+      max_value=max_value,
+      window=window,
+      nodata=nodata,
+      progress=progress,
+      check_values=not allow_off_scale,
+      out_scale=out_scale,
+      windows=windows,
+    )
+    if resume:
+      inputs = {
+        'PAN': scene_resume.input_identity(pan_path, pan_key),
+        'MS': scene_resume.input_identity(ms_path, ms_key),
+      }
+      restart = resume == 'restart'
+      result = _fuse_resumable(fuser, pan, ms, out, out_dtype, cog, inputs, restart, **run)
+    else:
+      if scene_resume.partial_run_exists(out):
+        logging.warning(
+          'A --resume run of %s left its partial output (%s); pass --resume to continue it.',
+          out,
+          scene_resume.paths(out)['npy'],
+        )
+      with raster_sinks.open_sink(out, pan, ms, out_dtype, cog=cog) as sink:
+        result = fuse_scene(fuser, pan, ms, sink, **run)
+        sink.finish(result['nodata'])
   megapixels = pan.height * pan.width / 1e6
   return dict(
     result,
@@ -690,6 +713,51 @@ def fuse_files_with(
     megapixels_per_s=megapixels / result['seconds'],
     temporaries=temporaries,
   )
+
+
+def _fuse_resumable(fuser, pan, ms, out, dtype, cog, inputs, restart, **run) -> dict[str, Any]:
+  """`fuse_scene` into a partial output with a journal (`scene_resume`), then the output.
+
+  The output is written from the partial output in the plan's window order with the same
+  blocks as an uninterrupted run writes: the same file.
+  """
+  windows = run['windows']
+  fill = output_nodata(pan, ms, dtype, run['nodata'])
+  options = {
+    'max_value': run['max_value'],
+    'out_scale': run['out_scale'] or run['max_value'],
+    'nodata': run['nodata'],
+    'fill': fill,
+    'check_values': run['check_values'],
+  }
+  shape = (pan.height, pan.width, fuser.bands)
+  record = scene_resume.record(
+    inputs=inputs,
+    fuser=fuser.identity(),
+    options=options,
+    windows=windows,
+    shape=shape,
+    dtype=dtype,
+  )
+  journal = scene_resume.Journal(out, record, restart_other=restart)
+  with journal.open(*shape, dtype) as partial:
+    result = fuse_scene(
+      fuser,
+      pan,
+      ms,
+      partial,
+      done=journal.done,
+      nodata_pixels=journal.nodata_pixels,
+      on_window=lambda i, masked: journal.window_done(i, masked, partial),
+      **run,
+    )
+    with raster_sinks.open_sink(out, pan, ms, dtype, cog=cog) as sink:
+      for w in windows:
+        if w.y1 > w.y0 and w.x1 > w.x0:
+          sink.write(w.y0, w.x0, np.array(partial.map[w.y0 : w.y1, w.x0 : w.x1]))
+      sink.finish(result['nodata'])
+    journal.remove()
+  return result
 
 
 def _output_scale(dtype: np.dtype, max_value: float, rescale: bool) -> float:
