@@ -44,9 +44,9 @@ def test_recipes_and_literal_option():
 
 
 def test_default_loss_and_optimizer_are_u2nets():
-  """U2Net's config: the very `train_lib.l1_loss` and plain Adam (bit for bit as before)."""
+  """U2Net's config: the very `losses.l1_loss` and plain Adam (bit for bit as before)."""
   config = load_config('tiny')
-  assert losses.make_loss(config) is train_lib.l1_loss
+  assert losses.make_loss(config) is losses.l1_loss
   tx = losses.make_optimizer(config, 1e-3)
   params = {'a': jnp.ones(3)}
   grads = {'a': jnp.asarray([0.1, -0.2, 0.3])}

@@ -14,7 +14,7 @@ from flax import traverse_util
 from u2net_jax import convert, metrics, models
 from u2net_jax.data import input_pipeline
 from u2net_jax.io import fileio
-from u2net_jax.run import checkpointing, config_utils, sharding, train_lib
+from u2net_jax.run import checkpointing, config_utils, losses, sharding, train_lib
 
 
 def _run_train(workdir, *flags, config='configs/tiny.py', **kwargs):
@@ -154,7 +154,7 @@ def test_training_fidelity_official_loss_and_gradients():
   params = convert.torch_to_flax(state_dict, config.model)
   batch = {k: jnp.asarray(ref[k].transpose(0, 2, 3, 1)) for k in ('ms', 'pan', 'gt')}
   batch['guide'] = batch.pop('pan')
-  loss_and_grads = jax.jit(jax.value_and_grad(train_lib.l1_loss), static_argnums=1)
+  loss_and_grads = jax.jit(jax.value_and_grad(losses.l1_loss), static_argnums=1)
   loss, _ = loss_and_grads(params, models.BatchApply(models.create_model(config.model)), batch)
   assert abs(float(loss) - float(ref['loss'])) <= 1e-6
   with jax.enable_x64(True):
@@ -226,16 +226,16 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
 
 @pytest.mark.slow
 def test_four_devices_and_one_give_the_same_loss_curve(tmp_path):
-  losses = {}
+  curves = {}
   xla_flags = script_env()['XLA_FLAGS']
   for n in (1, 4):
     env = script_env({'XLA_FLAGS': f'{xla_flags} --xla_force_host_platform_device_count={n}'})
     run = _run_train(tmp_path / f'dev{n}', '--config.train.num_epochs=2', env=env)
     assert run.returncode == 0, run.stdout + run.stderr
     assert f'{n} devices' in run.stderr
-    losses[n] = [r['train_loss'] for r in _jsonl(tmp_path / f'dev{n}') if 'train_loss' in r]
-  assert len(losses[1]) == 8
-  np.testing.assert_allclose(losses[4], losses[1], atol=1e-5, rtol=0)
+    curves[n] = [r['train_loss'] for r in _jsonl(tmp_path / f'dev{n}') if 'train_loss' in r]
+  assert len(curves[1]) == 8
+  np.testing.assert_allclose(curves[4], curves[1], atol=1e-5, rtol=0)
   # A global batch that does not split over the 4 devices: one line naming the flag, no traceback.
   odd = _run_train(tmp_path / 'odd', '--config.train.batch_size=6', env=env)
   assert odd.returncode != 0
@@ -266,7 +266,7 @@ def test_fine_tuning_starts_from_converted_weights(tmp_path):
   mesh = sharding.create_mesh()
   first = next(input_pipeline.train_batches(config, source, mesh=mesh, start_step=0))
   model = models.create_model(config.model)
-  expected = float(train_lib.l1_loss(params, models.BatchApply(model), first))
+  expected = float(losses.l1_loss(params, models.BatchApply(model), first))
   assert _jsonl(workdir)[0]['train_loss'] == pytest.approx(expected, abs=1e-6)
 
 
@@ -288,8 +288,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
   train_lib.train_and_evaluate(load_config(**{'train.num_epochs': 1}), workdir)
   good, good_step = _final_params(workdir)
   # Fault injection: a loss that is NaN from the resumed run's first step on.
-  loss_fn = train_lib.l1_loss
-  monkeypatch.setattr(train_lib, 'l1_loss', lambda *args: loss_fn(*args) * jnp.nan)
+  loss_fn = losses.l1_loss
+  monkeypatch.setattr(losses, 'l1_loss', lambda *args: loss_fn(*args) * jnp.nan)
   config = load_config(**{'train.num_epochs': 3})
   with pytest.raises(FloatingPointError, match='training loss became nan at step 5'):
     train_lib.train_and_evaluate(config, workdir)

@@ -38,6 +38,23 @@ def _get(section, field: str, default):
   return section.get(field, default) if hasattr(section, 'get') else default
 
 
+def l1_loss(params, apply_fn: Callable, batch: Mapping[str, jax.Array]) -> jax.Array:
+  """Mean absolute error between the fused image and `gt` (paper Eq. 4, `nn.L1Loss()`).
+
+  U2Net's loss, and the training step's default.
+
+  Args:
+    params: the model's parameters.
+    apply_fn: the model's `apply` on a batch dict (`models.BatchApply`).
+    batch: 'gt' and the roles the model takes (NHWC in [0, 1]).
+
+  Returns:
+    The scalar loss.
+  """
+  out = apply_fn({'params': params}, batch)
+  return jnp.mean(jnp.abs(out - batch['gt']))
+
+
 def l2_penalty(params) -> jax.Array:
   """sum(kernel**2) / 2 over every convolution kernel (the toolbox's conv weights)."""
   leaves = jax.tree_util.tree_leaves_with_path(params)
@@ -53,7 +70,7 @@ def make_loss(config) -> Callable:
       `train.l2_literal`; missing fields take U2Net's: L1, no crop, no L2).
 
   Returns:
-    The loss function: `train_lib.l1_loss` itself for U2Net's 'l1' without crop or L2.
+    The loss function: `l1_loss` itself for U2Net's 'l1' without crop or L2.
 
   Raises:
     ValueError: an unknown loss name or a negative border / weight.
@@ -68,9 +85,7 @@ def make_loss(config) -> Callable:
   if border < 0 or l2_weight < 0:
     raise ValueError(f'train.loss_border={border} and train.l2_weight={l2_weight} must be >= 0')
   if name == 'l1' and not border and not l2_weight:
-    from u2net_jax.run import train_lib  # The default: U2Net's loss, the very same function.
-
-    return train_lib.l1_loss
+    return l1_loss  # The default: U2Net's loss, the very same function.
 
   def loss(params, apply_fn: Callable, batch: Mapping[str, jax.Array]) -> jax.Array:
     out, gt = apply_fn({'params': params}, batch), batch['gt']

@@ -118,23 +118,8 @@ def create_train_state(
   return TrainState.create(apply_fn=models.BatchApply(model), params=params, tx=tx)
 
 
-def l1_loss(params, apply_fn: Callable, batch: Batch) -> jax.Array:
-  """Mean absolute error between the fused image and `gt` (paper Eq. 4, `nn.L1Loss()`).
-
-  Args:
-    params: the model's parameters.
-    apply_fn: the model's `apply` on a batch dict (`models.BatchApply`).
-    batch: 'gt' and the roles the model takes (NHWC in [0, 1]).
-
-  Returns:
-    The scalar loss.
-  """
-  out = apply_fn({'params': params}, batch)
-  return jnp.mean(jnp.abs(out - batch['gt']))
-
-
 def train_step(
-  state: TrainState, batch: Batch, loss_fn: Callable = l1_loss
+  state: TrainState, batch: Batch, loss_fn: Callable = losses.l1_loss
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the loss of `batch` (roles 'gt' and the model's; NHWC in [0, 1]).
 
@@ -173,7 +158,7 @@ def eval_step(params, batch: Batch, *, apply_fn: Callable, ratio: int = 4) -> di
 
 
 def compile_steps(
-  mesh: jax.sharding.Mesh, apply_fn: Callable, ratio: int = 4, loss_fn: Callable = l1_loss
+  mesh: jax.sharding.Mesh, apply_fn: Callable, ratio: int = 4, loss_fn: Callable = losses.l1_loss
 ):
   """`train_step` (on `loss_fn`) and `eval_step` jitted over `mesh`: batch sharded, state
   replicated, donated.
