@@ -42,8 +42,8 @@ flags.DEFINE_string('sensor', None, 'With --method: the sensor (WV3, WV2, QB, GF
 flags.DEFINE_integer(
   'whole_image_limit',
   None,
-  'With --method: the largest scene (PAN pixels) a whole-image method (c-gsa, tv, sr-d, pracs, '
-  'bdsd, bdsd-pc) reads at once (default 4096^2).',
+  'With --method: the largest scene (PAN pixels) a whole-image method (c-gsa, tv, sr-d) reads '
+  'at once (default 4096^2).',
 )
 flags.DEFINE_string('pan', None, 'PAN (or RGB guide) file: .tif, .npy, .mat or .h5.')
 flags.DEFINE_string('ms', None, 'MS (or HSI) file: .tif, .npy, .mat or .h5.')

@@ -49,15 +49,15 @@ def scene_arrays():
 def test_kinds_cover_every_method():
   kinds = {n: streaming.kind(n) for n in METHODS}
   assert kinds['exp'] == 'local'
-  assert {n for n, k in kinds.items() if k == 'whole-image'} == {
-    'c-gsa',
-    'tv',
-    'sr-d',
-    'pracs',
-    'bdsd',
-    'bdsd-pc',
-  }
-  assert streaming.kind('bt-h', bands=4) == 'whole-image'  # The haze is a percentile on 4 bands.
+  assert {n for n, k in kinds.items() if k == 'whole-image'} == {'c-gsa', 'tv', 'sr-d'}
+
+
+@pytest.mark.parametrize('name', ['bt-h', 'mtf-glp-hpm-h'])
+def test_four_band_haze_is_the_exact_percentile(name):
+  pan, ms = _scene(bands=4)  # QB: the haze is a fraction of each band's 1st percentile.
+  ref = METHODS[name](toolbox.interp23tap(ms, 4), pan, ms, sensor='QB')
+  out = streaming.fuse_arrays(name, pan, ms, sensor='QB', window=36)
+  assert np.abs(out - ref).max() <= 1e-9 * MAX
 
 
 @pytest.mark.parametrize('window', [16, 36, 400])
@@ -68,13 +68,24 @@ def test_local_method_is_bit_identical_whatever_the_windows(scene_arrays, window
   np.testing.assert_array_equal(out, ref)
 
 
-@pytest.mark.parametrize('name', [n for n in STREAMED if n != 'exp'])
+@pytest.mark.parametrize('name', [n for n in STREAMED if n not in ('exp', 'bdsd')])
 def test_two_pass_methods_equal_the_whole_image(scene_arrays, name):
   pan, ms, lms = scene_arrays
   ref = METHODS[name](lms, pan, ms, sensor='WV2')
-  # 36: windows inside, on each edge and in each corner (92 x 76 PAN pixels).
-  out = streaming.fuse_arrays(name, pan, ms, sensor='WV2', window=36)
+  # 48: four windows, each with two image edges and two sides inside (92 x 76 PAN pixels).
+  out = streaming.fuse_arrays(name, pan, ms, sensor='WV2', window=48)
   assert np.abs(out - ref).max() <= 1e-9 * MAX
+
+
+def test_bdsd_fits_one_block_per_image_height():
+  # The toolbox's block is the image's height: a 20 x 40 MS holds two 80-pixel blocks, and the
+  # windows (36) straddle them; a width that is not a multiple of the height is refused.
+  pan, ms = _scene(hl=20, wl=40)
+  ref = METHODS['bdsd'](toolbox.interp23tap(ms, 4), pan, ms, sensor='WV2')
+  out = streaming.fuse_arrays('bdsd', pan, ms, sensor='WV2', window=36)
+  assert np.abs(out - ref).max() <= 1e-9 * MAX
+  with pytest.raises(streaming.StreamingError, match='--method=bdsd: block_size: the PAN height'):
+    streaming.make_plan('bdsd', sensor='WV2', height=92, width=76, bands=8)
 
 
 def test_window_operations_read_circular_and_replicate_borders(scene_arrays):
@@ -94,10 +105,8 @@ def test_window_operations_read_circular_and_replicate_borders(scene_arrays):
 
 def test_whole_image_methods_run_below_the_limit_and_are_refused_above(scene_arrays):
   pan, ms, lms = scene_arrays
-  ref = METHODS['bdsd-pc'](lms, pan, ms, sensor='WV2')
-  np.testing.assert_array_equal(
-    streaming.fuse_arrays('bdsd-pc', pan, ms, sensor='WV2', window=36), ref
-  )
+  ref = METHODS['c-gsa'](lms, pan, ms, sensor='WV2')
+  np.testing.assert_array_equal(streaming.fuse_arrays('c-gsa', pan, ms, sensor='WV2'), ref)
   with pytest.raises(streaming.StreamingError) as e:
     streaming.make_plan('tv', sensor='WV2', height=92, width=76, bands=8, whole_image_limit=1000)
   message = str(e.value)

@@ -89,16 +89,15 @@ class ClassicalWindowFuser(scene.WindowFuser):
     return self._windows
 
   def prepare(self, pan, ms) -> None:
-    if not self.plan.passes:
-      return
     source = _Source(pan, ms)
-    for w in self._windows:
+    for _ in range(self.plan.passes):  # Statistics, window by window (methods.streaming).
+      for w in self._windows:
+        for reader in (pan, ms):
+          reader.start_window()
+        self.plan.accumulate(source, (w.y0, w.y1, w.x0, w.x1))
       for reader in (pan, ms):
         reader.start_window()
-      self.plan.accumulate(source, (w.y0, w.y1, w.x0, w.x1))
-    for reader in (pan, ms):
-      reader.start_window()
-    self.plan.finalize(source)
+      self.plan.finalize(source)
 
   def fuse(self, pan, ms, w: scene.Window) -> Iterator[tuple[int, np.ndarray]]:
     if w.y1 > w.y0 and w.x1 > w.x0:

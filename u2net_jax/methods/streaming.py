@@ -1,8 +1,9 @@
 """The classical methods on scenes of any size, window by window (issue 22).
 
   plan = streaming.make_plan('mtf-glp-hpm', sensor='WV2', height=H, width=W, bands=8)
-  for window in windows: plan.accumulate(source, window)   # only when plan.passes == 1
-  plan.finalize()
+  for _ in range(plan.passes):                                 # 0, 1 or 2 statistic passes
+    for window in windows: plan.accumulate(source, window)
+    plan.finalize(source)
   for window in windows: out = plan.fuse(source, window)   # (h, w, C) float64, sensor scale
 
 A `source` reads the scene at random positions on the sensor scale in float64
@@ -10,36 +11,39 @@ A `source` reads the scene at random positions on the sensor scale in float64
 grid; `ArraySource` for arrays). Windows are (y0, y1, x0, x1) on the PAN grid, aligned to the
 ratio. Each method's whole-image function (`u2net_jax.methods.METHODS`) is the reference; the
 scene is read as the toolbox's demos take it: `I_MS_LR` = the MS, `I_MS` = interp23tap(I_MS_LR),
-`I_PAN` = the PAN.
+`I_PAN` = the PAN. A window reads what its output depends on, with the toolbox's borders:
+interp23tap's are circular (a window on an edge reads the opposite edge), the MTF filters'
+replicate, imresize's and the B3 wavelets' symmetric (applied only where the image ends, so a
+window's interior sides consume real neighbours).
 
-What each method is, for a streamer (`KIND`):
+What each method is, for a streamer (`kind`):
 
-- **local** (`exp`): the output at a pixel is a fixed function of a neighbourhood; each window
-  reads what it needs (interp23tap's circular borders: a window on the image's edge reads the
-  opposite edge) and computes it with the same float operations, so the result is
-  **bit-identical** to the whole-image function, whatever the windows.
-- **two-pass** (`mtf-glp`, `mtf-glp-hpm`, `mtf-glp-fs`, `mtf-glp-hpm-r`, `mtf-glp-hpm-h` and
-  `bt-h` with the band minimum as haze (not 4 bands), `awlp`, `gs`, `gsa`): a local filter whose
-  coefficients are image-wide statistics (means, standard deviations, covariances, one
-  regression). Pass 1 accumulates them window by window (`_Moments`: shifted sums and cross
-  products; `_LeastSquares`: a QR of the rows seen so far, so a regression is as accurate as the
-  whole-image QR); `finalize` reduces them to the coefficients the whole-image function
-  computes; pass 2 applies them. The sums are taken in another order, and the 41 x 41 MTF filters
-  are FFT convolutions whose rounding depends on the array's size, so the result equals the
-  whole-image one to rounding (tested at <= 1e-9 of the sensor maximum; ~1e-12 observed), not
-  bit for bit. The local parts that are direct filters (interp23tap, AWLP's wavelet) are
-  bit-identical given the same coefficients.
+- **local** (`exp`): the output at a pixel is a fixed function of a neighbourhood, computed
+  with the same float operations, so the result is **bit-identical** to the whole-image
+  function, whatever the windows. EXP is the only one: every other method scales, equalises or
+  regresses with statistics of the whole image.
+- **two-pass** (all the others but three): a local filter whose coefficients are image-wide
+  statistics (means, standard deviations, covariances, regressions, the haze's band minimum or
+  1st percentile). A statistics pass accumulates them window by window (`_Moments`: shifted sums
+  and cross products; `_LeastSquares`: the R of a QR of the rows seen so far, so a regression is
+  as accurate as the whole-image QR, and BDSD-PC's constrained fit is solved on R; `_Percentile`:
+  the smallest 1% of the values, so the percentile is exact); `finalize` reduces them to the
+  coefficients the whole-image function computes; the fusion pass applies them. PRACS needs two
+  statistics passes (its regressions are on bands matched with the first pass's statistics);
+  BDSD accumulates one fit per H x H block (the toolbox's block size is the height). The sums
+  are taken in another order, and the 41 x 41 MTF filters are FFT convolutions whose rounding
+  depends on the array's size, so the result equals the whole-image one to rounding (tested at
+  <= 1e-9 of the sensor maximum; ~1e-12 observed, 5e-10 for BDSD), not bit for bit. Where the
+  method is ill-conditioned the whole-image result itself moves more under rounding: MTF-GLP-HPM
+  divides by a low-pass that nears 0 on real scenes (../shared/toolbox/README.md).
 - **whole-image** (`c-gsa`: a k-means over all pixels; `tv`: 50 iterations coupling every
-  pixel; `sr-d`: a dictionary learnt from every patch; `pracs`: a chain of five image-wide
-  regressions and correlations; `bdsd`: one block as high as the image with the toolbox's block
-  size; `bdsd-pc`: non-negative least squares over every pixel; `bt-h` and `mtf-glp-hpm-h` on
-  4 bands: the haze is a 1st percentile): no exact window decomposition is implemented, so
+  pixel; `sr-d`: a dictionary learnt from every patch): no exact window decomposition exists, so
   `WholeImagePlan` reads the scene whole and runs the function once, when the scene has at most
   `whole_image_limit` PAN pixels (`fuse.py --whole_image_limit`), and refuses larger scenes
   with one line naming the method and why.
 
-Size: ~750 lines (formatted): the window operations each plan shares (reads with the toolbox's
-borders, MTF/GLP, B3 and bicubic low-passes by windows), the two accumulators and one small plan
+Size: ~1000 lines (formatted): the window operations every plan shares (reads with the toolbox's
+borders, MTF/GLP, B3 and bicubic low-passes by windows), three accumulators and one small plan
 per method family; split, the plans would import each other's private window operations.
 """
 
@@ -50,7 +54,7 @@ import math
 from typing import Any
 
 import numpy as np
-from scipy import linalg, signal, sparse
+from scipy import linalg, optimize, signal, sparse
 
 from u2net_jax import toolbox
 from u2net_jax.methods import METHODS, common
@@ -69,11 +73,6 @@ WHOLE_IMAGE_REASONS = {
   'c-gsa': 'its k-means segmentation clusters every pixel of the scene at once',
   'tv': "TV_pansharpen's 50 iterations couple every pixel of the scene",
   'sr-d': 'its dictionary is learnt from every patch of the scene',
-  'pracs': 'a chain of five image-wide regressions and correlations (not decomposed yet)',
-  'bdsd': "the toolbox's block is as high as the image (one least-squares fit over it all)",
-  'bdsd-pc': 'a non-negative least-squares fit over every pixel (not decomposed yet)',
-  'haze': 'on 4 bands the haze is the 1st percentile of every pixel (an image-wide order '
-  'statistic)',
 }
 DEFAULT_WHOLE_IMAGE_LIMIT = 4096 * 4096  # PAN pixels: ~2 GB of float64 for 8 bands.
 
@@ -281,12 +280,16 @@ def _down_up_rows(n: int, ratio: int, a: int, b: int):
   return op[:, q0:q1].toarray(), q0, q1
 
 
-def down_up_window(source, window, ratio):
-  """`imresize(imresize(PAN, 1/ratio), ratio)[window]` (bicubic, symmetric borders)."""
+def down_up_window(source, window, ratio, image_at=None):
+  """`imresize(imresize(X, 1/ratio), ratio)[window]` (bicubic, symmetric borders) of the PAN, or
+  of `image_at(y0, y1, x0, x1)` -> (h, w, K) (any image on the PAN grid, K bands at once)."""
   y0, y1, x0, x1 = window
   ry, p0, p1 = _down_up_rows(source.height, ratio, y0, y1)
   rx, q0, q1 = _down_up_rows(source.width, ratio, x0, x1)
-  return ry @ source.pan(p0, p1, q0, q1) @ rx.T
+  if image_at is None:
+    return ry @ source.pan(p0, p1, q0, q1) @ rx.T
+  x = np.tensordot(ry, image_at(p0, p1, q0, q1), axes=(1, 0))
+  return np.tensordot(rx, x, axes=(1, 1)).transpose(1, 0, 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,14 +330,23 @@ class _LeastSquares:
     self.r = None
 
   def add(self, x: np.ndarray, y: np.ndarray) -> None:
-    a = np.concatenate([x.reshape(-1, x.shape[-1]), y.reshape(-1, 1)], axis=1)
+    """Adds rows: x (..., K) and y (...) or (..., T) targets."""
+    self.k = x.shape[-1]
+    x = x.reshape(-1, self.k)
+    a = np.concatenate([x, y.reshape(x.shape[0], -1)], axis=1)
     if self.r is not None:
       a = np.concatenate([self.r, a], axis=0)
     self.r = np.linalg.qr(a, mode='r')
 
   def solve(self) -> np.ndarray:
-    k = self.r.shape[1] - 1
-    return linalg.solve_triangular(self.r[:k, :k], self.r[:k, k])
+    """The least-squares solution(s): (K,) for one target, (K, T) for several."""
+    k = self.k
+    out = linalg.solve_triangular(self.r[:k, :k], self.r[:k, k:])
+    return out[:, 0] if out.shape[1] == 1 else out
+
+  def reduced(self) -> tuple[np.ndarray, np.ndarray]:
+    """(R11, R12): ||x g - y_t||^2 = ||R11 g - R12[:, t]||^2 + a constant, for any g."""
+    return self.r[: self.k, : self.k], self.r[: self.k, self.k :]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,7 +359,8 @@ class Plan:
   Attributes:
     name: the method.
     kind: 'local', 'two-pass' or 'whole-image'.
-    passes: statistic passes before the fusion (0 or 1).
+    passes: statistic passes before the fusion (0, 1 or 2): each pass is `accumulate` over
+      every window, then `finalize` (which moves the plan to its next pass).
     halo: PAN pixels of context a window's output depends on beyond the window (information:
       the plan reads what it needs itself, circular borders included).
   """
@@ -469,8 +482,36 @@ class GlpRegressionPlan(Plan):
     return lms * (pan + self.cb) / (lp + self.cb + common.EPS)
 
 
+class _Percentile:
+  """MATLAB's `prctile` (numpy's 'hazen') of each column over every row seen, exactly.
+
+  The percentile of N values needs two order statistics; only the smallest ones can be among them
+  (1% of N for the haze's 1st percentile), so the smallest K are kept across windows
+  (`np.partition`): exact, in memory K x columns.
+  """
+
+  def __init__(self, n: int, q: float):
+    v = n * q / 100 - 0.5  # numpy's hazen: virtual index n q + (alpha + q (1 - alpha - beta)) - 1
+    lo = math.floor(v)
+    self.gamma = v - lo
+    self.lo, self.hi = min(max(lo, 0), n - 1), min(max(lo + 1, 0), n - 1)
+    self.kept = None
+
+  def add(self, x: np.ndarray) -> None:
+    x = x if self.kept is None else np.concatenate([self.kept, x], axis=0)
+    k = self.hi + 1
+    self.kept = np.partition(x, k - 1, axis=0)[:k] if x.shape[0] > k else x
+
+  def value(self) -> np.ndarray:
+    s = np.sort(self.kept, axis=0)
+    a, b = s[self.lo], s[self.hi]
+    diff, g = b - a, self.gamma
+    return a + diff * g if g < 0.5 else b - diff * (1 - g)  # numpy's _lerp
+
+
 class HazePlan(Plan):
-  """MTF-GLP-HPM-H and BT-H with the band minimum as haze (any band count but 4)."""
+  """MTF-GLP-HPM-H and BT-H: the haze is each band's minimum, or on 4 bands a fraction of its
+  1st percentile (`common.haze_minimum`), found exactly by `_Percentile`."""
 
   halo = _MTF_HALF + 4 * _INTERP_MARGIN
 
@@ -478,8 +519,12 @@ class HazePlan(Plan):
     lms = self._lms(source, window)
     lp = lp_gauss_window(source, window, self.ratio)
     flat = lms.reshape(-1, self.bands)
-    mins = flat.min(axis=0)
-    self._acc['min'] = np.minimum(self._acc.get('min', mins), mins)
+    if self.bands == 4:
+      n = self.height * self.width
+      self._acc.setdefault('prc', _Percentile(n, common.HAZE_PERCENTILE)).add(flat)
+    else:
+      mins = flat.min(axis=0)
+      self._acc['min'] = np.minimum(self._acc.get('min', mins), mins)
     ls = self._acc.setdefault('ls', _LeastSquares())
     if self.name == 'mtf-glp-hpm-h':  # [1, MS] \ LPfilterGauss(P) (MTF_GLP_HPM_Haze_min.m)
       ls.add(np.concatenate([np.ones((flat.shape[0], 1)), flat], 1), lp)
@@ -488,7 +533,10 @@ class HazePlan(Plan):
       self._moments('m').add(np.concatenate([lp[..., None], lms], -1))
 
   def finalize(self, source=None):
-    self.haze = self._acc['min']
+    if self.bands == 4:
+      self.haze = np.asarray(common.HAZE_FRACTIONS_4) * self._acc['prc'].value()
+    else:
+      self.haze = self._acc['min']
     w = self._acc['ls'].solve()
     if self.name == 'mtf-glp-hpm-h':
       self.haze_pan = float(w @ np.concatenate([[1.0], self.haze]))
@@ -608,6 +656,187 @@ class GsPlan(Plan):
     return (lms - self.ms_mean) + (pan0 - i0)[..., None] * self.gains + self.ms_mean
 
 
+class BdsdPlan(Plan):
+  """BDSD (the toolbox's block = the image height: one fit per H x H block along the width) and
+  BDSD-PC (one constrained fit): least squares at reduced resolution, applied per pixel.
+
+  The fitting data (`bdsd._reduced_resolution`) by windows of the MS grid: GT =
+  imresize(I_MS, 1/ratio) (bicubic, antialiased), its MTF-filtered version (replicate borders
+  on the MS grid: 20 MS pixels of halo) and the MTF_PAN-filtered PAN decimated.
+  """
+
+  halo = 4 * (_MTF_HALF + 4) + 4 * _INTERP_MARGIN
+
+  def __init__(self, *args):
+    super().__init__(*args)
+    if self.name == 'bdsd':
+      from u2net_jax.methods import bdsd
+
+      try:
+        self.block = bdsd._check_block_size(
+          self.height, (self.height, self.width), self.ratio, self.bands
+        )
+      except ValueError as e:
+        raise StreamingError(f'--method=bdsd: {e}') from e
+
+  def _gt(self, source, kr, kc):
+    """imresize(I_MS, 1/ratio) at MS-grid rows kr x columns kc (runs of indices)."""
+    r = self.ratio
+    ur, uc = np.unique(kr), np.unique(kc)
+    mats = []
+    for u, n in ((ur, self.height), (uc, self.width)):
+      m = _resize_sparse(n, 1 / r)[u[0] : u[-1] + 1].tocsc()
+      used = np.flatnonzero(np.diff(m.indptr))
+      p0, p1 = int(used[0]) // r * r, -(-(int(used[-1]) + 1) // r) * r
+      mats.append((m[:, p0:p1].toarray(), p0, p1))
+    (a, p0, p1), (b, q0, q1) = mats
+    lms = lms_window(source, (p0, p1, q0, q1), r)
+    g = np.tensordot(b, np.tensordot(a, lms, axes=(1, 0)), axes=(1, 1)).transpose(1, 0, 2)
+    return g[np.searchsorted(ur, kr)][:, np.searchsorted(uc, kc)]
+
+  def _fit_data(self, source, window):
+    """(GT, MTF(GT), decimated MTF_PAN(PAN)) on the window's MS-grid pixels."""
+    r, s = self.ratio, self.sensor
+    y0, y1, x0, x1 = window
+    a, b, c, d = y0 // r, y1 // r, x0 // r, x1 // r
+    hl, wl = self.height // r, self.width // r
+    kr = np.clip(np.arange(a - _MTF_HALF, b + _MTF_HALF), 0, hl - 1)
+    kc = np.clip(np.arange(c - _MTF_HALF, d + _MTF_HALF), 0, wl - 1)
+    gt_ext = self._gt(source, kr, kc)
+    kernels = _mtf_kernels(tuple(float(g) for g in s['ms_gnyq']), r)
+    ms_lp = signal.fftconvolve(gt_ext, kernels, mode='valid', axes=(0, 1))
+    gt = gt_ext[_MTF_HALF : _MTF_HALF + b - a, _MTF_HALF : _MTF_HALF + d - c]
+    off = r // 2
+    rows = np.clip(np.arange(a * r + off - _MTF_HALF, (b - 1) * r + off + 21), 0, self.height - 1)
+    cols = np.clip(np.arange(c * r + off - _MTF_HALF, (d - 1) * r + off + 21), 0, self.width - 1)
+    kernel = toolbox.mtf_kernel(s['pan_gnyq'], r)
+    pan_lp = signal.fftconvolve(gather(source.pan, rows, cols), kernel, mode='valid')[::r, ::r]
+    return gt, ms_lp, pan_lp
+
+  def accumulate(self, source, window):
+    gt, ms_lp, pan_lp = self._fit_data(source, window)
+    c = self.bands
+    if self.name == 'bdsd-pc':  # [PAN_LR, MS_LR] g = GT_k - MS_LR_k (BDSD_PC.m:37-48)
+      design = np.concatenate([pan_lp[..., None], ms_lp], -1).reshape(-1, c + 1)
+      self._acc.setdefault('ls', _LeastSquares()).add(design, (gt - ms_lp).reshape(-1, c))
+      return
+    # BDSD.m:88-97: per block, Hd'Hd and Hd'(b - bd) with Hd = [MS_LP, PAN_LP].
+    design = np.concatenate([ms_lp, pan_lp[..., None]], -1)
+    target = gt - ms_lp
+    sb = self.block // self.ratio
+    c0 = window[2] // self.ratio
+    blocks = (c0 + np.arange(design.shape[1])) // sb
+    for k in np.unique(blocks):
+      x = design[:, blocks == k].reshape(-1, c + 1)
+      t = target[:, blocks == k].reshape(-1, c)
+      gram, xty = self._acc.setdefault(int(k), [np.zeros((c + 1, c + 1)), np.zeros((c + 1, c))])
+      gram += x.T @ x
+      xty += x.T @ t
+
+  def finalize(self, source=None):
+    c = self.bands
+    if self.name == 'bdsd-pc':
+      r11, r12 = self._acc['ls'].reduced()
+      sign = np.concatenate([[1.0], -np.ones(c)])  # g = sign * y, y >= 0 (BDSD_PC.m:48)
+      self.gamma = np.stack(
+        [sign * optimize.nnls(r11 * sign, r12[:, k], maxiter=50 * (c + 1))[0] for k in range(c)],
+        axis=1,
+      )
+      return
+    self.gammas = {k: np.linalg.solve(g, xty) for k, (g, xty) in self._acc.items()}
+
+  def fuse(self, source, window):
+    y0, y1, x0, x1 = window
+    lms = self._lms(source, window)
+    pan = source.pan(y0, y1, x0, x1)[..., None]
+    if self.name == 'bdsd-pc':
+      return lms + np.concatenate([pan, lms], -1) @ self.gamma  # BDSD_PC.m:49
+    full = np.concatenate([lms, pan], -1)  # BDSD.m:118-124
+    blocks = (x0 + np.arange(x1 - x0)) // self.block
+    out = np.empty_like(lms)
+    for k in np.unique(blocks):
+      cols = blocks == k
+      out[:, cols] = lms[:, cols] + full[:, cols] @ self.gammas[int(k)]
+    return out
+
+
+class PracsPlan(Plan):
+  """PRACS (`PRACS.m`): pass 1 the PAN's and bands' means and deviations (the histogram
+  matching), pass 2 the regressions of the low-passed PAN and of the low-passed matched bands
+  on [1, HM] (one QR) and the covariances of HM, MS and PAN; every later regression and
+  correlation of PRACS.m is a linear combination of these (imresize is linear)."""
+
+  passes = 2
+  halo = 4 * _INTERP_MARGIN + 40
+
+  def _hm(self, lms):
+    # PRACS.m:39-45: each band matched to the PAN, clipped at 0.
+    mp, sp, mb, sb = self.mp, self.sp, self.mb, self.sb
+    return np.maximum((lms - mb + mp / sp * sb) * sp / sb, 0)
+
+  def _lms_at(self, source):
+    r = self.ratio
+
+    def at(p0, p1, q0, q1):
+      a0, a1, b0, b1 = p0 // r * r, -(-p1 // r) * r, q0 // r * r, -(-q1 // r) * r
+      lms = lms_window(source, (a0, a1, b0, b1), r)
+      return lms[p0 - a0 : p1 - a0, q0 - b0 : q1 - b0]
+
+    return at
+
+  def accumulate(self, source, window):
+    y0, y1, x0, x1 = window
+    pan, lms = source.pan(y0, y1, x0, x1), self._lms(source, window)
+    if not hasattr(self, 'mp'):
+      self._moments('a').add(np.concatenate([pan[..., None], lms], -1))
+      return
+    hm = self._hm(lms)
+    at = self._lms_at(source)
+    pan_l = down_up_window(source, window, self.ratio)
+    hm_l = down_up_window(source, window, self.ratio, lambda *w: self._hm(at(*w)))
+    design = np.concatenate([np.ones(hm.shape[:2] + (1,)), hm], -1)
+    targets = np.concatenate([pan_l[..., None], hm_l], -1)
+    self._acc.setdefault('ls', _LeastSquares()).add(design, targets)
+    self._moments('b').add(np.concatenate([hm, lms, pan[..., None]], -1))
+
+  def finalize(self, source=None):
+    c = self.bands
+    if not hasattr(self, 'mp'):
+      m = self._acc['a']
+      mean, std = m.mean(), m.std()
+      self.mp, self.sp, self.mb, self.sb = mean[0], std[0], mean[1:], std[1:]
+      return
+    coef = self._acc['ls'].solve()  # (1 + C, 1 + C): [1, HM] \ [PAN_L, HM_L]
+    a, b = coef[:, 0], coef[:, 1:]
+    m = self._acc['b']
+    mean, cov = m.mean(), m.cov()
+    hm, ms, pan = slice(0, c), slice(c, 2 * c), 2 * c
+    c_hm, c_hm_ms = cov[hm, hm], cov[hm, ms]
+    var_ms = np.diag(cov[ms, ms])
+
+    def corr(u, cov_uv, var_v):  # corr2([1, HM] u, v) from covariances
+      return cov_uv / np.sqrt((u[1:] @ c_hm @ u[1:]) * var_v)
+
+    cc = corr(a, a[1:] @ c_hm, np.diag(c_hm))  # :67-72, I_L with each HM band
+    beta = cc * a[:, None] + (1 - cc) * b  # :76-101, the regression of imresize(I_H)
+    mean_ih = cc * mean[pan] + (1 - cc) * mean[hm]
+    mean_il = np.concatenate([[1.0], mean[hm]]) @ beta
+    wk = [0.95 * corr(beta[:, k], beta[1:, k] @ c_hm_ms[:, k], var_ms[k]) for k in range(c)]
+    self.cc, self.beta, self.offset = cc, beta, mean_ih - mean_il
+    self.wk = np.array(wk) * self.sb / np.mean(self.sb)  # :109-120 (beta 0.95)
+    self.cl = corr(a, a[1:] @ c_hm_ms, var_ms)  # :122-128
+
+  def fuse(self, source, window):
+    y0, y1, x0, x1 = window
+    pan, lms = source.pan(y0, y1, x0, x1)[..., None], self._lms(source, window)
+    hm = self._hm(lms)
+    i_h = self.cc * pan + (1 - self.cc) * hm
+    i_l = self.beta[0] + hm @ self.beta[1:]
+    delta = i_h - i_l - self.offset
+    l_i = 1 - np.abs(1 - self.cl * lms / i_l)
+    return lms + self.wk * l_i * delta
+
+
 class WholeImagePlan(Plan):
   """Runs the whole-image function once on the scene read whole (at most `limit` pixels)."""
 
@@ -642,6 +871,9 @@ _PLANS = {
   'awlp': AwlpPlan,
   'gs': GsPlan,
   'gsa': GsPlan,
+  'bdsd': BdsdPlan,
+  'bdsd-pc': BdsdPlan,
+  'pracs': PracsPlan,
 }
 
 
@@ -651,8 +883,6 @@ def kind(name: str, bands: int = 8) -> str:
 
 
 def _plan_class(name, bands):
-  if name in ('bt-h', 'mtf-glp-hpm-h') and bands == 4:
-    return WholeImagePlan
   return _PLANS.get(name, WholeImagePlan)
 
 
@@ -701,7 +931,7 @@ def make_plan(
   ratio = int(ratio or (entry['ratio'] if entry else 4))
   cls = _plan_class(name, bands)
   if cls is WholeImagePlan and height * width > whole_image_limit:
-    why = WHOLE_IMAGE_REASONS['haze' if name in ('bt-h', 'mtf-glp-hpm-h') else name]
+    why = WHOLE_IMAGE_REASONS[name]
     raise StreamingError(
       f'--method={name} cannot stream a scene by windows: {why}; it runs on the whole scene '
       f'read at once, up to --whole_image_limit={whole_image_limit} PAN pixels, and this scene '
@@ -736,7 +966,7 @@ def fuse_arrays(name, pan, ms_lr, *, sensor, window=256, **kwargs) -> np.ndarray
     name, sensor=sensor, height=source.height, width=source.width, bands=source.bands, **kwargs
   )
   wins = list(windows(source.height, source.width, window, plan.ratio))
-  if plan.passes:
+  for _ in range(plan.passes):
     for w in wins:
       plan.accumulate(source, w)
     plan.finalize(source)
