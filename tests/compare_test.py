@@ -17,7 +17,7 @@ from conftest import REPO, shared_path
 from eval_test import _config, _make_workdir, _write_pansharpening_h5
 from PIL import Image
 
-from u2net_jax import errors, methods
+from u2net_jax import convert, errors, methods
 from u2net_jax.data import DataError
 from u2net_jax.infer import compare, eval_lib, paper_tables
 from u2net_jax.run import config_utils
@@ -304,12 +304,11 @@ def test_released_baselines_beside_u2net_command_line(tmp_path):
   pnn_pth = shared_path('dlpan', 'weights', 'WV3', 'pnn.pth')
   ref = np.load(shared_path('dlpan', 'io', 'pnn_wv3.npz'))['rr_out']
   h5 = shared_path('official', 'wv2_rr_sample.h5')
-  convert = [sys.executable, '-m', 'u2net_jax.convert', '--config', 'configs/wv3.py']
-  for args in (
-    ['--checkpoint', str(pth), '--workdir', str(tmp_path / 'u2net')],
-    ['--checkpoint', str(pnn_pth), '--config.model.name=pnn', '--workdir', str(tmp_path / 'pnn')],
-  ):
-    subprocess.run([*convert, *args], check=True, cwd=REPO, capture_output=True)
+  for name, checkpoint in (('u2net', pth), ('pnn', pnn_pth)):  # As `python -m u2net_jax.convert`.
+    config = config_utils.load_config_file(f'{REPO}/configs/wv3.py')
+    with config.unlocked():
+      config.model.name = name
+    convert.convert_to_workdir(checkpoint, config_utils.finalize(config), tmp_path / name)
   done = subprocess.run(
     [
       sys.executable,
