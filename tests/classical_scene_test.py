@@ -25,7 +25,7 @@ from scipy import ndimage
 
 from u2net_jax import toolbox
 from u2net_jax.infer import classical_fuser, scene
-from u2net_jax.methods import METHODS, streaming
+from u2net_jax.methods import METHODS, common, streaming
 
 MAX = 2047
 HL, WL = 23, 19  # MS pixels: odd, so windows end mid-image and at the edges.
@@ -75,6 +75,21 @@ def test_two_pass_methods_equal_the_whole_image(scene_arrays, name):
   # 48: four windows, each with two image edges and two sides inside (92 x 76 PAN pixels).
   out = streaming.fuse_arrays(name, pan, ms, sensor='WV2', window=48)
   assert np.abs(out - ref).max() <= 1e-9 * MAX
+
+
+def test_awlp_local_part_is_bit_identical_given_the_statistics(scene_arrays):
+  # Only the image-wide statistics keep AWLP from bit-identity: with the whole image's, the
+  # windows (symmetric wavelet padding at the image's edges only) give the same bits.
+  pan, ms, lms = scene_arrays
+  plan = streaming.make_plan('awlp', sensor='WV2', height=92, width=76, bands=8)
+  pan_lr = toolbox.imresize(toolbox.imresize(pan, 1 / 4), 4)
+  plan.pan_mean, plan.lr_std = pan.mean(), common.std2(pan_lr)
+  plan.ms_mean, plan.ms_std = lms.mean(axis=(0, 1)), common.std2(lms, (0, 1))
+  source = streaming.ArraySource(pan, ms)
+  out = np.empty(lms.shape)
+  for y0, y1, x0, x1 in streaming.windows(92, 76, 40):
+    out[y0:y1, x0:x1] = plan.fuse(source, (y0, y1, x0, x1))
+  np.testing.assert_array_equal(out, METHODS['awlp'](lms, pan, ms, sensor='WV2'))
 
 
 def test_bdsd_fits_one_block_per_image_height():
