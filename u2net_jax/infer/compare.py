@@ -17,10 +17,14 @@ without) and writes, per test set, into `out_dir/<test set>/`:
                           scale for all error maps of the image)
 
 The classical methods get the toolbox demos' arguments from the reference values as stored
-(`TestSource.reference`, float64): `lms` = the file's `lms` (the demos' `I_MS`), `pan`,
+(`sources.Source.reference`, float64): `lms` = the file's `lms` (the demos' `I_MS`), `pan`,
 `ms_lr` = the file's `ms`. Networks run as `evaluate.py` runs them (`tiling.Fuser` with the
 workdir's `config.eval`). Test sets are those of `evaluate.py --test_files`; the bare name
-'demo' is the SYNTHETIC demo set (no download).
+'demo' is the SYNTHETIC demo set (no download). With `paper=True` (`compare.py --paper`) the
+paper's published rows (`paper_tables`) follow the measured rows of the same methods.
+
+Over 600 lines because the four table formats, the figure and the loop are one output, kept
+together so each format reads beside the others; the published numbers live in `paper_tables`.
 """
 
 from __future__ import annotations
@@ -254,7 +258,7 @@ def format_tables(result: Mapping[str, Any]) -> dict[str, str]:
     .replace(' EXP = the upsampled MS (lms).', ' EXP = interp23tap of the MS.' * ('EXP' in rows))
   )
   if result.get('paper'):  # --paper: the published rows' legend, or why there are none.
-    note += '\n' + paper_note(result['paper'])
+    note += '\n' + paper_tables.note(result['paper'])
 
   def cells(style: str) -> list[list[str]]:
     wrap = {
@@ -280,7 +284,7 @@ def format_tables(result: Mapping[str, Any]) -> dict[str, str]:
       line.append(f'{row["seconds"]["per_image"]:.3f}')
       table.append(line)
       if name in paper:  # The published row, as printed in the paper, never marked.
-        shown = paper_row_name(name)
+        shown = paper_tables.row_name(name)
         line = [shown.replace('_', r'\_') if style == 'tex' else shown]
         for key in keys:
           text = paper[name]['text'].get(key, '-')
@@ -334,64 +338,8 @@ def format_tables(result: Mapping[str, Any]) -> dict[str, str]:
       values = [
         repr(published[s][k]) if k in published[s] else '' for k in keys for s in ('mean', 'std')
       ]
-      writer.writerow([paper_row_name(name), 'paper', *values, ''])
+      writer.writerow([paper_tables.row_name(name), 'paper', *values, ''])
   return {'txt': txt, 'md': md_text, 'tex': '\n'.join(tex) + '\n', 'csv': buf.getvalue()}
-
-
-# ---------------------------------------------------------------------------------------------
-# The paper's published rows (`--paper`).
-
-
-def paper_row_name(name: str) -> str:
-  """The table row of the published numbers beside measured row `name`."""
-  return f'{name} (paper)'
-
-
-def paper_result(test_set: eval_lib.TestSet, row_names: Sequence[str]) -> dict[str, Any]:
-  """The `metrics.json` 'paper' entry of a test set: the published rows of its methods.
-
-  Returns:
-    {'applies': True, 'table', 'caption', 'rows': measured row -> {'method' (the paper's name),
-    'mean', 'std', 'text' (metric key -> value / the paper's printed cell)}}; or
-    {'applies': False, 'reason': one sentence}.
-  """
-  from_file = test_set.config.data.source == 'hdf5'
-  published, reason = paper_tables.published_for(
-    test_set.file if from_file else None,
-    protocol=test_set.protocol,
-    sensor=test_set.sensor,
-    num_images=len(test_set),
-    image_size=test_set.shape,
-  )
-  if published is None:
-    return {'applies': False, 'reason': reason}
-  matched = paper_tables.match_rows(published, row_names)
-  if not matched:
-    return {
-      'applies': False,
-      'reason': f'{published.table} has none of these methods (its rows: '
-      f'{", ".join(published.rows)})',
-    }
-  rows = {
-    name: {
-      'method': method,
-      'mean': {k: c.mean for k, c in cells.items()},
-      'std': {k: c.std for k, c in cells.items()},
-      'text': {k: c.text for k, c in cells.items()},
-    }
-    for name, (method, cells) in matched.items()
-  }
-  return {'applies': True, 'table': published.table, 'caption': published.caption, 'rows': rows}
-
-
-def paper_note(paper: Mapping[str, Any]) -> str:
-  """The line under a table about the published rows (or why none apply)."""
-  if not paper.get('applies'):
-    return f'--paper: no published table applies: {paper["reason"]}.'
-  return (
-    f'"NAME (paper)": the paper\'s {paper["table"]} ({paper["caption"]}) as printed there; '
-    'not measured here, never marked.'
-  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,7 +468,8 @@ def compare_test_set(
     networks: restored workdirs.
     out_dir: the output root.
     error_max: the figures' error scale (fraction of the maximum); None: per image, automatic.
-    paper: add the paper's published rows (`paper_result`) when the test set is the paper's.
+    paper: add the paper's published rows (`paper_tables.for_test_set`) when the test set is
+      the paper's.
     verbose: print the table.
 
   Returns:
@@ -607,7 +556,7 @@ def compare_test_set(
       'figure_error_max': scales,
     }
     if paper:
-      result['paper'] = paper_result(test_set, list(rows))
+      result['paper'] = paper_tables.for_test_set(test_set, list(rows))
     tables = format_tables(result)
     for ext, text in tables.items():
       naming.output_path(folder, 'table', ext=ext).write_text(text, encoding='utf-8')

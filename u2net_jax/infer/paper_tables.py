@@ -17,15 +17,17 @@ The paper's full-resolution columns are the toolbox's hybrid ones: its D_lambda 
 `published_for(...)` says whether a test set is one of those PanCollection files (by file name,
 protocol, sensor, number of images and size) and returns its published rows, or the reason none
 applies. `match_rows` pairs measured rows with published ones by name (case and punctuation
-ignored; DiCNN1 is the paper's DiCNN).
+ignored; DiCNN1 is the paper's DiCNN); `for_test_set`, `note` and `row_name` are what
+`compare.py --paper` writes.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Paper column -> `u2net_jax.metrics` key.
 PAPER_KEYS = {
@@ -235,3 +237,59 @@ def match_rows(
   """
   by_key = {normalise(m): (m, row) for m, row in published.rows.items()}
   return {n: by_key[normalise(n)] for n in names if normalise(n) in by_key}
+
+
+def row_name(name: str) -> str:
+  """The table row of the published numbers beside measured row `name`."""
+  return f'{name} (paper)'
+
+
+def for_test_set(test_set, row_names: Sequence[str]) -> dict[str, Any]:
+  """The `metrics.json` 'paper' entry of a test set: the published rows of its methods.
+
+  Args:
+    test_set: an open `eval_lib.TestSet` (file, protocol, sensor, shape, its config's source).
+    row_names: the measured rows.
+
+  Returns:
+    {'applies': True, 'table', 'caption', 'rows': measured row -> {'method' (the paper's name),
+    'mean', 'std', 'text' (metric key -> value / the paper's printed cell)}}; or
+    {'applies': False, 'reason': one sentence}.
+  """
+  from_file = test_set.config.data.source == 'hdf5'
+  published, reason = published_for(
+    test_set.file if from_file else None,
+    protocol=test_set.protocol,
+    sensor=test_set.sensor,
+    num_images=len(test_set),
+    image_size=test_set.shape,
+  )
+  if published is None:
+    return {'applies': False, 'reason': reason}
+  matched = match_rows(published, row_names)
+  if not matched:
+    return {
+      'applies': False,
+      'reason': f'{published.table} has none of these methods (its rows: '
+      f'{", ".join(published.rows)})',
+    }
+  rows = {
+    name: {
+      'method': method,
+      'mean': {k: c.mean for k, c in cells.items()},
+      'std': {k: c.std for k, c in cells.items()},
+      'text': {k: c.text for k, c in cells.items()},
+    }
+    for name, (method, cells) in matched.items()
+  }
+  return {'applies': True, 'table': published.table, 'caption': published.caption, 'rows': rows}
+
+
+def note(paper: Mapping[str, Any]) -> str:
+  """The line under a table about the published rows (or why none apply)."""
+  if not paper.get('applies'):
+    return f'--paper: no published table applies: {paper["reason"]}.'
+  return (
+    f'"NAME (paper)": the paper\'s {paper["table"]} ({paper["caption"]}) as printed there; '
+    'not measured here, never marked.'
+  )
