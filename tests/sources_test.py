@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 import scipy.io
 
-from u2net_jax.data import DataError, input_pipeline, matfile, pancollection, sources
+from u2net_jax.data import (
+  DataError,
+  input_pipeline,
+  matfile,
+  pancollection,
+  rasters,
+  sources,
+  value_checks,
+)
 from u2net_jax.infer import eval_lib
 from u2net_jax.run import config_utils
 
@@ -52,7 +60,7 @@ class NpzSource(sources.Source):
       self.stored = {k: z[k] for k in z.files}
     self.roles = {role: key for role, key in spec.keys.items() if key in self.stored}
     self.file, self.max_value = spec.location, spec.max_value
-    self._len = sources.check_stored(spec.location, self.stored, self.roles, spec)
+    self._len = value_checks.check_stored(spec.location, self.stored, self.roles, spec)
 
   @classmethod
   def from_spec(cls, spec):
@@ -175,3 +183,22 @@ def test_a_training_file_is_opened_once(tmp_path, monkeypatch):
   # Validation, value checks, examples and references share one handle.
   assert [str(p) for p in opened] == [str(path)]
   source.close()
+
+
+def test_a_scene_is_a_one_image_source_read_by_window(tmp_path):
+  stored = _stored(n=1, size=32)
+  pan = stored['pan'][0, 0].astype(np.uint16)  # (32, 32)
+  ms = stored['ms'][0].transpose(1, 2, 0).astype(np.uint16)  # (8, 8, 8)
+  np.save(tmp_path / 'pan.npy', pan)
+  np.save(tmp_path / 'ms.npy', ms)
+  with rasters.open_scene(
+    tmp_path / 'pan.npy', tmp_path / 'ms.npy', scale=4, bands=8, guide_bands=1, max_value=2047
+  ) as scene:
+    assert isinstance(scene, sources.Source) and len(scene) == 1
+    np.testing.assert_array_equal(scene.window('guide', 4, 8, 0, 16), pan[4:8, :16, None])
+    np.testing.assert_array_equal(scene.window('ms', 1, 2, 0, 8), ms[1:2])
+    whole = scene[0]
+    np.testing.assert_array_equal(whole['ms'], ms.astype(np.float32) / np.float32(2047))
+    assert whole['guide'].shape == (32, 32, 1) and scene.file.endswith('ms.npy')
+  with pytest.raises(DataError, match='the MS has 8 bands; the model takes 4'):
+    rasters.open_scene(tmp_path / 'pan.npy', tmp_path / 'ms.npy', scale=4, bands=4, guide_bands=1)

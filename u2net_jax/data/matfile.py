@@ -9,7 +9,7 @@ H x W x C arrays on the sensor scale:
   I_PAN    (4h, 4w)     the PAN (or (4h, 4w, c) for an RGB guide)
 
 `MatSource` reads such a file as a one-image source (`--test_files=mine=img.mat`), through the
-same checks as every stored file (`sources.check_stored`). MATLAB v7.3 files (HDF5 underneath,
+same checks as every stored file (`value_checks.check_stored`). MATLAB v7.3 files (HDF5 underneath,
 column-major) are read too (`mat_arrays`).
 """
 
@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 import scipy.io
 
-from u2net_jax.data import DataError, sources
+from u2net_jax.data import DataError, sources, value_checks
 
 # Role -> the toolbox's variable name.
 MAT_KEYS = {'gt': 'I_GT', 'lms': 'I_MS', 'ms': 'I_MS_LR', 'guide': 'I_PAN'}
@@ -59,7 +59,7 @@ class MatSource(sources.Source):
     path = Path(spec.location)
     if not path.is_file():
       raise DataError(f'{path}: file not found')
-    sources.check_values_mode(path, spec.check_values)
+    value_checks.check_values_mode(path, spec.check_values)
     arrays = mat_arrays(path)
     self.file, self.max_value = str(path), float(spec.max_value)
     self.roles = {}
@@ -79,7 +79,7 @@ class MatSource(sources.Source):
       a = a[..., None] if a.ndim == 2 else a
       stored[key] = a.transpose(2, 0, 1)[None]  # (1, C, H, W): the stored layout of the checks.
       self.roles[role] = key
-    sources.check_stored(path, stored, self.roles, spec)
+    value_checks.check_stored(path, stored, self.roles, spec)
     self._stored = stored
 
   @classmethod

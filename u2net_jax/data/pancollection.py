@@ -12,8 +12,8 @@ The CAVE/Harvard files have the same layout under other names (`GT`, `HSI_up`, `
 values in [0, 1]); `config.data.h5_keys` maps the project's roles to the names in the file.
 
 Reading. `H5Source` is the 'hdf5' reader of the data layer (`sources`: `.h5`, `.hdf5`, `.he5`).
-It validates a file before use (keys and links here, then `sources.check_stored`: shapes, band
-counts, values) and then reads one example at a time, so a 5 GB training file is never loaded
+It validates a file before use (keys and links here, then `value_checks.check_stored`: shapes,
+band counts, values) and then reads one example at a time, so a 5 GB training file is never loaded
 whole. Each example is transposed once, here, to H x W x C float32 and divided by the sensor
 maximum; `reference` returns the values as stored (float64), for the metrics.
 
@@ -33,7 +33,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from u2net_jax.data import DataError, sources
+from u2net_jax.data import DataError, sources, value_checks
 from u2net_jax.io import fileio
 
 ROLES = ('gt', 'lms', 'ms', 'guide')
@@ -62,33 +62,25 @@ def open_h5(path: str | os.PathLike) -> h5py.File:
     raise DataError(f'{path}: not a readable HDF5 file (truncated or corrupt?): {e}') from e
 
 
-def validate_h5(
-  f: h5py.File,
-  path: str | os.PathLike,
-  *,
-  keys: Mapping[str, str],
-  spectral_bands: int,
-  guide_bands: int,
-  scale: int = 4,
-  require_gt: bool = True,
-) -> tuple[dict[str, str], int]:
-  """Checks keys, ranks, example counts, band counts and the scale ratio of an open file.
+def h5_roles(
+  f: h5py.File, path: str | os.PathLike, *, keys: Mapping[str, str], require_gt: bool = True
+) -> dict[str, str]:
+  """The roles an open file holds, after the HDF5-specific checks (links, groups, missing keys).
+
+  The shapes and values are checked next, as for every stored file (`value_checks.check_stored`).
 
   Args:
     f: the open file.
     path: its path (for messages).
     keys: role -> dataset name in the file ('gt', 'lms', 'ms', 'guide').
-    spectral_bands: C, the number of MS/HSI bands (`config.model.spectral_bands`).
-    guide_bands: c, 1 for a PAN, 3 for an RGB guide (`config.model.guide_bands`).
-    scale: the resolution ratio between the guide and the MS.
     require_gt: whether the file must hold a reference (training, validation and reduced-
       resolution test files); full-resolution test files have none.
 
   Returns:
-    (roles, n): role -> dataset name for the roles present in the file, and the example count.
+    Role -> dataset name for the roles present in the file.
 
   Raises:
-    DataError: naming the file, the key, the expected and the found shape.
+    DataError: naming the file, the key and what is wrong.
   """
   name = str(path)
   roles = {}
@@ -110,22 +102,14 @@ def validate_h5(
       raise DataError(
         f'{name}: key {key!r} (role {role!r}) is missing; found keys {sorted(f.keys())}'
       )
-  n = sources.check_layout(
-    name,
-    {role: f[key].shape for role, key in roles.items()},
-    roles,
-    spectral_bands=spectral_bands,
-    guide_bands=guide_bands,
-    scale=scale,
-  )
-  return roles, n
+  return roles
 
 
 @sources.register('hdf5', suffixes=('.h5', '.hdf5', '.he5'))
 class H5Source(sources.Source):
   """The HDF5 reader: `len()`, `[i]` -> role -> (H, W, C) float32, `reference(i)` as stored.
 
-  The file is opened once, validated (`validate_h5`, then `sources.check_stored`'s value checks),
+  The file is opened once, validated (`h5_roles`, then `value_checks.check_stored`: shapes, values),
   and read through the same handle in this process: examples, references (float64, the file's
   values) and attributes; a pickled copy (grain worker processes) reopens it lazily in its own
   process. `sensor` is the file's `sensor` attribute (our preparers write it; PanCollection has
@@ -171,22 +155,14 @@ class H5Source(sources.Source):
       require_gt=require_gt,
       check_values=check_values,
     )
-    sources.check_values_mode(path, check_values)  # Before the file is opened.
+    value_checks.check_values_mode(path, check_values)  # Before the file is opened.
     self.path = self.file = str(path)
     self.max_value = float(max_value)
     # Opened once: the handle that validated the file serves the reads of this process.
     f = open_h5(path)
     try:
-      self.roles, self._len = validate_h5(
-        f,
-        path,
-        keys=keys,
-        spectral_bands=spectral_bands,
-        guide_bands=guide_bands,
-        scale=scale,
-        require_gt=require_gt,
-      )
-      sources.check_stored(path, f, self.roles, spec)
+      self.roles = h5_roles(f, path, keys=keys, require_gt=require_gt)
+      self._len = value_checks.check_stored(path, f, self.roles, spec)
       self.sensor = _sensor_attribute(f)
     except BaseException:
       f.close()

@@ -10,6 +10,12 @@
 array (`.npy` memory-mapped; `.mat`/`.h5` loaded whole: they are test-image sized).
 `check_pair` refuses a PAN/MS pair that does not overlay (CRS, pixel sizes, origins, sizes) or
 does not fit a model (band counts). Used by the scene engine (`infer.scene`) and `fuse.py`.
+
+A scene is the windowed case of the data layer's interface (`sources.Source`): `SceneSource`,
+the 'scene' reader, is a one-image source (`[0]` reads the pair whole, divided by the sensor
+maximum) whose `pan` and `ms` rasters are read by window; `open_scene` opens and checks a pair
+through `sources.open_source`. Each file is opened once; the values are checked window by window
+as the engine reads them (`infer.scene.SceneReader`), not when the scene is opened.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from u2net_jax.data import DataError
+from u2net_jax.data import DataError, sources
 from u2net_jax.data import prepare_pansharpening as prep
 
 TIFF_SUFFIXES = ('.tif', '.tiff')
@@ -269,3 +275,106 @@ def check_pair(pan: Raster, ms: Raster, *, scale: int, bands: int, guide_bands: 
     raise DataError(f'{pair}: the MS has {ms.bands} bands; the model takes {bands}')
   if pan.bands != guide_bands:
     raise DataError(f'{pair}: the PAN has {pan.bands} bands; the model takes {guide_bands}')
+
+
+# ---------------------------------------------------------------------------------------------
+# A scene as a source.
+
+
+@sources.register('scene')
+class SceneSource(sources.Source):
+  """A PAN/MS scene: a one-image `sources.Source` whose rasters are also read by window.
+
+  Attributes:
+    pan, ms: the `Raster`s (checked as a pair by `check_pair`), for windowed reading.
+    file: 'PAN_PATH + MS_PATH'.
+  """
+
+  def __init__(self, pan: Raster, ms: Raster, *, max_value: float = 1.0):
+    self.pan, self.ms = pan, ms
+    self.max_value = float(max_value)
+    self.file = f'{pan.path} + {ms.path}'
+    self.roles = {'guide': str(pan.path), 'ms': str(ms.path)}
+
+  @classmethod
+  def from_spec(cls, spec: sources.Spec) -> SceneSource:
+    """`spec.location` is the PAN; `spec.options`: 'ms' (the MS path), 'pan_key', 'ms_key'.
+
+    Raises:
+      DataError: a missing, unreadable or unsupported file, or a pair that does not overlay or
+        does not fit (`check_pair`); nothing is left open.
+    """
+    o = spec.options
+    pan = open_raster(spec.location, 'PAN', o.get('pan_key'))
+    try:
+      ms = open_raster(o['ms'], 'MS', o.get('ms_key'))
+    except BaseException:
+      pan.close()
+      raise
+    source = cls(pan, ms, max_value=spec.max_value)
+    try:
+      check_pair(pan, ms, scale=spec.scale, bands=spec.spectral_bands, guide_bands=spec.guide_bands)
+    except BaseException:
+      source.close()
+      raise
+    return source
+
+  def __len__(self) -> int:
+    return 1
+
+  def window(self, role: str, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """The window of 'guide' (PAN pixels) or 'ms' (MS pixels), in the file's dtype."""
+    raster = {'guide': self.pan, 'ms': self.ms}[role]
+    return raster.read(y0, y1, x0, x1)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    """The whole scene (small scenes only): 'guide' and 'ms' float32 / `max_value`."""
+    if int(index) != 0:
+      raise IndexError(f'{self.file}: index {index} out of range [0, 1)')
+    scale = np.float32(self.max_value)
+    return {
+      'guide': self.window('guide', 0, self.pan.height, 0, self.pan.width).astype(np.float32)
+      / scale,
+      'ms': self.window('ms', 0, self.ms.height, 0, self.ms.width).astype(np.float32) / scale,
+    }
+
+  def close(self) -> None:
+    self.pan.close()
+    self.ms.close()
+
+
+def open_scene(
+  pan_path: str | os.PathLike,
+  ms_path: str | os.PathLike,
+  *,
+  scale: int,
+  bands: int,
+  guide_bands: int,
+  max_value: float = 1.0,
+  pan_key: str | None = None,
+  ms_key: str | None = None,
+) -> SceneSource:
+  """Opens and checks a PAN/MS pair through the data layer's one entry (`sources.open_source`).
+
+  Args:
+    pan_path, ms_path: the inputs (`open_raster`).
+    scale, bands, guide_bands: what the method takes (`check_pair`).
+    max_value: the sensor maximum (for `[0]`).
+    pan_key, ms_key: array names inside `.mat`/`.h5` inputs.
+
+  Returns:
+    The open `SceneSource` (close it, or use `with`).
+
+  Raises:
+    DataError: as `SceneSource.from_spec`.
+  """
+  spec = sources.Spec(
+    kind='scene',
+    location=str(pan_path),
+    max_value=float(max_value),
+    spectral_bands=bands,
+    guide_bands=guide_bands,
+    scale=scale,
+    options={'ms': str(ms_path), 'pan_key': pan_key, 'ms_key': ms_key},
+  )
+  return sources.open_source(spec)

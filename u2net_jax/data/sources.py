@@ -1,7 +1,8 @@
 """The data layer's one interface: a `Source` of images to fuse, readers by format, `open_source`.
 
-Training (`input_pipeline`), evaluation (`infer.eval_lib`, `compare`) and scene fusion read their
-images through this module; nothing else opens a dataset file.
+Training (`input_pipeline`), evaluation (`infer.eval_lib`, `compare`) and scene fusion
+(`rasters.open_scene`) read their images through this module (the preparers and the TFDS builders
+read their raw inputs with the same readers or their own loaders).
 
 A source is a collection of images to fuse:
 
@@ -27,8 +28,11 @@ Readers. One class per format, registered by kind (and by file suffix) with `reg
   mat     .mat                 MatSource (toolbox test image)   data/matfile.py
   demo    -                    DemoSource (SYNTHETIC)           data/demo.py
   tfds    -                    TfdsSource (ArrayRecord)         data/tfds_builders.py
-  (in memory, not registered: ArraySource, here; scenes: GeoTIFF / .npy / .mat / .h5 rasters
-  read by window, data/rasters.py)
+  scene   - (a PAN/MS pair)    SceneSource (read by window)     data/rasters.py
+  (in memory, not registered: ArraySource, here)
+
+A scene is the windowed case: a one-image source whose PAN and MS rasters (GeoTIFF, `.npy`,
+`.mat`, `.h5`) the scene engine reads window by window (`rasters.open_scene`).
 
 A new format is one `Source` subclass with a `from_spec(spec)` class method, decorated with
 `@sources.register('kind', suffixes=('.ext',))` (tests/sources_test.py adds one in a few lines);
@@ -37,9 +41,12 @@ and `--test_files=name=path.ext` find it by suffix.
 
 The one entry is `open_source(spec)`: `spec` is a `Spec` (made from a config and a split by
 `spec_from_config`) or a path plus the expected geometry. The checks are applied in one place,
-`check_stored`, by every reader of stored files: the layout (roles, example counts, band counts,
-the scale ratio; `check_layout`) and the values (finite, on the sensor scale;
-`value_checks.scan_values`, sampled or full and cached, per `Spec.check_values`).
+`value_checks.check_stored`, by every reader of stored files when it opens one: the layout
+(roles, example counts, band counts, the scale ratio) and the values (finite, on the sensor
+scale; sampled or full and cached, per `Spec.check_values`).
+
+The calls go one way: `open_source` -> a reader -> `value_checks`; a reader module imports this
+one only for the base class and `register`.
 """
 
 from __future__ import annotations
@@ -66,6 +73,7 @@ _BUILTIN = (
   'u2net_jax.data.pancollection',
   'u2net_jax.data.matfile',
   'u2net_jax.data.demo',
+  'u2net_jax.data.rasters',
 )
 _LAZY = {'tfds': 'u2net_jax.data.tfds_builders'}
 
@@ -280,124 +288,6 @@ def open_source(spec: Spec | str | os.PathLike, **fields) -> Source:
   elif fields:
     spec = dataclasses.replace(spec, **fields)
   return reader(spec.kind).from_spec(spec)
-
-
-# ----------------------------------------------------------------------------------------------
-# The checks, in one place.
-
-
-def _shape_str(shape: Sequence[int]) -> str:
-  return '(' + ','.join(str(int(s)) for s in shape) + ')'
-
-
-def check_layout(
-  name: str,
-  shapes: Mapping[str, Sequence[int]],
-  keys: Mapping[str, str],
-  *,
-  spectral_bands: int,
-  guide_bands: int,
-  scale: int = 4,
-) -> int:
-  """Checks ranks, example counts, band counts and the scale ratio of stored N x C x H x W data.
-
-  Args:
-    name: the file, for messages.
-    shapes: role -> (N, C, H, W) as stored, for the roles present ('ms' and 'guide' at least).
-    keys: role -> name in the file, for messages.
-    spectral_bands: C, the number of MS/HSI bands (`config.model.spectral_bands`).
-    guide_bands: c, 1 for a PAN, 3 for an RGB guide (`config.model.guide_bands`).
-    scale: the resolution ratio between the guide and the MS.
-
-  Returns:
-    The example count N.
-
-  Raises:
-    DataError: naming the file, the key, the expected and the found shape.
-  """
-  for role, shape in shapes.items():
-    if len(shape) != 4:
-      raise DataError(
-        f'{name}: key {keys[role]!r} has shape {_shape_str(shape)}; '
-        'expected 4 dimensions N x C x H x W'
-      )
-  n, c, h, w = shapes['ms']
-  if n == 0:
-    raise DataError(
-      f'{name}: key {keys["ms"]!r} holds no examples (shape {_shape_str((n, c, h, w))})'
-    )
-  big = (scale * h, scale * w)
-  expected = {
-    'ms': (n, spectral_bands, h, w),
-    'lms': (n, spectral_bands) + big,
-    'gt': (n, spectral_bands) + big,
-    'guide': (n, guide_bands) + big,
-  }
-  for role in sorted(shapes, key=('ms', 'gt', 'lms', 'guide').index):
-    found = tuple(int(s) for s in shapes[role])
-    if found == expected[role]:
-      continue
-    why = ''
-    if found[0] != n:
-      why = f' = as many examples as {keys["ms"]!r} ({n})'
-    elif found[1] != expected[role][1]:
-      what = 'guide_bands' if role == 'guide' else 'spectral_bands'
-      why = f' = config.model.{what} ({expected[role][1]})'
-    elif role != 'ms':
-      why = f' = {scale}x the {keys["ms"]!r} size ({h},{w})'
-    raise DataError(
-      f'{name}: key {keys[role]!r} has shape {_shape_str(found)}; expected '
-      f'{_shape_str(expected[role])}{why}'
-    )
-  return int(n)
-
-
-def check_values_mode(name: str | os.PathLike, mode: str) -> None:
-  """Refuses an unknown `config.data.check_values` (before any file is opened)."""
-  from u2net_jax.data import value_checks
-
-  if mode not in value_checks.CHECK_VALUES:
-    raise DataError(
-      f'{name}: check_values = {mode!r} (config.data.check_values); expected one of '
-      f'{value_checks.CHECK_VALUES}'
-    )
-
-
-def check_stored(
-  name: str | os.PathLike,
-  stored: Mapping[str, Any],
-  roles: Mapping[str, str],
-  spec: Spec,
-) -> int:
-  """The checks of every reader of stored files: the layout, then the values.
-
-  Args:
-    name: the file (for messages and the value-check cache).
-    stored: name in the file -> N x C x H x W array-like on the sensor scale (an open `h5py.File`
-      or a dict of arrays).
-    roles: role -> name in the file, for the roles present.
-    spec: the geometry, maximum and `check_values` mode expected.
-
-  Returns:
-    The example count N.
-
-  Raises:
-    DataError: naming the file, the key and what is wrong.
-  """
-  from u2net_jax.data import value_checks  # Here: h5py only when a file is checked.
-
-  check_values_mode(name, spec.check_values)
-  n = check_layout(
-    str(name),
-    {role: stored[key].shape for role, key in roles.items()},
-    roles,
-    spectral_bands=spec.spectral_bands,
-    guide_bands=spec.guide_bands,
-    scale=spec.scale,
-  )
-  if spec.check_values != 'off':
-    value_checks.scan_values(stored, name, roles, spec.max_value, mode=spec.check_values)
-  return n
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Value checks of stored fusion datasets: finite, and on the scale of the sensor maximum.
 
-Applied once, by `sources.check_stored`, to every reader of stored files (an open HDF5 file, or
-the arrays of a `.mat` file: any mapping of name -> N x C x H x W array).
+`check_stored` is the one check every reader of stored files applies when it opens one (an open
+HDF5 file, the arrays of a `.mat` file: any mapping of name -> N x C x H x W array): the layout
+(`check_layout`: ranks, example counts, band counts, the scale ratio), then the values below.
 
 Values must be finite and on the scale
 of the sensor maximum (catching 11-bit data given to a 10-bit config, or data already divided to
@@ -270,3 +271,116 @@ def scan_values(
       f'{name}: every value is at most {peak:g} but config.data.max_value = {max_value:g}: the '
       'data look already divided to [0, 1] (wrong sensor maximum?)'
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# The checks of every reader of stored files, in one place.
+
+
+def _shape_str(shape: Sequence[int]) -> str:
+  return '(' + ','.join(str(int(s)) for s in shape) + ')'
+
+
+def check_layout(
+  name: str,
+  shapes: Mapping[str, Sequence[int]],
+  keys: Mapping[str, str],
+  *,
+  spectral_bands: int,
+  guide_bands: int,
+  scale: int = 4,
+) -> int:
+  """Checks ranks, example counts, band counts and the scale ratio of stored N x C x H x W data.
+
+  Args:
+    name: the file, for messages.
+    shapes: role -> (N, C, H, W) as stored, for the roles present ('ms' and 'guide' at least).
+    keys: role -> name in the file, for messages.
+    spectral_bands: C, the number of MS/HSI bands (`config.model.spectral_bands`).
+    guide_bands: c, 1 for a PAN, 3 for an RGB guide (`config.model.guide_bands`).
+    scale: the resolution ratio between the guide and the MS.
+
+  Returns:
+    The example count N.
+
+  Raises:
+    DataError: naming the file, the key, the expected and the found shape.
+  """
+  for role, shape in shapes.items():
+    if len(shape) != 4:
+      raise DataError(
+        f'{name}: key {keys[role]!r} has shape {_shape_str(shape)}; '
+        'expected 4 dimensions N x C x H x W'
+      )
+  n, c, h, w = shapes['ms']
+  if n == 0:
+    raise DataError(
+      f'{name}: key {keys["ms"]!r} holds no examples (shape {_shape_str((n, c, h, w))})'
+    )
+  big = (scale * h, scale * w)
+  expected = {
+    'ms': (n, spectral_bands, h, w),
+    'lms': (n, spectral_bands) + big,
+    'gt': (n, spectral_bands) + big,
+    'guide': (n, guide_bands) + big,
+  }
+  for role in sorted(shapes, key=('ms', 'gt', 'lms', 'guide').index):
+    found = tuple(int(s) for s in shapes[role])
+    if found == expected[role]:
+      continue
+    why = ''
+    if found[0] != n:
+      why = f' = as many examples as {keys["ms"]!r} ({n})'
+    elif found[1] != expected[role][1]:
+      what = 'guide_bands' if role == 'guide' else 'spectral_bands'
+      why = f' = config.model.{what} ({expected[role][1]})'
+    elif role != 'ms':
+      why = f' = {scale}x the {keys["ms"]!r} size ({h},{w})'
+    raise DataError(
+      f'{name}: key {keys[role]!r} has shape {_shape_str(found)}; expected '
+      f'{_shape_str(expected[role])}{why}'
+    )
+  return int(n)
+
+
+def check_values_mode(name: str | os.PathLike, mode: str) -> None:
+  """Refuses an unknown `config.data.check_values` (before any file is opened)."""
+  if mode not in CHECK_VALUES:
+    raise DataError(
+      f'{name}: check_values = {mode!r} (config.data.check_values); expected one of {CHECK_VALUES}'
+    )
+
+
+def check_stored(
+  name: str | os.PathLike,
+  stored: Mapping[str, Any],
+  roles: Mapping[str, str],
+  spec,
+) -> int:
+  """The checks of every reader of stored files: the layout, then the values.
+
+  Args:
+    name: the file (for messages and the value-check cache).
+    stored: name in the file -> N x C x H x W array-like on the sensor scale (an open `h5py.File`
+      or a dict of arrays).
+    roles: role -> name in the file, for the roles present.
+    spec: a `sources.Spec`: the geometry, maximum and `check_values` mode expected.
+
+  Returns:
+    The example count N.
+
+  Raises:
+    DataError: naming the file, the key and what is wrong.
+  """
+  check_values_mode(name, spec.check_values)
+  n = check_layout(
+    str(name),
+    {role: stored[key].shape for role, key in roles.items()},
+    roles,
+    spectral_bands=spec.spectral_bands,
+    guide_bands=spec.guide_bands,
+    scale=spec.scale,
+  )
+  if spec.check_values != 'off':
+    scan_values(stored, name, roles, spec.max_value, mode=spec.check_values)
+  return n

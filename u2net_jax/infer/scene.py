@@ -631,7 +631,7 @@ def fuse_files_with(
 
   Args:
     fuser: the method.
-    pan_path, ms_path: the inputs (`rasters.open_raster`).
+    pan_path, ms_path: the inputs (`rasters.open_scene`).
     out_path: `.tif`/`.tiff`, `.npy` or `.mat`.
     max_value: the sensor maximum.
     dtype: stored dtype, e.g. 'float32' (default: the MS's dtype).
@@ -664,11 +664,18 @@ def fuse_files_with(
   dtype = check_options(max_value=max_value, dtype=dtype, window=window, nodata=nodata)
   with contextlib.ExitStack() as stack:
     stack.enter_context(rasters.gdal_env())
-    pan = rasters.open_raster(pan_path, 'PAN', pan_key)
-    stack.callback(pan.close)
-    ms = rasters.open_raster(ms_path, 'MS', ms_key)
-    stack.callback(ms.close)
-    rasters.check_pair(pan, ms, scale=fuser.scale, bands=fuser.bands, guide_bands=fuser.guide_bands)
+    scene = rasters.open_scene(  # The data layer's one entry; the pair checked (`check_pair`).
+      pan_path,
+      ms_path,
+      scale=fuser.scale,
+      bands=fuser.bands,
+      guide_bands=fuser.guide_bands,
+      max_value=max_value,
+      pan_key=pan_key,
+      ms_key=ms_key,
+    )
+    stack.callback(scene.close)
+    pan, ms = scene.pan, scene.ms
     out = raster_sinks.check_output(out_path, overwrite, {'PAN': pan_path, 'MS': ms_path})
     windows = fuser.windows(pan.height, pan.width, window)
     out_dtype = dtype or ms.dtype
