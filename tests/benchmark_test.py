@@ -232,6 +232,7 @@ def test_vs_gdal_rounds_of_gdal_pansharpen(tmp_path):
     assert row['grid']['shape'] == [128, 128] and row['grid']['count'] == 4
     assert row['same_grid_as_gdal'] is True
   assert rows['gdal']['ratio_to_gdal'] == 1.0 and len(rows['gdal_1thread']['ratios_to_gdal']) == 2
+  assert rows['gdal']['cpu_ratio_to_gdal'] == 1.0 and rows['gdal_1thread']['cpu_ratio_to_gdal'] > 0
 
 
 def test_vs_gdal_flags_are_checked(capsys):
