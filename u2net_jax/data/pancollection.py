@@ -36,7 +36,7 @@ import numpy as np
 from u2net_jax.data import DataError, sources, value_checks
 from u2net_jax.io import fileio
 
-ROLES = ('gt', 'lms', 'ms', 'guide')
+ROLES = sources.ROLES
 
 
 def open_h5(path: str | os.PathLike) -> h5py.File:

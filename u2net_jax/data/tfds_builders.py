@@ -52,7 +52,7 @@ from u2net_jax.data import (
   sources,
 )
 
-ROLES = ('gt', 'lms', 'ms', 'guide')
+ROLES = sources.ROLES
 _SPLIT_NAMES = {'train': 'train', 'valid': 'validation'}
 
 

@@ -230,7 +230,7 @@ def scan_values(
   Args:
     f: the open file (or a mapping of name -> N x ... array).
     path: its path (for messages and the cache).
-    roles: role -> dataset name, as `validate_h5` returns.
+    roles: role -> dataset name, as `pancollection.h5_roles` returns.
     max_value: `config.data.max_value`.
     mode: 'sample' or 'full' (see the module docstring).
 
