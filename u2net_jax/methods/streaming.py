@@ -74,7 +74,7 @@ WHOLE_IMAGE_REASONS = {
   'tv': "TV_pansharpen's 50 iterations couple every pixel of the scene",
   'sr-d': 'its dictionary is learnt from every patch of the scene',
 }
-DEFAULT_WHOLE_IMAGE_LIMIT = 4096 * 4096  # PAN pixels: ~2 GB of float64 for 8 bands.
+DEFAULT_WHOLE_IMAGE_LIMIT = 4096 * 4096  # PAN pixels: ~7 GB of float64 arrays for 8 bands.
 
 
 class StreamingError(ValueError):
