@@ -199,6 +199,23 @@ def test_geotiff_nodata_is_written_as_nodata(scene_arrays, tmp_path):
   np.testing.assert_array_equal(out[far], ref[far])
 
 
+def test_statistics_skip_nodata_pixels(scene_arrays, tmp_path):
+  # A nodata collar (the left 5 MS columns, their 20 PAN columns): written as nodata, and the
+  # image-wide statistics are those of the valid pixels, not of the filled collar.
+  pan, ms, _ = scene_arrays
+  ms_c, pan_c = ms.copy(), pan.copy()
+  ms_c[:, :5], pan_c[:, :20] = 0, 0
+  pan_path, ms_path = _tiffs(tmp_path, pan_c, ms_c, nodata=0)
+  fuser = classical_fuser.ClassicalWindowFuser('gs', 'WV2')
+  options = dict(max_value=MAX, window=48, progress=False)
+  result = scene.fuse_files_with(fuser, pan_path, ms_path, tmp_path / 'f.tif', **options)
+  assert result['nodata_pixels'] == 92 * 20
+  assert (_read(tmp_path / 'f.tif')[0][:, :20] == 0).all()
+  valid = pan[:, 20:]
+  assert abs(fuser.plan.pan_mean - valid.mean()) < 1e-9
+  assert abs(fuser.plan.pan_std - valid.std(ddof=1)) < 1e-9
+
+
 # ---------------------------------------------------------------------------------------------
 # Slow: the command line, the archive, the real WV2 scene.
 

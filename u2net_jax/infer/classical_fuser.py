@@ -5,12 +5,13 @@
 
 The method's window decomposition is `methods.streaming` (a `Plan`): `windows` makes the plan for
 the scene's size (refusing, before any work, a whole-image method on a scene over
-`whole_image_limit`), `prepare` runs the statistics pass over the same windows (image-wide
+`whole_image_limit`), `prepare` runs the statistics passes over the same windows (image-wide
 means, covariances, regressions), and `fuse` computes each window on the sensor scale in float64
 from the readers' values (the raw values, holes filled: uint8/uint16/float32 data are exact in
-them). The result equals the method's whole-image function applied to the scene as the toolbox's
-demos take it (`I_MS_LR` = the MS, `I_MS` = interp23tap(I_MS_LR), `I_PAN` = the PAN): bit for
-bit for the local methods, to rounding for the two-pass ones (`methods.streaming`).
+them). The statistics skip the nodata pixels (`_Source.valid`, the engine's rule), which the
+output marks; without nodata the result equals the method's whole-image function applied to the
+scene as the toolbox's demos take it (`I_MS_LR` = the MS, `I_MS` = interp23tap(I_MS_LR), `I_PAN`
+= the PAN): bit for bit for the local method, to rounding for the others (`methods.streaming`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ class _Source:
 
   def ms(self, y0, y1, x0, x1):
     return self._ms.values(y0, y1, x0, x1).astype(np.float64)
+
+  def valid(self, y0, y1, x0, x1):
+    """The PAN-grid pixels of the window whose output is not nodata (the engine's rule): the
+    image-wide statistics are taken over these only, not over the filled holes."""
+    readers = {'PAN': self._pan, 'MS': self._ms}
+    return ~scene._bad_pixels(readers, y0, y1, x0, x1, self.height // self._ms.height)
 
 
 class ClassicalWindowFuser(scene.WindowFuser):

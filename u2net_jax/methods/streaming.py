@@ -304,6 +304,8 @@ class _Moments:
 
   def add(self, features: np.ndarray) -> None:
     x = features.reshape(-1, features.shape[-1])
+    if not x.shape[0]:
+      return
     if self.shift is None:  # The first window's means: sums of small deviations.
       self.shift = x.mean(axis=0)
       self.s1 = np.zeros_like(self.shift)
@@ -333,6 +335,8 @@ class _LeastSquares:
     """Adds rows: x (..., K) and y (...) or (..., T) targets."""
     self.k = x.shape[-1]
     x = x.reshape(-1, self.k)
+    if not x.shape[0]:
+      return
     a = np.concatenate([x, y.reshape(x.shape[0], -1)], axis=1)
     if self.r is not None:
       a = np.concatenate([self.r, a], axis=0)
@@ -377,7 +381,31 @@ class Plan:
     self._acc: dict[str, Any] = {}
 
   def accumulate(self, source, window) -> None:
-    """Pass 1: adds the window's pixels to the statistics."""
+    """A statistics pass: adds the window's valid pixels (`source.valid`) to the statistics."""
+    valid = getattr(source, 'valid', None)
+    self._valid = None if valid is None else valid(*window)
+    if self._valid is not None and self._valid.all():
+      self._valid = None
+    self._accumulate(source, window)
+
+  def _accumulate(self, source, window) -> None:
+    pass
+
+  def _valid_on(self, shape) -> np.ndarray | None:
+    """The window's valid pixels on its PAN grid or (`shape` smaller) its MS grid, where an MS
+    pixel is valid when all its PAN pixels are; None when all are."""
+    valid = self._valid
+    if valid is None or shape == valid.shape:
+      return valid
+    r = self.ratio
+    return valid.reshape(valid.shape[0] // r, r, valid.shape[1] // r, r).all(axis=(1, 3))
+
+  def _rows(self, x: np.ndarray) -> np.ndarray:
+    """(h, w, K) or (h, w) of the window's PAN or MS grid -> (valid pixels, K) rows."""
+    x = x if x.ndim == 3 else x[..., None]
+    rows = x.reshape(-1, x.shape[-1])
+    valid = self._valid_on(x.shape[:2])
+    return rows if valid is None else rows[valid.reshape(-1)]
 
   def finalize(self, source=None) -> None:
     """Reduces the statistics to the coefficients (after pass 1)."""
@@ -409,12 +437,12 @@ class GlpPlan(Plan):
 
   halo = _MTF_HALF + 4 * _INTERP_MARGIN
 
-  def accumulate(self, source, window):
+  def _accumulate(self, source, window):
     y0, y1, x0, x1 = window
     pan = source.pan(y0, y1, x0, x1)
     lp = lp_gauss_window(source, window, self.ratio)
     self._moments('m').add(
-      np.concatenate([pan[..., None], lp[..., None], self._lms(source, window)], -1)
+      self._rows(np.concatenate([pan[..., None], lp[..., None], self._lms(source, window)], -1))
     )
 
   def finalize(self, source=None):
@@ -456,11 +484,11 @@ class GlpRegressionPlan(Plan):
       self.ratio,
     )
 
-  def accumulate(self, source, window):
+  def _accumulate(self, source, window):
     y0, y1, x0, x1 = window
     pan = source.pan(y0, y1, x0, x1)
     feats = [pan[..., None], self._lms(source, window), self._pan_lp(source, window)]
-    self._moments('m').add(np.concatenate(feats, -1))
+    self._moments('m').add(self._rows(np.concatenate(feats, -1)))
 
   def finalize(self, source=None):
     m, c = self._acc['m'], self.bands
@@ -490,22 +518,25 @@ class _Percentile:
   (`np.partition`): exact, in memory K x columns.
   """
 
-  def __init__(self, n: int, q: float):
-    v = n * q / 100 - 0.5  # numpy's hazen: virtual index n q + (alpha + q (1 - alpha - beta)) - 1
+  def __init__(self, n_max: int, q: float):
+    self.q, self.n, self.kept = q, 0, None
+    self.k = self._ranks(n_max)[1] + 1  # Enough for any count up to n_max.
+
+  def _ranks(self, n):
+    v = n * self.q / 100 - 0.5  # numpy's hazen: n q + (alpha + q (1 - alpha - beta)) - 1
     lo = math.floor(v)
-    self.gamma = v - lo
-    self.lo, self.hi = min(max(lo, 0), n - 1), min(max(lo + 1, 0), n - 1)
-    self.kept = None
+    return min(max(lo, 0), n - 1), min(max(lo + 1, 0), n - 1), v - lo
 
   def add(self, x: np.ndarray) -> None:
+    self.n += x.shape[0]
     x = x if self.kept is None else np.concatenate([self.kept, x], axis=0)
-    k = self.hi + 1
-    self.kept = np.partition(x, k - 1, axis=0)[:k] if x.shape[0] > k else x
+    self.kept = np.partition(x, self.k - 1, axis=0)[: self.k] if x.shape[0] > self.k else x
 
   def value(self) -> np.ndarray:
+    lo, hi, g = self._ranks(self.n)
     s = np.sort(self.kept, axis=0)
-    a, b = s[self.lo], s[self.hi]
-    diff, g = b - a, self.gamma
+    a, b = s[lo], s[hi]
+    diff = b - a
     return a + diff * g if g < 0.5 else b - diff * (1 - g)  # numpy's _lerp
 
 
@@ -515,14 +546,14 @@ class HazePlan(Plan):
 
   halo = _MTF_HALF + 4 * _INTERP_MARGIN
 
-  def accumulate(self, source, window):
+  def _accumulate(self, source, window):
     lms = self._lms(source, window)
     lp = lp_gauss_window(source, window, self.ratio)
-    flat = lms.reshape(-1, self.bands)
+    flat, lp = self._rows(lms), self._rows(lp)
     if self.bands == 4:
       n = self.height * self.width
       self._acc.setdefault('prc', _Percentile(n, common.HAZE_PERCENTILE)).add(flat)
-    else:
+    elif flat.shape[0]:
       mins = flat.min(axis=0)
       self._acc['min'] = np.minimum(self._acc.get('min', mins), mins)
     ls = self._acc.setdefault('ls', _LeastSquares())
@@ -530,7 +561,7 @@ class HazePlan(Plan):
       ls.add(np.concatenate([np.ones((flat.shape[0], 1)), flat], 1), lp)
     else:  # BT-H: MS \ LPfilterGauss(P), no constant (BroveyRegHazeMin.m:61)
       ls.add(flat, lp)
-      self._moments('m').add(np.concatenate([lp[..., None], lms], -1))
+      self._moments('m').add(np.concatenate([lp, flat], -1))
 
   def finalize(self, source=None):
     if self.bands == 4:
@@ -572,12 +603,12 @@ class AwlpPlan(Plan):
   levels = 2
   halo = 4 * _INTERP_MARGIN
 
-  def accumulate(self, source, window):
+  def _accumulate(self, source, window):
     y0, y1, x0, x1 = window
     pan = source.pan(y0, y1, x0, x1)
     low = down_up_window(source, window, self.ratio)
     self._moments('m').add(
-      np.concatenate([pan[..., None], low[..., None], self._lms(source, window)], -1)
+      self._rows(np.concatenate([pan[..., None], low[..., None], self._lms(source, window)], -1))
     )
 
   def finalize(self, source=None):
@@ -608,14 +639,15 @@ class GsPlan(Plan):
 
   halo = 4 * _INTERP_MARGIN
 
-  def accumulate(self, source, window):
+  def _accumulate(self, source, window):
     y0, y1, x0, x1 = window
     pan, lms = source.pan(y0, y1, x0, x1), self._lms(source, window)
     if self.name == 'gs':
       intensity = lms.mean(axis=2)  # GS.m:43
-      self._moments('m').add(np.concatenate([pan[..., None], intensity[..., None], lms], -1))
+      feats = np.concatenate([pan[..., None], intensity[..., None], lms], -1)
+      self._moments('m').add(self._rows(feats))
       return
-    self._moments('m').add(np.concatenate([pan[..., None], lms], -1))
+    self._moments('m').add(self._rows(np.concatenate([pan[..., None], lms], -1)))
     # GSA.m:54-56: the B3 low-passed PAN decimated, regressed on [MS_LR, 1] (the means that GSA
     # subtracts change only the constant, which the centred intensity drops).
     r = self.ratio
@@ -624,9 +656,9 @@ class GsPlan(Plan):
     oy, ox = (0 if edges[0] else 8), (0 if edges[2] else 8)
     low = low[y0 - r0 - oy : y1 - r0 - oy, x0 - c0 - ox : x1 - c0 - ox]
     low = common.decimate(low, r)
-    ms_lr = source.ms(y0 // r, y1 // r, x0 // r, x1 // r).reshape(-1, self.bands)
-    design = np.concatenate([ms_lr, np.ones((ms_lr.shape[0], 1))], 1)
-    self._acc.setdefault('ls', _LeastSquares()).add(design, low)
+    ms_lr = source.ms(y0 // r, y1 // r, x0 // r, x1 // r)
+    design = np.concatenate([ms_lr, np.ones(ms_lr.shape[:2] + (1,))], -1)
+    self._acc.setdefault('ls', _LeastSquares()).add(self._rows(design), self._rows(low))
 
   def finalize(self, source=None):
     m = self._acc['m']
@@ -713,12 +745,12 @@ class BdsdPlan(Plan):
     pan_lp = signal.fftconvolve(gather(source.pan, rows, cols), kernel, mode='valid')[::r, ::r]
     return gt, ms_lp, pan_lp
 
-  def accumulate(self, source, window):
+  def _accumulate(self, source, window):
     gt, ms_lp, pan_lp = self._fit_data(source, window)
     c = self.bands
     if self.name == 'bdsd-pc':  # [PAN_LR, MS_LR] g = GT_k - MS_LR_k (BDSD_PC.m:37-48)
-      design = np.concatenate([pan_lp[..., None], ms_lp], -1).reshape(-1, c + 1)
-      self._acc.setdefault('ls', _LeastSquares()).add(design, (gt - ms_lp).reshape(-1, c))
+      design = np.concatenate([pan_lp[..., None], ms_lp], -1)
+      self._acc.setdefault('ls', _LeastSquares()).add(self._rows(design), self._rows(gt - ms_lp))
       return
     # BDSD.m:88-97: per block, Hd'Hd and Hd'(b - bd) with Hd = [MS_LP, PAN_LP].
     design = np.concatenate([ms_lp, pan_lp[..., None]], -1)
@@ -726,9 +758,12 @@ class BdsdPlan(Plan):
     sb = self.block // self.ratio
     c0 = window[2] // self.ratio
     blocks = (c0 + np.arange(design.shape[1])) // sb
+    valid = self._valid_on(design.shape[:2])
+    if valid is None:
+      valid = np.ones(design.shape[:2], bool)
     for k in np.unique(blocks):
-      x = design[:, blocks == k].reshape(-1, c + 1)
-      t = target[:, blocks == k].reshape(-1, c)
+      x = design[:, blocks == k][valid[:, blocks == k]]
+      t = target[:, blocks == k][valid[:, blocks == k]]
       gram, xty = self._acc.setdefault(int(k), [np.zeros((c + 1, c + 1)), np.zeros((c + 1, c))])
       gram += x.T @ x
       xty += x.T @ t
@@ -784,11 +819,11 @@ class PracsPlan(Plan):
 
     return at
 
-  def accumulate(self, source, window):
+  def _accumulate(self, source, window):
     y0, y1, x0, x1 = window
     pan, lms = source.pan(y0, y1, x0, x1), self._lms(source, window)
     if not hasattr(self, 'mp'):
-      self._moments('a').add(np.concatenate([pan[..., None], lms], -1))
+      self._moments('a').add(self._rows(np.concatenate([pan[..., None], lms], -1)))
       return
     hm = self._hm(lms)
     at = self._lms_at(source)
@@ -796,8 +831,8 @@ class PracsPlan(Plan):
     hm_l = down_up_window(source, window, self.ratio, lambda *w: self._hm(at(*w)))
     design = np.concatenate([np.ones(hm.shape[:2] + (1,)), hm], -1)
     targets = np.concatenate([pan_l[..., None], hm_l], -1)
-    self._acc.setdefault('ls', _LeastSquares()).add(design, targets)
-    self._moments('b').add(np.concatenate([hm, lms, pan[..., None]], -1))
+    self._acc.setdefault('ls', _LeastSquares()).add(self._rows(design), self._rows(targets))
+    self._moments('b').add(self._rows(np.concatenate([hm, lms, pan[..., None]], -1)))
 
   def finalize(self, source=None):
     c = self.bands
@@ -842,7 +877,7 @@ class WholeImagePlan(Plan):
 
   kind, passes = 'whole-image', 1
 
-  def accumulate(self, source, window):
+  def _accumulate(self, source, window):
     pass
 
   def finalize(self, source=None):
