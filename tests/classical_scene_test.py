@@ -274,6 +274,23 @@ def test_archive_with_a_method_equals_single_runs(scene_arrays, tmp_path):
     'sensor': 'WV2',
     'kind': 'two-pass',
   }
+  # The command line: the same scenes with another method, one worker.
+  done = run_script(
+    'fuse.py',
+    '--method=exp',
+    '--sensor=WV2',
+    f'--scenes={csv}',
+    f'--out_dir={tmp_path / "cli"}',
+    '--workers=1',
+    '--dashboard_address=:0',
+    '--noprogress',
+  )
+  assert done.returncode == 0, done.stderr
+  assert json.loads(done.stdout.strip().splitlines()[-1])['done'] == 2
+  out, _ = _read(tmp_path / 'cli' / 's1.tif')
+  np.testing.assert_array_equal(
+    out, np.rint(METHODS['exp'](toolbox.interp23tap(ms2, 4), pan2, ms2, sensor='WV2'))
+  )
 
 
 @pytest.mark.slow
