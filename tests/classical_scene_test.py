@@ -216,6 +216,24 @@ def test_statistics_skip_nodata_pixels(scene_arrays, tmp_path):
   assert abs(fuser.plan.pan_std - valid.std(ddof=1)) < 1e-9
 
 
+def test_resume_after_a_stop_writes_the_uninterrupted_file(scene_arrays, tmp_path, monkeypatch):
+  # A two-pass method stopped after 3 of 9 windows and resumed: `prepare` recomputes the same
+  # statistics, so the file is the uninterrupted run's, byte for byte.
+  from scene_test import _interrupted_after
+
+  pan, ms, _ = scene_arrays
+  pan_path, ms_path = _tiffs(tmp_path, pan, ms)
+  out = tmp_path / 'out' / 'f.tif'
+  with monkeypatch.context() as m:
+    _interrupted_after(m, 3)
+    with pytest.raises(KeyboardInterrupt):
+      _fuse('gsa', pan_path, ms_path, out, resume=True)
+  result = _fuse('gsa', pan_path, ms_path, out, resume=True)
+  assert (result['windows'], result['resumed_windows']) == (9, 3)
+  _fuse('gsa', pan_path, ms_path, tmp_path / 'plain.tif')
+  assert out.read_bytes() == (tmp_path / 'plain.tif').read_bytes()
+
+
 # ---------------------------------------------------------------------------------------------
 # Slow: the command line, the archive, the real WV2 scene.
 
