@@ -322,7 +322,7 @@ class _Moments:
     return (self.s2 - np.outer(self.s1, self.s1) / self.n) / (self.n - 1)
 
   def std(self) -> np.ndarray:
-    return np.sqrt(np.diag(self.cov()))
+    return np.sqrt(np.maximum(np.diag(self.cov()), 0))  # A constant's: 0, not -1e-16.
 
 
 class _LeastSquares:
@@ -575,9 +575,9 @@ class HazePlan(Plan):
     self.alpha = w
     m = self._acc['m']
     mean, cov = m.mean(), m.cov()
-    self.lp_mean, self.lp_std = mean[0], math.sqrt(cov[0, 0])
+    self.lp_mean, self.lp_std = mean[0], math.sqrt(max(cov[0, 0], 0.0))
     self.i_mean = (mean[1:] - self.haze) @ w  # intensity = (MS - haze) alpha, linear
-    self.i_std = math.sqrt(w @ cov[1:, 1:] @ w)
+    self.i_std = math.sqrt(max(w @ cov[1:, 1:] @ w, 0.0))
 
   def fuse(self, source, window):
     y0, y1, x0, x1 = window
@@ -666,7 +666,8 @@ class GsPlan(Plan):
     self.pan_mean, self.ms_mean = mean[0], mean[-self.bands :]
     if self.name == 'gs':
       # GS.m:46-48: the PAN matched to the zero-mean intensity (mean 0, std of I).
-      self.pan_std, self.i_mean, self.i_std = math.sqrt(cov[0, 0]), mean[1], math.sqrt(cov[1, 1])
+      self.pan_std, self.i_mean = math.sqrt(max(cov[0, 0], 0.0)), mean[1]
+      self.i_std = math.sqrt(max(cov[1, 1], 0.0))
       self.gains = cov[1, 2:] / cov[1, 1]
       return
     a = self._acc['ls'].solve()[:-1]
@@ -850,7 +851,7 @@ class PracsPlan(Plan):
     var_ms = np.diag(cov[ms, ms])
 
     def corr(u, cov_uv, var_v):  # corr2([1, HM] u, v) from covariances
-      return cov_uv / np.sqrt((u[1:] @ c_hm @ u[1:]) * var_v)
+      return cov_uv / np.sqrt(np.maximum((u[1:] @ c_hm @ u[1:]) * var_v, 0))
 
     cc = corr(a, a[1:] @ c_hm, np.diag(c_hm))  # :67-72, I_L with each HM band
     beta = cc * a[:, None] + (1 - cc) * b  # :76-101, the regression of imresize(I_H)
