@@ -181,12 +181,21 @@ class NetworkWindowFuser(scene.WindowFuser):
     self.tile_batch = self.fuser.tile_batch
 
   def identity(self) -> dict[str, Any]:
+    """The model (a digest of `config.model`), the workdir, the checkpoint step and a fast hash of
+    its parameter files (`manifests.checkpoint_hash`), the tile geometry and batch, lms."""
+    from u2net_jax.io import manifests
+
     model = json.dumps(self.config.model.to_dict(), sort_keys=True, default=str)
+    step, weights = self._resolved_step(), None
+    if self.workdir is not None:
+      folder = checkpointing.checkpoint_dir(self.workdir) / str(step) / 'params'
+      weights = manifests.checkpoint_hash(folder) if folder.is_dir() else None
     return {
       'fuser': 'network',
       'model': hashlib.sha256(model.encode()).hexdigest()[:16],
       'workdir': str(os.path.abspath(self.workdir)) if self.workdir else None,
-      'step': self._resolved_step(),
+      'step': step,
+      'checkpoint_hash': weights,
       'tile': self.tile,
       'pad': self.pad,
       'tile_batch': self.tile_batch,
