@@ -8,6 +8,12 @@ method per round, the methods interleaved within each round, each in its own pro
 the fusion's seconds and MP of PAN per second from fuse.py's JSON summary (the fusion alone,
 without imports), the child's user + system CPU seconds and its peak RSS (`os.wait4`). Prints a
 markdown table with the load average before and after: compare within one run only.
+
+  python benchmarks/classical_scene_benchmark.py --in_memory --size=2048
+
+instead times, in this process on arrays, each method's whole-image function and its streamed
+fusion (`methods.streaming.fuse_arrays`) one after the other, interleaved: CPU and wall seconds
+and their largest difference.
 """
 
 from __future__ import annotations
@@ -59,8 +65,12 @@ def main() -> None:
   parser.add_argument('--methods', default='exp,gs,mtf-glp-hpm')
   parser.add_argument('--rounds', type=int, default=2)
   parser.add_argument('--window', type=int, default=1024)
+  parser.add_argument('--in_memory', action='store_true', help='whole-image vs streamed')
   args = parser.parse_args()
   methods = args.methods.split(',')
+  if args.in_memory:
+    _in_memory(args, methods)
+    return
   load = os.getloadavg()[0]
   with tempfile.TemporaryDirectory() as tmp:
     folder = Path(tmp)
@@ -88,6 +98,44 @@ def main() -> None:
   print('|---|---|---|---|---|---|')
   for r, m, sec, mps, cpu, rss in rows:
     print(f'| {r} | {m} | {sec:.1f} | {mps:.3f} | {cpu:.1f} | {rss:.2f} |')
+
+
+def _in_memory(args, methods) -> None:
+  import time
+
+  import numpy as np
+
+  sys.path.insert(0, str(REPO / 'tests'))
+  from scene_test import make_pair
+
+  from u2net_jax import toolbox
+  from u2net_jax.methods import METHODS, streaming
+
+  pan, ms = (
+    a.astype(np.float64) for a in make_pair(np.random.default_rng(0), args.size, args.size)
+  )
+  print(
+    f'arrays {args.size}x{args.size} PAN, 8 bands, window {args.window}, '
+    f'load {os.getloadavg()[0]:.1f}'
+  )
+  print(
+    '| round | method | whole-image CPU / wall (s) | streamed CPU / wall (s) | max difference |'
+  )
+  print('|---|---|---|---|---|')
+  for r in range(args.rounds):
+    for m in methods:
+      t0, w0 = time.process_time(), time.perf_counter()
+      ref = METHODS[m](toolbox.interp23tap(ms, 4), pan, ms, sensor='WV2')
+      t1, w1 = time.process_time(), time.perf_counter()
+      out = streaming.fuse_arrays(m, pan, ms, sensor='WV2', window=args.window)
+      t2, w2 = time.process_time(), time.perf_counter()
+      diff = np.abs(out - ref).max()
+      print(
+        f'| {r + 1} | {m} | {t1 - t0:.1f} / {w1 - w0:.1f} | '
+        f'{t2 - t1:.1f} / {w2 - w1:.1f} | {diff:.2g} |'
+      )
+      del ref, out
+  print(f'load after: {os.getloadavg()[0]:.1f}')
 
 
 if __name__ == '__main__':
