@@ -3,6 +3,11 @@ r"""Fuses a whole scene of any size: PAN + MS files -> a georeferenced fused ima
   python -m u2net_jax.convert --checkpoint u2net_wv3_200000_iter.pth --config configs/wv3.py \
       --workdir workdirs/official_wv3
   python fuse.py --workdir=workdirs/official_wv3 --pan=pan.tif --ms=ms.tif --out=fused.tif
+  python fuse.py --method=mtf-glp-hpm --sensor=WV2 --pan=pan.tif --ms=ms.tif --out=fused.tif
+
+`--method` fuses with a classical method of `u2net_jax.methods` instead of a network: the
+sensor's table gives its MTF gains, bands and maximum; the method runs window by window with its
+image-wide statistics gathered in a first pass (`u2net_jax.infer.classical_fuser`).
 
 Inputs: GeoTIFF (read window by window), `.npy`, `.mat` or PanCollection `.h5` single images, on
 the sensor scale (divided by `config.data.max_value` or `--max_value`). The pair is checked before
