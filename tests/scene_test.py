@@ -464,6 +464,9 @@ def test_resume_refuses_a_journal_of_another_run(tiny_workdir, pair, tmp_path, m
   # Without --resume: today's behaviour (the partial run is left for a later --resume).
   scene.fuse_files(*inputs, out, window=64, progress=False)
   assert out.exists() and partial.exists()
+  scene_resume.paths(out)['json'].write_text('{"version": 1, "run"')  # A damaged journal.
+  with pytest.raises(errors.OptionError, match=r'journal .* cannot be read'):
+    scene.fuse_files(*inputs, out, window=64, resume=True, overwrite=True, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------
