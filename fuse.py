@@ -138,6 +138,9 @@ def _fuse_with_method():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  for name in ('sensor', 'whole_image_limit'):
+    if FLAGS.method is None and FLAGS[name].value is not None:
+      sys.exit(f'error: --{name} goes with --method (a workdir names its own sensor)')
   if FLAGS.scenes is not None:
     from u2net_jax.infer import archive  # dask is imported only for archive runs.
 

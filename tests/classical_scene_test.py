@@ -255,7 +255,10 @@ def test_cli_method_fuses_and_reports_flag_errors_in_one_line(scene_arrays, tmp_
     (['--sensor=QB'], 'the MS has 8 bands; the model takes 4'),
     (['--sensor=WV2', '--step=3'], 'error: --step chooses a network checkpoint'),
     (['--method=tv', '--sensor=WV2', '--whole_image_limit=1000'], 'error: --method=tv cannot'),
+    (['--sensor=WV2', '--workdir=w'], 'error: --sensor goes with --method'),
   ):
+    if '--workdir=w' in flags:
+      args = [a for a in args if not a.startswith('--method')]
     bad = run_script(*args, *flags, f'--out={tmp_path / "bad.tif"}')
     last = bad.stderr.strip().splitlines()[-1]
     assert bad.returncode == 1 and 'Traceback' not in bad.stderr, bad.stderr
