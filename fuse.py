@@ -37,7 +37,7 @@ import jax
 from absl import app, flags, logging
 
 from u2net_jax import errors
-from u2net_jax.infer import scene
+from u2net_jax.infer import network_fuser, scene
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Workdir of a training run or of converted official weights.')
@@ -152,7 +152,7 @@ def main(argv):
     if FLAGS.method is not None:
       result = _fuse_with_method()
     else:
-      result = scene.fuse_files(
+      result = network_fuser.fuse_files(
         FLAGS.workdir,
         FLAGS.pan,
         FLAGS.ms,

@@ -6,7 +6,8 @@ the parent's high-water mark into a child started by fork/vfork + exec):
 
   wv2_scene       the real WorldView-2 scene of ../shared/data/pnn-wv2-ikonos-geoeye1/imgWV2.mat
                   (PAN 1280 x 1280, MS 320 x 320 x 8, uint16) as GeoTIFFs, the released WV3
-                  weights: `scene.fuse_files` GeoTIFF -> GeoTIFF (reads, tiling, fusion, writes)
+                  weights: `network_fuser.fuse_files` GeoTIFF -> GeoTIFF (reads, tiling,
+                  fusion, writes)
                   in megapixels of PAN per second, beside the pure tile inference of the same 441
                   tiles (`tiling.extract_tiles` in memory, then `Fuser.fuse_tiles`: no reading, no
                   writing) in the same process, both after a warm-up batch that compiles.
@@ -198,10 +199,10 @@ def _tiny_workdir(config_name: str, workdir: Path) -> Path:
 
 
 def _fuse(inputs: dict, out: Path) -> dict:
-  from u2net_jax.infer import scene
+  from u2net_jax.infer import network_fuser
 
   start = time.perf_counter()
-  result = scene.fuse_files(
+  result = network_fuser.fuse_files(
     inputs['workdir'], inputs['pan'], inputs['ms'], out, overwrite=True, progress=False
   )
   result['wall_s'] = time.perf_counter() - start

@@ -22,7 +22,7 @@ from conftest import run_script, script_env, shared_path
 from scene_test import PAN_PIXEL, make_pair, tiny_workdir, write_tiff  # noqa: F401
 
 from u2net_jax.data import DataError, scene_lists
-from u2net_jax.infer import scene
+from u2net_jax.infer import network_fuser
 
 distributed = pytest.importorskip('distributed', reason='dask.distributed is not installed')
 pystac = pytest.importorskip('pystac', reason='pystac is not installed')
@@ -52,10 +52,10 @@ def _read(path):
 
 
 def _reference(workdir, pan, ms, out):
-  """What a single `fuse.py --cog` run writes (`scene.fuse_files`), with one Fuser for all the
-  references of the module (compiled once; `fuse.py` itself is run in the CLI test)."""
+  """What a single `fuse.py --cog` run writes (`network_fuser.fuse_files`), with one Fuser for all
+  the references of the module (compiled once; `fuse.py` itself is run in the CLI test)."""
   loaded = archive._load(archive.engine_identity(archive.Engine(workdir=str(workdir)))[0])
-  scene.fuse_files(workdir, pan, ms, out, cog=True, progress=False, loaded=loaded)
+  network_fuser.fuse_files(workdir, pan, ms, out, cog=True, progress=False, loaded=loaded)
   return _read(out)
 
 

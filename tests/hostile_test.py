@@ -30,12 +30,12 @@ from scene_test import (  # noqa: F401 (fixtures)
 
 from u2net_jax import errors
 from u2net_jax.data import DataError
-from u2net_jax.infer import scene
+from u2net_jax.infer import network_fuser
 from u2net_jax.io import fileio
 
 
 def _fuse(workdir, pan, ms, out, **kw):
-  return scene.fuse_files(workdir, pan, ms, out, progress=False, **kw)
+  return network_fuser.fuse_files(workdir, pan, ms, out, progress=False, **kw)
 
 
 def _dead_pid() -> int:

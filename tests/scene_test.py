@@ -159,7 +159,7 @@ def test_window_tiles_fill_every_batch_position():
 def test_streamed_windows_equal_the_whole_image_fusion(tiny_workdir, pair, reference, window):
   folder, pan, _ = pair
   out = folder / f'fused_{window}.tif'
-  result = scene.fuse_files(
+  result = network_fuser.fuse_files(
     tiny_workdir, folder / 'pan.tif', folder / 'ms.tif', out, window=window, progress=False
   )
   rows, cols = tiling.tile_grid(*SIZE, TILE)
@@ -180,14 +180,14 @@ def test_array_inputs_and_outputs(tiny_workdir, pair, reference, tmp_path):
   _, pan, ms = pair
   np.save(tmp_path / 'pan.npy', pan)
   scipy.io.savemat(tmp_path / 'ms.mat', {'I_MS': ms})
-  scene.fuse_files(
+  network_fuser.fuse_files(
     tiny_workdir, tmp_path / 'pan.npy', tmp_path / 'ms.mat', tmp_path / 'o.npy', progress=False
   )
   np.testing.assert_array_equal(np.load(tmp_path / 'o.npy'), reference)
   # A PanCollection file of one image (N x C x H x W) holds both inputs.
   h5 = tmp_path / 'one.h5'
   pancollection.write_h5(h5, {'pan': pan[None, None], 'ms': ms.transpose(2, 0, 1)[None]})
-  result = scene.fuse_files(
+  result = network_fuser.fuse_files(
     tiny_workdir,
     h5,
     h5,
@@ -207,7 +207,7 @@ def test_nodata_stays_nodata(tiny_workdir, pair, tmp_path):
   pan[:40, :50] = 0  # A no-data corner, declared.
   write_tiff(tmp_path / 'pan.tif', pan, nodata=0)
   out = tmp_path / 'fused.tif'
-  result = scene.fuse_files(
+  result = network_fuser.fuse_files(
     tiny_workdir, tmp_path / 'pan.tif', folder / 'ms.tif', out, progress=False
   )
   assert result['nodata_pixels'] == 40 * 50
@@ -223,7 +223,7 @@ def test_nodata_stays_nodata(tiny_workdir, pair, tmp_path):
 def test_cog_output(tiny_workdir, pair, reference, tmp_path):
   folder, _, _ = pair
   out = tmp_path / 'fused.tif'
-  scene.fuse_files(
+  network_fuser.fuse_files(
     tiny_workdir, folder / 'pan.tif', folder / 'ms.tif', out, cog=True, progress=False
   )
   with rasterio.open(out) as f:
@@ -311,7 +311,7 @@ def test_lms_networks_fuse_scenes_as_evaluate_does(lms_workdir, pair, tmp_path):
   want = scene._to_output(fused, 2047, np.dtype(np.float32))
   for window in (32, 64, 1024):
     out = tmp_path / f'fused_{window}.npy'
-    scene.fuse_files(
+    network_fuser.fuse_files(
       lms_workdir,
       folder / 'pan.tif',
       folder / 'ms.tif',
@@ -346,7 +346,7 @@ def test_misregistered_inputs_are_refused(tiny_workdir, pair, tmp_path, case):
   ms_path, message = _misregistered(inputs, pan, ms, case)
   out = tmp_path / 'out' / 'fused.tif'
   with pytest.raises(DataError, match=message) as e:
-    scene.fuse_files(tiny_workdir, folder / 'pan.tif', ms_path, out, progress=False)
+    network_fuser.fuse_files(tiny_workdir, folder / 'pan.tif', ms_path, out, progress=False)
   assert str(folder / 'pan.tif') in str(e.value) and str(ms_path) in str(e.value)
   assert not (tmp_path / 'out').exists()
 
@@ -355,19 +355,25 @@ def test_sizes_and_outputs_are_checked(tiny_workdir, pair, tmp_path):
   folder, pan, ms = pair
   write_tiff(tmp_path / 'ms.tif', ms[:-1], pixel=4 * PAN_PIXEL)
   with pytest.raises(DataError, match=r'expected exactly 4x the MS 33x26, i.e. 132x104'):
-    scene.fuse_files(tiny_workdir, folder / 'pan.tif', tmp_path / 'ms.tif', tmp_path / 'o.tif')
+    network_fuser.fuse_files(
+      tiny_workdir, folder / 'pan.tif', tmp_path / 'ms.tif', tmp_path / 'o.tif'
+    )
   np.save(tmp_path / 'pan.npy', pan)
   with pytest.raises(DataError, match='has a coordinate system'):
-    scene.fuse_files(tiny_workdir, tmp_path / 'pan.npy', folder / 'ms.tif', tmp_path / 'o.tif')
+    network_fuser.fuse_files(
+      tiny_workdir, tmp_path / 'pan.npy', folder / 'ms.tif', tmp_path / 'o.tif'
+    )
   existing = tmp_path / 'existing.tif'
   existing.write_bytes(b'keep')
   with pytest.raises(fileio.OutputError, match='--overwrite'):
-    scene.fuse_files(tiny_workdir, folder / 'pan.tif', folder / 'ms.tif', existing)
+    network_fuser.fuse_files(tiny_workdir, folder / 'pan.tif', folder / 'ms.tif', existing)
   assert existing.read_bytes() == b'keep'
   with pytest.raises(fileio.OutputError, match='unsupported output format'):
-    scene.fuse_files(tiny_workdir, folder / 'pan.tif', folder / 'ms.tif', tmp_path / 'o.png')
+    network_fuser.fuse_files(
+      tiny_workdir, folder / 'pan.tif', folder / 'ms.tif', tmp_path / 'o.png'
+    )
   with pytest.raises(DataError, match='multiple of the tile size 16'):
-    scene.fuse_files(
+    network_fuser.fuse_files(
       tiny_workdir, folder / 'pan.tif', folder / 'ms.tif', tmp_path / 'o.tif', window=40
     )
   assert sorted(p.name for p in tmp_path.iterdir()) == ['existing.tif', 'ms.tif', 'pan.npy']
@@ -384,7 +390,7 @@ def test_a_failed_run_leaves_no_file(tiny_workdir, pair, tmp_path, monkeypatch):
 
   monkeypatch.setattr(raster_sinks.GeoTiffSink, 'write', write_then_fail)
   with pytest.raises(KeyboardInterrupt):
-    scene.fuse_files(
+    network_fuser.fuse_files(
       tiny_workdir, folder / 'pan.tif', folder / 'ms.tif', tmp_path / 'o.tif', window=64
     )
   assert list(tmp_path.iterdir()) == []
@@ -427,16 +433,16 @@ def test_resume_continues_to_the_same_output(
   with monkeypatch.context() as m:
     _interrupted_after(m, 2)
     with pytest.raises(KeyboardInterrupt):
-      scene.fuse_files(*inputs, out, window=64, resume=True, progress=False)
+      network_fuser.fuse_files(*inputs, out, window=64, resume=True, progress=False)
   journal = scene_resume.paths(out)['json']
   assert json.loads(journal.read_text())['state']['done'] == 2 and not out.exists()
   written = _interrupted_after(monkeypatch, 10**6)
-  result = scene.fuse_files(*inputs, out, window=64, resume=True, progress=False)
+  result = network_fuser.fuse_files(*inputs, out, window=64, resume=True, progress=False)
   assert (result['windows'], result['resumed_windows'], len(written)) == (6, 2, 4)
   assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # Journal and partial gone.
   if suffix == '.tif':
     plain = tmp_path / 'plain' / out.name
-    scene.fuse_files(*inputs, plain, window=64, progress=False)
+    network_fuser.fuse_files(*inputs, plain, window=64, progress=False)
     assert out.read_bytes() == plain.read_bytes()  # The same file, byte for byte.
   else:
     fused = np.load(out) if suffix == '.npy' else scipy.io.loadmat(out)['sr']
@@ -450,23 +456,23 @@ def test_resume_refuses_a_journal_of_another_run(tiny_workdir, pair, tmp_path, m
   with monkeypatch.context() as m:
     _interrupted_after(m, 2)
     with pytest.raises(KeyboardInterrupt):
-      scene.fuse_files(*inputs, out, window=64, resume=True, progress=False)
+      network_fuser.fuse_files(*inputs, out, window=64, resume=True, progress=False)
   partial = scene_resume.paths(out)['npy']
   before = partial.read_bytes()
   with pytest.raises(errors.OptionError, match=r'--resume: .* records another run .*dtype'):
-    scene.fuse_files(*inputs, out, window=64, dtype='float32', resume=True, progress=False)
+    network_fuser.fuse_files(*inputs, out, window=64, dtype='float32', resume=True, progress=False)
   with pytest.raises(errors.OptionError, match=r'records another run .*windows'):
-    scene.fuse_files(*inputs, out, window=32, resume=True, progress=False)
+    network_fuser.fuse_files(*inputs, out, window=32, resume=True, progress=False)
   other = write_tiff(tmp_path / 'ms.tif', ms + 1, pixel=4 * PAN_PIXEL)
   with pytest.raises(errors.OptionError, match=r'records another run .*inputs\.MS'):
-    scene.fuse_files(tiny_workdir, folder / 'pan.tif', other, out, window=64, resume=True)
+    network_fuser.fuse_files(tiny_workdir, folder / 'pan.tif', other, out, window=64, resume=True)
   assert partial.read_bytes() == before and not out.exists()
   # Without --resume: today's behaviour (the partial run is left for a later --resume).
-  scene.fuse_files(*inputs, out, window=64, progress=False)
+  network_fuser.fuse_files(*inputs, out, window=64, progress=False)
   assert out.exists() and partial.exists()
   scene_resume.paths(out)['json'].write_text('{"version": 1, "run"')  # A damaged journal.
   with pytest.raises(errors.OptionError, match=r'journal .* cannot be read'):
-    scene.fuse_files(*inputs, out, window=64, resume=True, overwrite=True, progress=False)
+    network_fuser.fuse_files(*inputs, out, window=64, resume=True, overwrite=True, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------

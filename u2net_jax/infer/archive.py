@@ -7,7 +7,7 @@
 
 Scenes come from `data.scene_lists.read_scenes` (a CSV, a pair of glob patterns or a STAC
 ItemCollection). Each scene is one Dask task (`fuse_task`) that runs today's streaming fuser
-(`scene.fuse_files`) with the weights kept once per worker process (`_load`: restored and
+(`network_fuser.fuse_files`) with the weights kept once per worker process (`_load`: restored and
 compiled once per workdir, step and tile shape, not per scene). What fuses is an `Engine`: a
 workdir's weights, or a classical method (`Engine(method=..., sensor=...)`: a fresh
 `classical_fuser.ClassicalWindowFuser` per scene, `scene.fuse_files_with`; nothing to load).
@@ -22,8 +22,8 @@ the options and the output's SHA-256. A re-run skips a scene whose manifest matc
 replacing its output. Outputs are renamed into place only when complete (`fileio.atomic_file`),
 so a killed worker leaves no output under the final name; the scheduler reschedules its scene on
 another worker (`distributed.scheduler.allowed-failures` times), which continues after the last
-window the killed one finished (`scene.fuse_files(resume='restart')`: the partial output and its
-journal, `infer.scene_resume`; a journal of other options is started over).
+window the killed one finished (`network_fuser.fuse_files(resume='restart')`: the partial output
+and its journal, `infer.scene_resume`; a journal of other options is started over).
 
 A scene that fails (unreadable, misregistered, anything its task raises) fails alone: its reason
 is in the summary and the others finish. `OUT/summary.csv` and `OUT/summary.json` list every
@@ -226,14 +226,14 @@ def fuse_task(
     s: the scene.
     engine: what fuses (loaded once per worker process), its step fixed (`engine_identity`).
     identity: the engine's identity, recorded in the manifest.
-    options: `scene.fuse_files` options that change the output's pixels (`max_value`, `dtype`)
-      and the `window`.
+    options: `network_fuser.fuse_files` options that change the output's pixels (`max_value`,
+      `dtype`) and the `window`.
 
   Returns:
     The summary row: scene, status ('done', 'skipped' or 'failed'), seconds, pixels,
     nodata_pixels, error ('' unless failed), output, plus the worker's pid and peak RSS (MB).
   """
-  from u2net_jax.infer import scene as scene_lib
+  from u2net_jax.infer import network_fuser
 
   start = time.perf_counter()
   row = {'scene': s.name, 'status': 'failed', 'pixels': 0, 'nodata_pixels': 0, 'error': ''}
@@ -261,7 +261,7 @@ def fuse_task(
         result = _fuse_classical(s, engine, options)
       else:
         fuser, step = _load(engine)
-        result = scene_lib.fuse_files(
+        result = network_fuser.fuse_files(
           engine.workdir,
           s.pan,
           s.ms,
@@ -389,7 +389,7 @@ def run(
     scenes: from `read_scenes`.
     engine: what fuses.
     out_dir: the output folder (created; checked writable before any work).
-    options: `max_value`, `dtype`, `window` for `scene.fuse_files`.
+    options: `max_value`, `dtype`, `window` for `network_fuser.fuse_files`.
     workers, threads_per_worker: the LocalCluster (default `default_workers()`).
     scheduler: an existing scheduler's address (`tcp://host:8786`) instead of a LocalCluster.
     dashboard_address: the LocalCluster's dashboard (':0' a free port).

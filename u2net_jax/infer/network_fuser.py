@@ -242,3 +242,55 @@ def _spec_inputs(model_config) -> tuple[str, ...]:
   from u2net_jax import models
 
   return tuple(models.spec_of(models.create_model(model_config)).inputs)
+
+
+def fuse_files(
+  workdir: str | os.PathLike,
+  pan_path: str | os.PathLike,
+  ms_path: str | os.PathLike,
+  out_path: str | os.PathLike,
+  *,
+  step: int | None = None,
+  which: str = 'best',
+  tile_batch: int | None = None,
+  loaded: tuple[Any, int] | None = None,
+  max_value: float | None = None,
+  **options,
+) -> dict[str, Any]:
+  """Fuses a PAN/MS scene with a workdir's checkpoint into `out_path` (what `fuse.py` runs).
+
+  Every check (inputs, output, checkpoint) happens before the model runs; on any failure nothing
+  is left under `out_path`.
+
+  Args:
+    workdir: a training run's or converted weights' workdir (`config.json` + checkpoints).
+    pan_path, ms_path, out_path: as `scene.fuse_files_with`.
+    step, which: the checkpoint (`checkpointing.select_step`).
+    tile_batch: tiles per jitted call (default `config.eval.tile_batch`).
+    loaded: the workdir's `tiling.Fuser` and its checkpoint step, already built (`infer.archive`
+      keeps one per worker process, so weights are read and compiled once, not per scene); None
+      restores them from `step`/`which`/`tile_batch` once every check has passed.
+    max_value: the sensor maximum (default `config.data.max_value`).
+    **options: `scene.fuse_files_with`'s (dtype, window, overwrite, cog, keys, nodata, ...).
+
+  Returns:
+    `scene.fuse_files_with`'s summary plus 'step' (the checkpoint).
+
+  Raises:
+    FileNotFoundError: no config or checkpoint in the workdir.
+    As `scene.fuse_files_with`.
+  """
+  scene.check_options(
+    max_value=max_value,
+    dtype=options.get('dtype'),
+    window=options.get('window', 1024),
+    tile_batch=tile_batch,
+    nodata=options.get('nodata'),
+  )
+  fuser = NetworkWindowFuser.from_workdir(
+    workdir, step=step, which=which, tile_batch=tile_batch, loaded=loaded
+  )
+  max_value = float(fuser.config.data.max_value if max_value is None else max_value)
+  result = scene.fuse_files_with(fuser, pan_path, ms_path, out_path, max_value=max_value, **options)
+  result['step'] = int(fuser.step)
+  return result

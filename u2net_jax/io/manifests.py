@@ -217,7 +217,7 @@ def write_manifest(
     s: the scene, its output complete.
     inputs: `{'pan': file_identity(...), 'ms': ...}` read before fusing.
     engine: the engine's identity; options: the pixel options.
-    result: `scene.fuse_files`' result (`shape`, `nodata_pixels`, `seconds`).
+    result: `network_fuser.fuse_files`' result (`shape`, `nodata_pixels`, `seconds`).
   """
   manifest = {
     'version': MANIFEST_VERSION,
