@@ -25,7 +25,7 @@ from scipy import ndimage
 
 from u2net_jax import toolbox
 from u2net_jax.infer import classical_fuser, scene
-from u2net_jax.methods import METHODS, common, streaming
+from u2net_jax.methods import METHODS, common, streaming, window_ops
 
 MAX = 2047
 HL, WL = 23, 19  # MS pixels: odd, so windows end mid-image and at the edges.
@@ -85,7 +85,7 @@ def test_awlp_local_part_is_bit_identical_given_the_statistics(scene_arrays):
   pan_lr = toolbox.imresize(toolbox.imresize(pan, 1 / 4), 4)
   plan.pan_mean, plan.lr_std = pan.mean(), common.std2(pan_lr)
   plan.ms_mean, plan.ms_std = lms.mean(axis=(0, 1)), common.std2(lms, (0, 1))
-  source = streaming.ArraySource(pan, ms)
+  source = window_ops.ArraySource(pan, ms)
   out = np.empty(lms.shape)
   for y0, y1, x0, x1 in streaming.windows(92, 76, 40):
     out[y0:y1, x0:x1] = plan.fuse(source, (y0, y1, x0, x1))
@@ -105,16 +105,16 @@ def test_bdsd_fits_one_block_per_image_height():
 
 def test_window_operations_read_circular_and_replicate_borders(scene_arrays):
   pan, ms, lms = scene_arrays
-  source = streaming.ArraySource(pan, ms)
+  source = window_ops.ArraySource(pan, ms)
   corner = (0, 8, 68, 76)  # Top-right corner: wraps to the bottom and the left.
-  np.testing.assert_array_equal(streaming.lms_window(source, corner, 4), lms[0:8, 68:76])
+  np.testing.assert_array_equal(window_ops.lms_window(source, corner, 4), lms[0:8, 68:76])
   gains = toolbox.get_sensor('WV2')['ms_gnyq']
   pans = np.repeat(pan[..., None], 8, axis=2)
   from u2net_jax.methods import multiresolution as mra
 
   whole = mra.glp_low_pass(pans, gains, 4)
-  at = lambda r, c: np.repeat(streaming.gather(source.pan, r, c)[..., None], 8, axis=2)  # noqa: E731
-  part = streaming.glp_window(at, gains, source, corner, 4)
+  at = lambda r, c: np.repeat(window_ops.gather(source.pan, r, c)[..., None], 8, axis=2)  # noqa: E731
+  part = window_ops.glp_window(at, gains, source, corner, 4)
   assert np.abs(part - whole[0:8, 68:76]).max() < 1e-9
 
 

@@ -24,9 +24,9 @@ What each method is, for a streamer (`kind`):
   regresses with statistics of the whole image.
 - **two-pass** (all the others but three): a local filter whose coefficients are image-wide
   statistics (means, standard deviations, covariances, regressions, the haze's band minimum or
-  1st percentile). A statistics pass accumulates them window by window (`_Moments`: shifted sums
-  and cross products; `_LeastSquares`: the R of a QR of the rows seen so far, so a regression is
-  as accurate as the whole-image QR, and BDSD-PC's constrained fit is solved on R; `_Percentile`:
+  1st percentile). A statistics pass accumulates them window by window (`Moments`: shifted sums
+  and cross products; `LeastSquares`: the R of a QR of the rows seen so far, so a regression is
+  as accurate as the whole-image QR, and BDSD-PC's constrained fit is solved on R; `Percentile`:
   the smallest 1% of the values, so the percentile is exact); `finalize` reduces them to the
   coefficients the whole-image function computes; the fusion pass applies them. PRACS needs two
   statistics passes (its regressions are on bands matched with the first pass's statistics);
@@ -42,31 +42,39 @@ What each method is, for a streamer (`kind`):
   `whole_image_limit` PAN pixels (`fuse.py --whole_image_limit`), and refuses larger scenes
   with one line naming the method and why.
 
-Size: ~1000 lines (formatted): the window operations every plan shares (reads with the toolbox's
-borders, MTF/GLP, B3 and bicubic low-passes by windows), three accumulators and one small plan
-per method family; split, the plans would import each other's private window operations.
+Size: ~720 lines: one small plan per method family (ten), the whole-image fallback and the plan
+factory, each plan's statistics and coefficients beside its window formula; the window
+operations and the accumulators they share are `methods.window_ops`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
 import numpy as np
-from scipy import linalg, optimize, signal, sparse
+from scipy import optimize, signal
 
 from u2net_jax import toolbox
 from u2net_jax.methods import METHODS, common
-from u2net_jax.methods import multiresolution as mra
-
-# interp23tap's support, in MS pixels each side: 11 taps at x2 (6 MS pixels), 11 at x4 (3); 12
-# leaves room.
-_INTERP_MARGIN = 12
-_MTF_HALF = 20  # The 41 x 41 MTF and LPfilterGauss kernels.
-# AWLP / GSA's B3-spline a trous low-pass: 2 analysis and 2 synthesis levels of 5 taps.
-_B3_HALF = 2
-_B3 = math.sqrt(2) * np.array([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
+from u2net_jax.methods.window_ops import (
+  INTERP_MARGIN,
+  MTF_HALF,
+  ArraySource,
+  LeastSquares,
+  Moments,
+  Percentile,
+  atrous_lowpass_window,
+  awlp_lowpass_window,
+  b3_region,
+  down_up_window,
+  gather,
+  glp_window,
+  lms_window,
+  lp_gauss_window,
+  mtf_kernels,
+  resize_sparse,
+)
 
 # Why a method is whole-image only (the refusal for scenes over the limit names it).
 WHOLE_IMAGE_REASONS = {
@@ -79,278 +87,6 @@ DEFAULT_WHOLE_IMAGE_LIMIT = 4096 * 4096  # PAN pixels: ~7 GB of float64 arrays f
 
 class StreamingError(ValueError):
   """A method cannot fuse this scene by windows (the message names the method and why)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading.
-
-
-class ArraySource:
-  """A scene held as arrays (tests, small scenes): the `source` interface of the plans.
-
-  Args:
-    pan: (H, W) PAN.
-    ms_lr: (H / ratio, W / ratio, C) MS.
-  """
-
-  def __init__(self, pan: np.ndarray, ms_lr: np.ndarray):
-    self._pan = np.asarray(pan, np.float64)
-    self._ms = np.asarray(ms_lr, np.float64)
-    self.height, self.width = self._pan.shape[:2]
-    self.bands = self._ms.shape[2]
-
-  def pan(self, y0, y1, x0, x1):
-    return self._pan[y0:y1, x0:x1]
-
-  def ms(self, y0, y1, x0, x1):
-    return self._ms[y0:y1, x0:x1]
-
-
-def _segments(idx: np.ndarray) -> list[np.ndarray]:
-  """`idx` cut into runs of consecutive increasing integers."""
-  return np.split(idx, np.flatnonzero(np.diff(idx) != 1) + 1)
-
-
-def gather(read, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-  """`image[rows][:, cols]` for index arrays that may repeat (replicate) or wrap (circular).
-
-  Reads each run of needed rows x run of needed columns once with `read(y0, y1, x0, x1)`: a
-  window on the image's edge with circular borders reads two strips, not the whole image.
-  """
-  ur, uc = np.unique(rows), np.unique(cols)
-  block = np.concatenate(
-    [
-      np.concatenate([read(r[0], r[-1] + 1, c[0], c[-1] + 1) for c in _segments(uc)], axis=1)
-      for r in _segments(ur)
-    ],
-    axis=0,
-  )
-  return block[np.searchsorted(ur, rows)][:, np.searchsorted(uc, cols)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Window operations: each returns the window's part of a whole-image operation.
-
-
-def lms_window(source, window, ratio: int) -> np.ndarray:
-  """`interp23tap(I_MS_LR, ratio)[y0:y1, x0:x1]`, bit-identical (circular borders read).
-
-  Returns:
-    (y1 - y0, x1 - x0, C) float64.
-  """
-  y0, y1, x0, x1 = window
-  return _interp_window(lambda kr, kc: gather(source.ms, kr, kc), source, window, ratio)
-
-
-def _interp_window(low_at, source, window, ratio):
-  """interp23tap of a low-resolution image given as `low_at(rows, cols)` (MS grid indices)."""
-  y0, y1, x0, x1 = window
-  m = _INTERP_MARGIN
-  hl, wl = source.height // ratio, source.width // ratio
-  kr = np.arange(y0 // ratio - m, y1 // ratio + m) % hl
-  kc = np.arange(x0 // ratio - m, x1 // ratio + m) % wl
-  up = toolbox.interp23tap(low_at(kr, kc), ratio)
-  return up[m * ratio : m * ratio + y1 - y0, m * ratio : m * ratio + x1 - x0]
-
-
-@functools.lru_cache(maxsize=16)
-def _mtf_kernels(gains: tuple[float, ...], ratio: int) -> np.ndarray:
-  return np.stack([toolbox.mtf_kernel(g, ratio) for g in gains], axis=-1)
-
-
-def glp_window(pan_at, gains, source, window, ratio: int) -> np.ndarray:
-  """`mra.glp_low_pass(P, gains, ratio)[window]`: MTF filter (replicate), decimate, interp23tap.
-
-  Args:
-    pan_at: (rows, cols) -> (len(rows), len(cols), len(gains)): the image to low-pass (the PAN,
-      equalised per band or repeated) at PAN-grid indices.
-    gains: the MTF gains at Nyquist, one per band.
-
-  Returns:
-    (h, w, len(gains)) float64.
-  """
-  kernels = _mtf_kernels(tuple(float(g) for g in gains), ratio)
-  h, w = source.height, source.width
-  off = ratio // 2  # `common.decimate` keeps ratio // 2 + ratio k.
-
-  def low_at(kr, kc):
-    rows_out = []
-    for rs in _segments(kr):
-      row = []
-      for cs in _segments(kc):
-        rows = np.clip(
-          np.arange(rs[0] * ratio + off - _MTF_HALF, rs[-1] * ratio + off + 21), 0, h - 1
-        )
-        cols = np.clip(
-          np.arange(cs[0] * ratio + off - _MTF_HALF, cs[-1] * ratio + off + 21), 0, w - 1
-        )
-        filtered = signal.fftconvolve(pan_at(rows, cols), kernels, mode='valid', axes=(0, 1))
-        row.append(filtered[::ratio, ::ratio])
-      rows_out.append(np.concatenate(row, axis=1))
-    return np.concatenate(rows_out, axis=0)
-
-  return _interp_window(low_at, source, window, ratio)
-
-
-def lp_gauss_window(source, window, ratio: int) -> np.ndarray:
-  """`toolbox.lp_filter_gauss(PAN, ratio)[window]` (replicate borders). Returns (h, w)."""
-  y0, y1, x0, x1 = window
-  rows = np.clip(np.arange(y0 - _MTF_HALF, y1 + _MTF_HALF), 0, source.height - 1)
-  cols = np.clip(np.arange(x0 - _MTF_HALF, x1 + _MTF_HALF), 0, source.width - 1)
-  kernel = toolbox.lp_filter_gauss_kernel(ratio)
-  return signal.fftconvolve(gather(source.pan, rows, cols), kernel, mode='valid')
-
-
-def _valid(x: np.ndarray, axis: int) -> np.ndarray:
-  return mra._valid_filter(x, _B3, axis)
-
-
-def _edge_pad(x, axis, lo, hi):
-  """Half-sample symmetric padding by 4 on the sides that are the image's edges."""
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (4 if lo else 0, 4 if hi else 0)
-  return np.pad(x, widths, mode='symmetric')
-
-
-def _b3_region(source_h, source_w, window, margin):
-  """The PAN region [r0, r1) x [c0, c1) read for a B3 low-pass, and which sides are edges."""
-  y0, y1, x0, x1 = window
-  r0, r1 = max(0, y0 - margin), min(source_h, y1 + margin)
-  c0, c1 = max(0, x0 - margin), min(source_w, x1 + margin)
-  return (r0, r1, c0, c1), (r0 == 0, r1 == source_h, c0 == 0, c1 == source_w)
-
-
-def awlp_lowpass_window(images, edges, levels):
-  """`mra.awlp_low_pass` of a region: symmetric padding only on the image's edges, so interior
-  sides consume their real margin (4 * levels pixels); the same float operations per pixel."""
-  top, bottom, left, right = edges
-  x = images
-  for _ in range(levels):
-    x = _valid(_edge_pad(x, 1, left, right), 1)
-    x = _valid(_edge_pad(x, 0, top, bottom), 0)
-  for _ in range(levels):
-    x = _valid(_valid(x, 0), 1) / 4
-  return x
-
-
-def atrous_lowpass_window(image, edges):
-  """`component_substitution._atrous_lowpass_matrix` applied along both axes to a region (the
-  full-resolution low-pass of `lp_filter_plus_dec`, before decimation): symmetric extension at
-  the image's edges only; each synthesis level / 2."""
-  top, bottom, left, right = edges
-  x = image
-  for axis, lo, hi in ((0, top, bottom), (1, left, right)):
-    for _ in range(2):
-      x = _valid(_edge_pad(x, axis, lo, hi), axis)
-    for _ in range(2):
-      x = _valid(x, axis) / 2
-  return x
-
-
-@functools.lru_cache(maxsize=8)
-def _resize_sparse(in_len: int, scale: float) -> sparse.csr_matrix:
-  """`toolbox.resize_matrix(in_len, scale)` (bicubic, antialiased) as a sparse matrix, built row
-  by row with MATLAB's `contributions` (the dense one is in_len^2 / 4 floats: 512 MB at 16384)."""
-  base, width = toolbox._cubic, 4.0
-  out_len = int(math.ceil(in_len * scale))
-  kernel = base
-  if scale < 1:
-    kernel = lambda x: scale * base(scale * x)  # noqa: E731
-    width = width / scale
-  x = np.arange(1, out_len + 1, dtype=np.float64)
-  u = x / scale + 0.5 * (1 - 1 / scale)
-  left = np.floor(u - width / 2)
-  taps = int(math.ceil(width)) + 2
-  idx = left[:, None] + np.arange(taps)[None, :]
-  weights = kernel(u[:, None] - idx)
-  weights = weights / np.sum(weights, axis=1, keepdims=True)
-  aux = np.concatenate([np.arange(in_len), np.arange(in_len)[::-1]])
-  idx = aux[np.mod(idx.astype(np.int64) - 1, 2 * in_len)]
-  rows = np.repeat(np.arange(out_len), taps)
-  return sparse.csr_matrix((weights.ravel(), (rows, idx.ravel())), shape=(out_len, in_len))
-
-
-def _down_up_rows(n: int, ratio: int, a: int, b: int):
-  """Rows a..b-1 of imresize(imresize(., 1/ratio), ratio) along an axis of length n: the dense
-  (b - a, q1 - q0) operator and the input range [q0, q1) it reads."""
-  down, up = _resize_sparse(n, 1 / ratio), _resize_sparse(n // ratio, float(ratio))
-  op = (up[a:b] @ down).tocsc()
-  used = np.flatnonzero(np.diff(op.indptr))
-  q0, q1 = int(used[0]), int(used[-1]) + 1
-  return op[:, q0:q1].toarray(), q0, q1
-
-
-def down_up_window(source, window, ratio, image_at=None):
-  """`imresize(imresize(X, 1/ratio), ratio)[window]` (bicubic, symmetric borders) of the PAN, or
-  of `image_at(y0, y1, x0, x1)` -> (h, w, K) (any image on the PAN grid, K bands at once)."""
-  y0, y1, x0, x1 = window
-  ry, p0, p1 = _down_up_rows(source.height, ratio, y0, y1)
-  rx, q0, q1 = _down_up_rows(source.width, ratio, x0, x1)
-  if image_at is None:
-    return ry @ source.pan(p0, p1, q0, q1) @ rx.T
-  x = np.tensordot(ry, image_at(p0, p1, q0, q1), axes=(1, 0))
-  return np.tensordot(rx, x, axes=(1, 1)).transpose(1, 0, 2)
-
-
-# ---------------------------------------------------------------------------------------------
-# Image-wide statistics accumulated window by window.
-
-
-class _Moments:
-  """Count, means and covariances (N - 1) of per-pixel features, from shifted sums."""
-
-  def __init__(self):
-    self.n, self.shift, self.s1, self.s2 = 0, None, None, None
-
-  def add(self, features: np.ndarray) -> None:
-    x = features.reshape(-1, features.shape[-1])
-    if not x.shape[0]:
-      return
-    if self.shift is None:  # The first window's means: sums of small deviations.
-      self.shift = x.mean(axis=0)
-      self.s1 = np.zeros_like(self.shift)
-      self.s2 = np.zeros((x.shape[1], x.shape[1]))
-    d = x - self.shift
-    self.n += d.shape[0]
-    self.s1 += d.sum(axis=0)
-    self.s2 += d.T @ d
-
-  def mean(self) -> np.ndarray:
-    return self.shift + self.s1 / self.n
-
-  def cov(self) -> np.ndarray:
-    return (self.s2 - np.outer(self.s1, self.s1) / self.n) / (self.n - 1)
-
-  def std(self) -> np.ndarray:
-    return np.sqrt(np.maximum(np.diag(self.cov()), 0))  # A constant's: 0, not -1e-16.
-
-
-class _LeastSquares:
-  """Least squares x \\ y over rows seen window by window: the R of a QR of [x, y], updated."""
-
-  def __init__(self):
-    self.r = None
-
-  def add(self, x: np.ndarray, y: np.ndarray) -> None:
-    """Adds rows: x (..., K) and y (...) or (..., T) targets."""
-    self.k = x.shape[-1]
-    x = x.reshape(-1, self.k)
-    if not x.shape[0]:
-      return
-    a = np.concatenate([x, y.reshape(x.shape[0], -1)], axis=1)
-    if self.r is not None:
-      a = np.concatenate([self.r, a], axis=0)
-    self.r = np.linalg.qr(a, mode='r')
-
-  def solve(self) -> np.ndarray:
-    """The least-squares solution(s): (K,) for one target, (K, T) for several."""
-    k = self.k
-    out = linalg.solve_triangular(self.r[:k, :k], self.r[:k, k:])
-    return out[:, 0] if out.shape[1] == 1 else out
-
-  def reduced(self) -> tuple[np.ndarray, np.ndarray]:
-    """(R11, R12): ||x g - y_t||^2 = ||R11 g - R12[:, t]||^2 + a constant, for any g."""
-    return self.r[: self.k, : self.k], self.r[: self.k, self.k :]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,7 +151,7 @@ class Plan:
     raise NotImplementedError
 
   def _moments(self, key):
-    return self._acc.setdefault(key, _Moments())
+    return self._acc.setdefault(key, Moments())
 
   def _lms(self, source, window):
     return lms_window(source, window, self.ratio)
@@ -426,7 +162,7 @@ class Plan:
 
 class ExpPlan(Plan):
   kind, passes = 'local', 0
-  halo = 4 * _INTERP_MARGIN
+  halo = 4 * INTERP_MARGIN
 
   def fuse(self, source, window):
     return self._lms(source, window)
@@ -435,7 +171,7 @@ class ExpPlan(Plan):
 class GlpPlan(Plan):
   """MTF-GLP and MTF-GLP-HPM: the PAN equalised per band with image-wide statistics."""
 
-  halo = _MTF_HALF + 4 * _INTERP_MARGIN
+  halo = MTF_HALF + 4 * INTERP_MARGIN
 
   def _accumulate(self, source, window):
     y0, y1, x0, x1 = window
@@ -471,7 +207,7 @@ class GlpPlan(Plan):
 class GlpRegressionPlan(Plan):
   """MTF-GLP-FS and MTF-GLP-HPM-R: per-band gains from covariances with the GLP low-pass PAN."""
 
-  halo = _MTF_HALF + 4 * _INTERP_MARGIN
+  halo = MTF_HALF + 4 * INTERP_MARGIN
 
   def _pan_lp(self, source, window):
     c = self.bands
@@ -510,41 +246,11 @@ class GlpRegressionPlan(Plan):
     return lms * (pan + self.cb) / (lp + self.cb + common.EPS)
 
 
-class _Percentile:
-  """MATLAB's `prctile` (numpy's 'hazen') of each column over every row seen, exactly.
-
-  The percentile of N values needs two order statistics; only the smallest ones can be among them
-  (1% of N for the haze's 1st percentile), so the smallest K are kept across windows
-  (`np.partition`): exact, in memory K x columns.
-  """
-
-  def __init__(self, n_max: int, q: float):
-    self.q, self.n, self.kept = q, 0, None
-    self.k = self._ranks(n_max)[1] + 1  # Enough for any count up to n_max.
-
-  def _ranks(self, n):
-    v = n * self.q / 100 - 0.5  # numpy's hazen: n q + (alpha + q (1 - alpha - beta)) - 1
-    lo = math.floor(v)
-    return min(max(lo, 0), n - 1), min(max(lo + 1, 0), n - 1), v - lo
-
-  def add(self, x: np.ndarray) -> None:
-    self.n += x.shape[0]
-    x = x if self.kept is None else np.concatenate([self.kept, x], axis=0)
-    self.kept = np.partition(x, self.k - 1, axis=0)[: self.k] if x.shape[0] > self.k else x
-
-  def value(self) -> np.ndarray:
-    lo, hi, g = self._ranks(self.n)
-    s = np.sort(self.kept, axis=0)
-    a, b = s[lo], s[hi]
-    diff = b - a
-    return a + diff * g if g < 0.5 else b - diff * (1 - g)  # numpy's _lerp
-
-
 class HazePlan(Plan):
   """MTF-GLP-HPM-H and BT-H: the haze is each band's minimum, or on 4 bands a fraction of its
-  1st percentile (`common.haze_minimum`), found exactly by `_Percentile`."""
+  1st percentile (`common.haze_minimum`), found exactly by `Percentile`."""
 
-  halo = _MTF_HALF + 4 * _INTERP_MARGIN
+  halo = MTF_HALF + 4 * INTERP_MARGIN
 
   def _accumulate(self, source, window):
     lms = self._lms(source, window)
@@ -552,11 +258,11 @@ class HazePlan(Plan):
     flat, lp = self._rows(lms), self._rows(lp)
     if self.bands == 4:
       n = self.height * self.width
-      self._acc.setdefault('prc', _Percentile(n, common.HAZE_PERCENTILE)).add(flat)
+      self._acc.setdefault('prc', Percentile(n, common.HAZE_PERCENTILE)).add(flat)
     elif flat.shape[0]:
       mins = flat.min(axis=0)
       self._acc['min'] = np.minimum(self._acc.get('min', mins), mins)
-    ls = self._acc.setdefault('ls', _LeastSquares())
+    ls = self._acc.setdefault('ls', LeastSquares())
     if self.name == 'mtf-glp-hpm-h':  # [1, MS] \ LPfilterGauss(P) (MTF_GLP_HPM_Haze_min.m)
       ls.add(np.concatenate([np.ones((flat.shape[0], 1)), flat], 1), lp)
     else:  # BT-H: MS \ LPfilterGauss(P), no constant (BroveyRegHazeMin.m:61)
@@ -601,7 +307,7 @@ class HazePlan(Plan):
 
 class AwlpPlan(Plan):
   levels = 2
-  halo = 4 * _INTERP_MARGIN
+  halo = 4 * INTERP_MARGIN
 
   def _accumulate(self, source, window):
     y0, y1, x0, x1 = window
@@ -620,7 +326,7 @@ class AwlpPlan(Plan):
     y0, y1, x0, x1 = window
     lms = self._lms(source, window)
     levels = math.ceil(math.log2(self.ratio))
-    (r0, r1, c0, c1), edges = _b3_region(self.height, self.width, window, 4 * levels)
+    (r0, r1, c0, c1), edges = b3_region(self.height, self.width, window, 4 * levels)
     pans = common.equalize_pan(
       source.pan(r0, r1, c0, c1)[..., None], self.pan_mean, self.lr_std, self.ms_mean, self.ms_std
     )
@@ -637,7 +343,7 @@ class AwlpPlan(Plan):
 class GsPlan(Plan):
   """GS and GSA: Gram-Schmidt injection with gains cov(I, MS_b) / var(I)."""
 
-  halo = 4 * _INTERP_MARGIN
+  halo = 4 * INTERP_MARGIN
 
   def _accumulate(self, source, window):
     y0, y1, x0, x1 = window
@@ -651,14 +357,14 @@ class GsPlan(Plan):
     # GSA.m:54-56: the B3 low-passed PAN decimated, regressed on [MS_LR, 1] (the means that GSA
     # subtracts change only the constant, which the centred intensity drops).
     r = self.ratio
-    (r0, r1, c0, c1), edges = _b3_region(self.height, self.width, window, 8)
+    (r0, r1, c0, c1), edges = b3_region(self.height, self.width, window, 8)
     low = atrous_lowpass_window(source.pan(r0, r1, c0, c1), edges)
     oy, ox = (0 if edges[0] else 8), (0 if edges[2] else 8)
     low = low[y0 - r0 - oy : y1 - r0 - oy, x0 - c0 - ox : x1 - c0 - ox]
     low = common.decimate(low, r)
     ms_lr = source.ms(y0 // r, y1 // r, x0 // r, x1 // r)
     design = np.concatenate([ms_lr, np.ones(ms_lr.shape[:2] + (1,))], -1)
-    self._acc.setdefault('ls', _LeastSquares()).add(self._rows(design), self._rows(low))
+    self._acc.setdefault('ls', LeastSquares()).add(self._rows(design), self._rows(low))
 
   def finalize(self, source=None):
     m = self._acc['m']
@@ -698,7 +404,7 @@ class BdsdPlan(Plan):
   on the MS grid: 20 MS pixels of halo) and the MTF_PAN-filtered PAN decimated.
   """
 
-  halo = 4 * (_MTF_HALF + 4) + 4 * _INTERP_MARGIN
+  halo = 4 * (MTF_HALF + 4) + 4 * INTERP_MARGIN
 
   def __init__(self, *args):
     super().__init__(*args)
@@ -718,7 +424,7 @@ class BdsdPlan(Plan):
     ur, uc = np.unique(kr), np.unique(kc)
     mats = []
     for u, n in ((ur, self.height), (uc, self.width)):
-      m = _resize_sparse(n, 1 / r)[u[0] : u[-1] + 1].tocsc()
+      m = resize_sparse(n, 1 / r)[u[0] : u[-1] + 1].tocsc()
       used = np.flatnonzero(np.diff(m.indptr))
       p0, p1 = int(used[0]) // r * r, -(-(int(used[-1]) + 1) // r) * r
       mats.append((m[:, p0:p1].toarray(), p0, p1))
@@ -733,15 +439,15 @@ class BdsdPlan(Plan):
     y0, y1, x0, x1 = window
     a, b, c, d = y0 // r, y1 // r, x0 // r, x1 // r
     hl, wl = self.height // r, self.width // r
-    kr = np.clip(np.arange(a - _MTF_HALF, b + _MTF_HALF), 0, hl - 1)
-    kc = np.clip(np.arange(c - _MTF_HALF, d + _MTF_HALF), 0, wl - 1)
+    kr = np.clip(np.arange(a - MTF_HALF, b + MTF_HALF), 0, hl - 1)
+    kc = np.clip(np.arange(c - MTF_HALF, d + MTF_HALF), 0, wl - 1)
     gt_ext = self._gt(source, kr, kc)
-    kernels = _mtf_kernels(tuple(float(g) for g in s['ms_gnyq']), r)
+    kernels = mtf_kernels(tuple(float(g) for g in s['ms_gnyq']), r)
     ms_lp = signal.fftconvolve(gt_ext, kernels, mode='valid', axes=(0, 1))
-    gt = gt_ext[_MTF_HALF : _MTF_HALF + b - a, _MTF_HALF : _MTF_HALF + d - c]
+    gt = gt_ext[MTF_HALF : MTF_HALF + b - a, MTF_HALF : MTF_HALF + d - c]
     off = r // 2
-    rows = np.clip(np.arange(a * r + off - _MTF_HALF, (b - 1) * r + off + 21), 0, self.height - 1)
-    cols = np.clip(np.arange(c * r + off - _MTF_HALF, (d - 1) * r + off + 21), 0, self.width - 1)
+    rows = np.clip(np.arange(a * r + off - MTF_HALF, (b - 1) * r + off + 21), 0, self.height - 1)
+    cols = np.clip(np.arange(c * r + off - MTF_HALF, (d - 1) * r + off + 21), 0, self.width - 1)
     kernel = toolbox.mtf_kernel(s['pan_gnyq'], r)
     pan_lp = signal.fftconvolve(gather(source.pan, rows, cols), kernel, mode='valid')[::r, ::r]
     return gt, ms_lp, pan_lp
@@ -751,7 +457,7 @@ class BdsdPlan(Plan):
     c = self.bands
     if self.name == 'bdsd-pc':  # [PAN_LR, MS_LR] g = GT_k - MS_LR_k (BDSD_PC.m:37-48)
       design = np.concatenate([pan_lp[..., None], ms_lp], -1)
-      self._acc.setdefault('ls', _LeastSquares()).add(self._rows(design), self._rows(gt - ms_lp))
+      self._acc.setdefault('ls', LeastSquares()).add(self._rows(design), self._rows(gt - ms_lp))
       return
     # BDSD.m:88-97: per block, Hd'Hd and Hd'(b - bd) with Hd = [MS_LP, PAN_LP].
     design = np.concatenate([ms_lp, pan_lp[..., None]], -1)
@@ -803,7 +509,7 @@ class PracsPlan(Plan):
   correlation of PRACS.m is a linear combination of these (imresize is linear)."""
 
   passes = 2
-  halo = 4 * _INTERP_MARGIN + 40
+  halo = 4 * INTERP_MARGIN + 40
 
   def _hm(self, lms):
     # PRACS.m:39-45: each band matched to the PAN, clipped at 0.
@@ -832,7 +538,7 @@ class PracsPlan(Plan):
     hm_l = down_up_window(source, window, self.ratio, lambda *w: self._hm(at(*w)))
     design = np.concatenate([np.ones(hm.shape[:2] + (1,)), hm], -1)
     targets = np.concatenate([pan_l[..., None], hm_l], -1)
-    self._acc.setdefault('ls', _LeastSquares()).add(self._rows(design), self._rows(targets))
+    self._acc.setdefault('ls', LeastSquares()).add(self._rows(design), self._rows(targets))
     self._moments('b').add(self._rows(np.concatenate([hm, lms, pan[..., None]], -1)))
 
   def finalize(self, source=None):
