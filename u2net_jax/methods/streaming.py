@@ -23,24 +23,27 @@ What each method is, for a streamer (`kind`):
   function, whatever the windows. EXP is the only one: every other method scales, equalises or
   regresses with statistics of the whole image.
 - **two-pass** (all the others but three): a local filter whose coefficients are image-wide
-  statistics (means, standard deviations, covariances, regressions, the haze's band minimum or
-  1st percentile). A statistics pass accumulates them window by window (`Moments`: shifted sums
-  and cross products; `LeastSquares`: the R of a QR of the rows seen so far, so a regression is
-  as accurate as the whole-image QR, and BDSD-PC's constrained fit is solved on R; `Percentile`:
-  the smallest 1% of the values, so the percentile is exact); `finalize` reduces them to the
-  coefficients the whole-image function computes; the fusion pass applies them. PRACS needs two
-  statistics passes (its regressions are on bands matched with the first pass's statistics);
-  BDSD accumulates one fit per H x H block (the toolbox's block size is the height). The sums
-  are taken in another order, and the 41 x 41 MTF filters are FFT convolutions whose rounding
-  depends on the array's size, so the result equals the whole-image one to rounding (tested at
-  <= 1e-9 of the sensor maximum; ~1e-12 observed, 5e-10 for BDSD), not bit for bit. Where the
-  method is ill-conditioned the whole-image result itself moves more under rounding: MTF-GLP-HPM
-  divides by a low-pass that nears 0 on real scenes (../shared/toolbox/README.md).
+  statistics (means, standard deviations, covariances, regressions, the haze's band minimum or 1st
+  percentile). A statistics pass accumulates them window by window (in `window_ops`: `Moments`,
+  shifted sums and cross products; `LeastSquares`: the R of a QR of the rows seen so far, so a
+  regression is as accurate as the whole-image QR, and BDSD-PC's constrained fit is solved on R;
+  `Percentile`: the smallest 1% of the values, so the percentile is exact); `finalize` reduces them
+  to the coefficients the whole-image function computes; the fusion pass applies them. PRACS needs
+  two statistics passes (its regressions are on bands matched with the first pass's statistics);
+  BDSD accumulates one fit per H x H block (the toolbox's block size is the height). The sums are
+  taken in another order, and the 41 x 41 MTF filters are FFT convolutions whose rounding depends on
+  the array's size, so the result equals the whole-image one to rounding (tested at <= 1e-9 of the
+  sensor maximum; 1e-12 to 6e-10 observed), not bit for bit. Where the method is ill-conditioned the
+  whole-image result itself moves more under rounding: MTF-GLP-HPM divides by a low-pass that nears
+  0 on real scenes (../shared/toolbox/README.md).
 - **whole-image** (`c-gsa`: a k-means over all pixels; `tv`: 50 iterations coupling every
   pixel; `sr-d`: a dictionary learnt from every patch): no exact window decomposition exists, so
   `WholeImagePlan` reads the scene whole and runs the function once, when the scene has at most
   `whole_image_limit` PAN pixels (`fuse.py --whole_image_limit`), and refuses larger scenes
   with one line naming the method and why.
+
+A source may say which pixels are valid (`source.valid(y0, y1, x0, x1)`, e.g. not nodata): the
+statistics are then taken over those only.
 
 Size: ~720 lines: one small plan per method family (ten), the whole-image fallback and the plan
 factory, each plan's statistics and coefficients beside its window formula; the window
