@@ -292,11 +292,23 @@ def _resize_matrix(in_len: int, scale: float, method: str = 'bicubic') -> np.nda
   widens the kernel by 1/scale when shrinking, weights are normalised per output sample, and
   out-of-range taps are mirrored (symmetric, edge sample repeated).
   """
+  out_len, rows, cols, weights = resize_contributions(in_len, scale, method)
+  m = np.zeros((out_len, in_len))
+  np.add.at(m, (rows, cols), weights)
+  return m
+
+
+def resize_contributions(in_len: int, scale: float, method: str = 'bicubic'):
+  """imresize's weights along one axis as (out_len, rows, cols, weights), flat (`_resize_matrix`).
+
+  A tap of output row `rows[i]` on input sample `cols[i]` weighs `weights[i]`; taps landing on the
+  same sample add up (mirrored borders).
+  """
   base, width, antialias = _RESIZE_KERNELS[method]
   out_len = int(math.ceil(in_len * scale))
   kernel = base
   if scale < 1 and antialias:
-    kernel = lambda x: scale * base(scale * x)
+    kernel = lambda x: scale * base(scale * x)  # noqa: E731
     width = width / scale
   x = np.arange(1, out_len + 1, dtype=np.float64)
   u = x / scale + 0.5 * (1 - 1 / scale)
@@ -307,9 +319,7 @@ def _resize_matrix(in_len: int, scale: float, method: str = 'bicubic') -> np.nda
   weights = weights / np.sum(weights, axis=1, keepdims=True)
   aux = np.concatenate([np.arange(in_len), np.arange(in_len)[::-1]])
   idx = aux[np.mod(idx.astype(np.int64) - 1, 2 * in_len)]
-  m = np.zeros((out_len, in_len))
-  np.add.at(m, (np.repeat(np.arange(out_len), taps), idx.ravel()), weights.ravel())
-  return m
+  return out_len, np.repeat(np.arange(out_len), taps), idx.ravel(), weights.ravel()
 
 
 def resize_matrix(in_len: int, scale: float, method: str = 'bicubic') -> np.ndarray:

@@ -25,8 +25,19 @@ def _umask() -> int:
   return mask
 
 
+def pid_alive(pid: int) -> bool:
+  """Whether process `pid` exists on this host (someone else's process counts as alive)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # Someone else's process.
+  return True
+
+
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, suffix: str = '') -> Iterator[Path]:
+def atomic_file(path: str | os.PathLike, suffix: str = '', prefix: str = '') -> Iterator[Path]:
   """Yields a temporary path beside `path`; renamed onto `path` when the block succeeds.
 
   Usage::
@@ -37,6 +48,7 @@ def atomic_file(path: str | os.PathLike, suffix: str = '') -> Iterator[Path]:
   Args:
     path: the final file; its folder is created.
     suffix: suffix of the temporary name (some writers choose the format by it, e.g. '.png').
+    prefix: the temporary name's start (default `.NAME.`), e.g. one that says who writes it.
 
   Yields:
     The temporary path (created empty). On an exception it is removed and `path` is untouched.
@@ -44,7 +56,9 @@ def atomic_file(path: str | os.PathLike, suffix: str = '') -> Iterator[Path]:
   path = Path(path)
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix=f'.tmp{suffix}')
+    fd, tmp = tempfile.mkstemp(
+      dir=path.parent, prefix=prefix or f'.{path.name}.', suffix=f'.tmp{suffix}'
+    )
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; outputs are not.
   except OSError as e:

@@ -22,7 +22,6 @@ import glob
 import os
 import re
 import socket
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -184,16 +183,6 @@ class MatSink(Sink):
 TEMPORARY_TAG = '.fuse-'  # `.NAME.fuse-HOST-PID-RANDOM.tmpSUFFIX`: who wrote a temporary.
 
 
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True  # Someone else's process.
-  return True
-
-
 def clean_temporaries(path: Path) -> dict[str, list[str]]:
   """Removes the temporaries that killed runs (SIGKILL, a crash) left beside an output.
 
@@ -215,7 +204,7 @@ def clean_temporaries(path: Path) -> dict[str, list[str]]:
   )
   for tmp in sorted(path.parent.glob(f'.{glob.escape(path.name)}{TEMPORARY_TAG}*')):
     m = pattern.match(tmp.name)
-    if m and m['host'] == socket.gethostname() and not _pid_alive(int(m['pid'])):
+    if m and m['host'] == socket.gethostname() and not fileio.pid_alive(int(m['pid'])):
       with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
       found['removed'].append(str(tmp))
@@ -231,25 +220,10 @@ def clean_temporaries(path: Path) -> dict[str, list[str]]:
   return found
 
 
-@contextlib.contextmanager
-def _temporary(path: Path, suffix: str) -> Iterator[Path]:
-  """As `fileio.atomic_file`, with a temporary name that says which process writes it."""
+def _temporary(path: Path, suffix: str):
+  """`fileio.atomic_file` with a temporary name that says which process writes it."""
   prefix = f'.{path.name}{TEMPORARY_TAG}{socket.gethostname()}-{os.getpid()}-'
-  try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=f'.tmp{suffix}')
-    os.close(fd)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private; outputs are not.
-  except OSError as e:
-    raise fileio.OutputError(f'cannot write {path}: {e}') from e
-  tmp = Path(tmp)
-  try:
-    yield tmp
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
+  return fileio.atomic_file(path, suffix, prefix=prefix)
 
 
 @contextlib.contextmanager

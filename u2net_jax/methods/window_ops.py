@@ -208,23 +208,8 @@ def atrous_lowpass_window(image, edges):
 def resize_sparse(in_len: int, scale: float) -> sparse.csr_matrix:
   """`toolbox.resize_matrix(in_len, scale)` (bicubic, antialiased) as a sparse matrix, built row
   by row with MATLAB's `contributions` (the dense one is in_len^2 / 4 floats: 512 MB at 16384)."""
-  base, width = toolbox._cubic, 4.0
-  out_len = int(math.ceil(in_len * scale))
-  kernel = base
-  if scale < 1:
-    kernel = lambda x: scale * base(scale * x)  # noqa: E731
-    width = width / scale
-  x = np.arange(1, out_len + 1, dtype=np.float64)
-  u = x / scale + 0.5 * (1 - 1 / scale)
-  left = np.floor(u - width / 2)
-  taps = int(math.ceil(width)) + 2
-  idx = left[:, None] + np.arange(taps)[None, :]
-  weights = kernel(u[:, None] - idx)
-  weights = weights / np.sum(weights, axis=1, keepdims=True)
-  aux = np.concatenate([np.arange(in_len), np.arange(in_len)[::-1]])
-  idx = aux[np.mod(idx.astype(np.int64) - 1, 2 * in_len)]
-  rows = np.repeat(np.arange(out_len), taps)
-  return sparse.csr_matrix((weights.ravel(), (rows, idx.ravel())), shape=(out_len, in_len))
+  out_len, rows, cols, weights = toolbox.resize_contributions(in_len, scale)
+  return sparse.csr_matrix((weights, (rows, cols)), shape=(out_len, in_len))
 
 
 def _down_up_rows(n: int, ratio: int, a: int, b: int):

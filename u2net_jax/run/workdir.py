@@ -37,6 +37,7 @@ import ml_collections
 from absl import logging
 
 from u2net_jax import errors
+from u2net_jax.io import fileio
 from u2net_jax.run import distributed
 
 LOCK_NAME = '.lock'
@@ -68,16 +69,6 @@ def default_workdir(config_spec: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # The lock.
-
-
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True  # Someone else's process.
-  return True
 
 
 class WorkdirLock:
@@ -112,7 +103,7 @@ class WorkdirLock:
       return 'it is unreadable and old' if age > REFRESH_EVERY_S else None
     if holder.get('host') == self.holder['host']:
       pid = holder.get('pid')
-      if isinstance(pid, int) and not _pid_alive(pid):
+      if isinstance(pid, int) and not fileio.pid_alive(pid):
         return f'its process {pid} on this host is gone'
       return None
     if age > STALE_AFTER_S:
