@@ -106,8 +106,56 @@ def _interp_window(low_at, source, window, ratio):
   hl, wl = source.height // ratio, source.width // ratio
   kr = np.arange(y0 // ratio - m, y1 // ratio + m) % hl
   kc = np.arange(x0 // ratio - m, x1 // ratio + m) % wl
-  up = toolbox.interp23tap(low_at(kr, kc), ratio)
+  up = interp23tap(low_at(kr, kc), ratio)
   return up[m * ratio : m * ratio + y1 - y0, m * ratio : m * ratio + x1 - x0]
+
+
+# interp23tap's filter is half-band: its taps at even offsets but 0 are 0, so of the
+# zero-inserted signal it filters, an output on a sample is the sample times the centre tap and
+# one between samples is the sum over the 6 odd taps of (left + right neighbour) * tap.
+_CDF23_HALF = toolbox._CDF23_HALF  # Centre first.
+_ODD_TAPS = (11, 9, 7, 5, 3, 1)
+_INTERP_BLOCK = 8  # Lines per block: the block's temporaries stay in the cache.
+
+
+def interp23tap(image: np.ndarray, ratio: int) -> np.ndarray:
+  """`toolbox.interp23tap(image, ratio)` bit for bit, ~2-3x faster: each x2 step computes only
+  the outputs between samples (polyphase), without the inserted zeros, by blocks of lines.
+
+  Bit for bit because it does the float operations `scipy.ndimage.correlate1d` does for a
+  symmetric filter, in its order (`centre * w0`, then `+= (left + right) * w_j` from the
+  outermost tap in), less the terms that add an exact 0 (zero samples, zero taps): the same sum.
+  """
+  a = np.asarray(image, np.float64)
+  phase = 1  # The first step puts the samples at odd positions, later ones at even.
+  for _ in range(ratio.bit_length() - 1):
+    a = _interp_axis(_interp_axis(a, 0, phase), 1, phase)
+    phase = 0
+  return a
+
+
+def _interp_axis(a, axis, phase):
+  """One x2 step of interp23tap along `axis` (circular borders)."""
+  a = np.moveaxis(a, axis, 0)
+  n, m = a.shape[0], a.shape[1]
+  wrap = np.arange(-6, n + 6) % n
+  out = np.empty((2 * n,) + a.shape[1:])
+  between = np.empty((n, min(_INTERP_BLOCK, m)) + a.shape[2:])
+  s = np.empty_like(between)
+  for c0 in range(0, m, _INTERP_BLOCK):
+    c1 = min(m, c0 + _INTERP_BLOCK)
+    ext, t, sb = a[wrap, c0:c1], between[:, : c1 - c0], s[:, : c1 - c0]
+    for k, j in enumerate(_ODD_TAPS):
+      lo, hi = (-(j + 1) // 2, (j - 1) // 2) if phase else (-(j - 1) // 2, (j + 1) // 2)
+      np.add(ext[6 + lo : 6 + lo + n], ext[6 + hi : 6 + hi + n], out=sb)
+      if k == 0:
+        np.multiply(sb, _CDF23_HALF[j], out=t)
+      else:
+        sb *= _CDF23_HALF[j]
+        t += sb
+    out[1 - phase :: 2, c0:c1] = t
+    out[phase::2, c0:c1] = a[:, c0:c1] * _CDF23_HALF[0]
+  return np.moveaxis(out, 0, axis)
 
 
 @functools.lru_cache(maxsize=16)
