@@ -198,8 +198,14 @@ class GlpPlan(Plan):
         pan[..., None], self.pan_mean, self.lp_std, self.ms_mean, self.ms_std
       )
 
-    low = glp_window(
-      lambda r, c: eq(gather(source.pan, r, c)), self.sensor['ms_gnyq'], source, window, self.ratio
+    low = glp_window(  # The low-pass of eq(PAN) = (PAN - pan_mean) scale + ms_mean, per band.
+      lambda r, c: gather(source.pan, r, c) - self.pan_mean,
+      self.sensor['ms_gnyq'],
+      source,
+      window,
+      self.ratio,
+      scale=self.ms_std / self.lp_std,
+      offset=self.ms_mean,
     )
     pan_eq = eq(source.pan(y0, y1, x0, x1))
     if self.name == 'mtf-glp':
@@ -213,15 +219,7 @@ class GlpRegressionPlan(Plan):
   halo = MTF_HALF + 4 * INTERP_MARGIN
 
   def _pan_lp(self, source, window):
-    c = self.bands
-    at = self._pan_at(source)
-    return glp_window(
-      lambda r, cc: np.repeat(at(r, cc)[..., None], c, axis=2),
-      self.sensor['ms_gnyq'],
-      source,
-      window,
-      self.ratio,
-    )
+    return glp_window(self._pan_at(source), self.sensor['ms_gnyq'], source, window, self.ratio)
 
   def _accumulate(self, source, window):
     y0, y1, x0, x1 = window
@@ -293,14 +291,7 @@ class HazePlan(Plan):
     lms, pan = self._lms(source, window), source.pan(y0, y1, x0, x1)
     haze = self.haze
     if self.name == 'mtf-glp-hpm-h':
-      c, at = self.bands, self._pan_at(source)
-      lp = glp_window(
-        lambda r, cc: np.repeat(at(r, cc)[..., None], c, axis=2),
-        self.sensor['ms_gnyq'],
-        source,
-        window,
-        self.ratio,
-      )
+      lp = glp_window(self._pan_at(source), self.sensor['ms_gnyq'], source, window, self.ratio)
       ratio_img = (pan[..., None] - self.haze_pan) / (lp - self.haze_pan + common.EPS)
       return (lms - haze) * ratio_img + haze
     intensity = (lms - haze) @ self.alpha

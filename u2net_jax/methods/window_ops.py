@@ -25,6 +25,7 @@ import functools
 import math
 
 import numpy as np
+from scipy import fft as sp_fft
 from scipy import linalg, signal, sparse
 
 from u2net_jax import toolbox
@@ -163,13 +164,20 @@ def mtf_kernels(gains: tuple[float, ...], ratio: int) -> np.ndarray:
   return np.stack([toolbox.mtf_kernel(g, ratio) for g in gains], axis=-1)
 
 
-def glp_window(pan_at, gains, source, window, ratio: int) -> np.ndarray:
-  """`mra.glp_low_pass(P, gains, ratio)[window]`: MTF filter (replicate), decimate, interp23tap.
+def glp_window(pan_at, gains, source, window, ratio: int, scale=None, offset=None) -> np.ndarray:
+  """`mra.glp_low_pass(P_b, gains, ratio)[window]` of the bands P_b = scale_b PAN + offset_b:
+  MTF filter (replicate), decimate, interp23tap.
+
+  Filtering is linear, so the PAN is filtered once per band's kernel and each band's affine map
+  applied to the decimated result (`filter(s P + o) = s filter(P) + o sum(h)`: the same values as
+  filtering each band to rounding); the filter computes only the decimated outputs
+  (`_filter_decimate`).
 
   Args:
-    pan_at: (rows, cols) -> (len(rows), len(cols), len(gains)): the image to low-pass (the PAN,
-      equalised per band or repeated) at PAN-grid indices.
+    pan_at: (rows, cols) -> (len(rows), len(cols)): the image to low-pass (the PAN, centred) at
+      PAN-grid indices; or -> (len(rows), len(cols), len(gains)): one image per band.
     gains: the MTF gains at Nyquist, one per band.
+    scale, offset: (len(gains),) each band's affine map of the image (default 1 and 0).
 
   Returns:
     (h, w, len(gains)) float64.
@@ -177,6 +185,10 @@ def glp_window(pan_at, gains, source, window, ratio: int) -> np.ndarray:
   kernels = mtf_kernels(tuple(float(g) for g in gains), ratio)
   h, w = source.height, source.width
   off = ratio // 2  # `common.decimate` keeps ratio // 2 + ratio k.
+  scale = np.ones(len(gains)) if scale is None else np.asarray(scale, np.float64)
+  offset = np.zeros(len(gains)) if offset is None else np.asarray(offset, np.float64)
+  offset = offset * kernels.sum(axis=(0, 1))
+  bands = range(len(gains))
 
   def low_at(kr, kc):
     rows_out = []
@@ -189,12 +201,55 @@ def glp_window(pan_at, gains, source, window, ratio: int) -> np.ndarray:
         cols = np.clip(
           np.arange(cs[0] * ratio + off - MTF_HALF, cs[-1] * ratio + off + 21), 0, w - 1
         )
-        filtered = signal.fftconvolve(pan_at(rows, cols), kernels, mode='valid', axes=(0, 1))
-        row.append(filtered[::ratio, ::ratio])
+        image = pan_at(rows, cols)
+        if image.ndim == 3:  # One image per band.
+          low = [_filter_decimate(image[..., i], kernels[..., i : i + 1], ratio) for i in bands]
+          row.append(np.concatenate(low, axis=2) * scale + offset)
+        else:
+          row.append(_filter_decimate(image, kernels, ratio) * scale + offset)
       rows_out.append(np.concatenate(row, axis=1))
     return np.concatenate(rows_out, axis=0)
 
   return _interp_window(low_at, source, window, ratio)
+
+
+def _fast_len(n: int, ratio: int) -> int:
+  """The smallest FFT-friendly length >= n that is a multiple of ratio."""
+  n = sp_fft.next_fast_len(n, real=True)
+  while n % ratio:
+    n = sp_fft.next_fast_len(n + 1, real=True)
+  return n
+
+
+def _filter_decimate(x: np.ndarray, kernels: np.ndarray, ratio: int) -> np.ndarray:
+  """`fftconvolve(x[..., None], kernels, 'valid', axes=(0, 1))[::ratio, ::ratio]`, decimating in
+  the frequency domain: one transform of `x` for all kernels, and per kernel the spectrum
+  folded (aliased) along the rows so the row inverse is `ratio` times shorter.
+
+  A circular convolution of a length L >= the input's, L a multiple of ratio, equals the linear
+  one on the valid outputs; its samples ratio m are the inverse transform of length L / ratio of
+  the spectrum summed over its ratio aliases (divided by ratio).
+
+  Args:
+    x: (R, C) image.
+    kernels: (k, k, B), k odd, with (k - 1) a multiple of ratio.
+
+  Returns:
+    (ceil((R - k + 1) / ratio), ceil((C - k + 1) / ratio), B) float64.
+  """
+  k = kernels.shape[0]
+  r, c = x.shape
+  l0, l1 = _fast_len(r, ratio), _fast_len(c, ratio)
+  spec = sp_fft.rfft2(x, s=(l0, l1))
+  kspec = sp_fft.fft(sp_fft.rfft(kernels, n=l1, axis=1), n=l0, axis=0)
+  first = (k - 1) // ratio  # The first valid output is the circular one at k - 1.
+  nr, nc = -(-(r - k + 1) // ratio), -(-(c - k + 1) // ratio)
+  out = np.empty((nr, nc, kernels.shape[2]))
+  for b in range(kernels.shape[2]):
+    folded = (spec * kspec[:, :, b]).reshape(ratio, l0 // ratio, -1).sum(axis=0)
+    rows = sp_fft.ifft(folded[:, :], axis=0)[first : first + nr] / ratio
+    out[:, :, b] = sp_fft.irfft(rows, n=l1, axis=1)[:, k - 1 :: ratio][:, :nc]
+  return out
 
 
 def lp_gauss_window(source, window, ratio: int) -> np.ndarray:
