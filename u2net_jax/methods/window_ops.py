@@ -137,10 +137,12 @@ def interp23tap(image: np.ndarray, ratio: int) -> np.ndarray:
 
 def _interp_axis(a, axis, phase):
   """One x2 step of interp23tap along `axis` (circular borders)."""
-  a = np.moveaxis(a, axis, 0)
+  shape = list(a.shape)
+  shape[axis] *= 2
+  result = np.empty(shape)  # C order: the blocks of lines along the other axis stay contiguous.
+  a, out = np.moveaxis(a, axis, 0), np.moveaxis(result, axis, 0)
   n, m = a.shape[0], a.shape[1]
   wrap = np.arange(-6, n + 6) % n
-  out = np.empty((2 * n,) + a.shape[1:])
   between = np.empty((n, min(_INTERP_BLOCK, m)) + a.shape[2:])
   s = np.empty_like(between)
   for c0 in range(0, m, _INTERP_BLOCK):
@@ -156,7 +158,7 @@ def _interp_axis(a, axis, phase):
         t += sb
     out[1 - phase :: 2, c0:c1] = t
     out[phase::2, c0:c1] = a[:, c0:c1] * _CDF23_HALF[0]
-  return np.moveaxis(out, 0, axis)
+  return result
 
 
 @functools.lru_cache(maxsize=16)
