@@ -19,9 +19,10 @@ output is checked writable and not silently replaced (`raster_sinks.check_output
 nodata. Every output is written under a temporary name and renamed at the end: a killed run
 leaves no file under the final name.
 
-Size: ~790 lines: the fuser protocol and its border helper, the reader every fuser shares, the
-streaming loop and the checked entry points (`fuse_files`, `fuse_files_with`) are one engine;
-the readers, the sinks and the network fuser are modules of their own.
+Size: ~740 lines: the fuser protocol and its border helper, the reader every fuser shares, the
+streaming loop and the checked entry point (`fuse_files_with`) are one engine; the readers, the
+sinks, the resume journal and the network fuser (with `network_fuser.fuse_files`, a workdir's
+network over a scene) are modules of their own.
 """
 
 from __future__ import annotations
