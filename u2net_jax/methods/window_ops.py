@@ -6,7 +6,9 @@ What `methods.streaming`'s plans are built from (issue 22):
   (circular borders) as a few rectangles; `ArraySource` is a scene held as arrays;
 - window operations, each the window's part of a whole-image operation of the toolbox, reading
   what it depends on with the toolbox's borders: `lms_window` (interp23tap, circular; bit for
-  bit), `glp_window` (MTF filter with replicate borders, decimation, interp23tap),
+  bit, by `interp23tap`: polyphase, only the crop's outputs), `glp_window` (MTF filter with
+  replicate borders, decimation, interp23tap; `_filter_decimate` computes only the decimated
+  outputs, in the frequency domain),
   `lp_gauss_window` (LPfilterGauss), `awlp_lowpass_window` and `atrous_lowpass_window` (the B3
   wavelets, symmetric padding only at the image's edges; AWLP's bit for bit),
   `down_up_window` (imresize down and up, bicubic, symmetric; sparse resize matrices);
