@@ -137,6 +137,19 @@ def _wait_for_step(workdir, step, procs, timeout=TIMEOUT):
   pytest.fail(f'no step {step} in {path} after {timeout} s')
 
 
+def _wait_for_checkpoint(workdir, step, procs, timeout=TIMEOUT):
+  """Waits until checkpoint `step` is committed (orbax renames its temporary folder to the step's
+  name as the last act of an asynchronous save): a metrics record alone may come first."""
+  deadline = time.time() + timeout
+  path = checkpointing.checkpoint_dir(workdir) / str(step)
+  while time.time() < deadline:
+    assert all(p.poll() is None for p in procs), 'a process ended early'
+    if path.is_dir():
+      return
+    time.sleep(0.1)
+  pytest.fail(f'no committed checkpoint {path} after {timeout} s')
+
+
 def test_sigkill_and_sigterm_then_resume_end_with_the_same_parameters(tmp_path):
   flags = ['--config.train.num_epochs=4']  # 16 steps; checkpoints every 4.
   reference = run_script(
@@ -148,6 +161,7 @@ def test_sigkill_and_sigterm_then_resume_end_with_the_same_parameters(tmp_path):
   # SIGKILL both processes after the first checkpoint: the relaunch resumes from it.
   run = Processes(tmp_path, args, name='killed')
   _wait_for_step(run_dir, 5, run.procs)
+  _wait_for_checkpoint(run_dir, 4, run.procs)
   run.kill()
   # SIGTERM (preemption) to both: they agree on a step, save it and stop with status 143.
   run = Processes(tmp_path, args, name='preempted')
