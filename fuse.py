@@ -33,11 +33,10 @@ import math
 import signal
 import sys
 
-import jax
 from absl import app, flags, logging
 
 from u2net_jax import errors
-from u2net_jax.infer import network_fuser, scene
+from u2net_jax.infer import scene
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Workdir of a training run or of converted official weights.')
@@ -147,11 +146,15 @@ def main(argv):
     sys.exit(archive.run_from_flags(FLAGS))
   for signum in (signal.SIGTERM, signal.SIGINT):
     signal.signal(signum, _stop)
-  logging.info('JAX devices: %s', jax.devices())
   try:
     if FLAGS.method is not None:
-      result = _fuse_with_method()
+      result = _fuse_with_method()  # NumPy only: JAX is not imported (~2 s of start-up).
     else:
+      import jax
+
+      from u2net_jax.infer import network_fuser
+
+      logging.info('JAX devices: %s', jax.devices())
       result = network_fuser.fuse_files(
         FLAGS.workdir,
         FLAGS.pan,
