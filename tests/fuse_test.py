@@ -96,6 +96,18 @@ def test_resume_after_sigkill_writes_the_uninterrupted_file(tiny_workdir, tmp_pa
 # WV3 weights, as georeferenced GeoTIFFs, against evaluate.py on the same image.
 
 
+def _full_resolution_h5(path, pan, ms):
+  """A scene as a one-example PanCollection full-resolution file (lms = the toolbox's interp23tap
+  of the whole MS), for `evaluate.py`."""
+  arrays = {
+    'lms': toolbox.interp23tap(ms.astype(np.float64), 4),
+    'ms': ms.astype(np.float64),
+    'pan': pan.astype(np.float64)[..., None],
+  }
+  pancollection.write_h5(path, {k: v.transpose(2, 0, 1)[None] for k, v in arrays.items()})
+  return path
+
+
 @pytest.fixture(scope='module')
 def wv2_run(tmp_path_factory):
   """Fuses the scene with fuse.py and evaluates the same image with evaluate.py (one run of
@@ -129,13 +141,7 @@ def wv2_run(tmp_path_factory):
   assert done.returncode == 0, done.stderr[-3000:]
   result = json.loads(done.stdout.strip().splitlines()[-1])
   # The same image as a one-example PanCollection full-resolution file, through evaluate.py.
-  h5 = folder / 'test_wv2_scene_OrigScale_multiExm1.h5'
-  arrays = {
-    'lms': toolbox.interp23tap(ms.astype(np.float64), 4),
-    'ms': ms.astype(np.float64),
-    'pan': pan.astype(np.float64)[..., None],
-  }
-  pancollection.write_h5(h5, {k: v.transpose(2, 0, 1)[None] for k, v in arrays.items()})
+  h5 = _full_resolution_h5(folder / 'test_wv2_scene_OrigScale_multiExm1.h5', pan, ms)
   done = run_script(
     'evaluate.py',
     f'--workdir={workdir}',
@@ -195,13 +201,7 @@ def test_real_wv2_scene_with_pannet_equals_evaluate(tmp_path):
   args = [f'--workdir={workdir}', f'--pan={tmp_path / "pan.tif"}', f'--ms={tmp_path / "ms.tif"}']
   done = run_script('fuse.py', *args, f'--out={fused}', '--window=256', '--noprogress', env=env)
   assert done.returncode == 0, done.stderr[-3000:]
-  h5 = tmp_path / 'test_wv2_crop_OrigScale_multiExm1.h5'
-  arrays = {
-    'lms': toolbox.interp23tap(ms.astype(np.float64), 4),
-    'ms': ms.astype(np.float64),
-    'pan': pan.astype(np.float64)[..., None],
-  }
-  pancollection.write_h5(h5, {k: v.transpose(2, 0, 1)[None] for k, v in arrays.items()})
+  h5 = _full_resolution_h5(tmp_path / 'test_wv2_crop_OrigScale_multiExm1.h5', pan, ms)
   done = run_script(
     'evaluate.py',
     f'--workdir={workdir}',
